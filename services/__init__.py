@@ -1,0 +1,1 @@
+"""moebus's services: gateway -> router -> expert workers, all over NATS."""

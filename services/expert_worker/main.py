@@ -1,0 +1,113 @@
+"""expert-worker service: `moebus worker --nats URL --model PATH --rank R --world W`."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from nats.aio.msg import Msg
+from nats.micro import add_service
+from nats.micro.request import Request
+
+from services.expert_worker.experts import LocalExperts, load_experts
+from shared import subjects
+from shared.bus import connect, stop_event
+from shared.errors import ConfigError, WireError
+from shared.logs import get_logger
+from shared.messages import WorkerAnnounce, encode
+from shared.mlx_thread import MLXThread
+from shared.model import ModelInfo
+from shared.placement import experts_of, worker_ids
+from shared.wire import decode_request
+
+VERSION = "0.1.0"
+log = get_logger("worker")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    nats_url: str
+    model: Path
+    rank: int
+    world: int
+    heartbeat_s: float = 1.0
+
+    @property
+    def worker_id(self) -> str:
+        return worker_ids(self.world)[self.rank]
+
+
+class Worker:
+    def __init__(self, cfg: WorkerConfig, experts: LocalExperts, info: ModelInfo, mlx: MLXThread) -> None:
+        self.cfg = cfg
+        self.experts = experts
+        self.info = info
+        self.mlx = mlx
+        self.subject = subjects.experts_subject(cfg.worker_id)
+        self._replies: set[asyncio.Task] = set()
+
+    async def handle(self, req: Request) -> None:
+        # Decode here (cheap, and a bad message is answered at once); compute on the MLX
+        # thread and return, so the next request of this subject is not held up.
+        try:
+            expert_req = decode_request(req.data)
+        except WireError as e:
+            await req.respond_error("400", str(e))
+            return
+        task = asyncio.create_task(self._answer(req, self.mlx.run(self.experts.compute, expert_req)))
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
+
+    async def _answer(self, req: Request, work: asyncio.Future) -> None:
+        try:
+            await req.respond(await work)
+        except WireError as e:
+            await req.respond_error("400", str(e))
+        except Exception as e:  # noqa: BLE001 - a bad request must never kill the worker
+            log.exception("expert compute failed")
+            await req.respond_error("500", f"expert compute failed: {e!r}")
+
+    def announcement(self, leaving: bool = False) -> bytes:
+        return encode(WorkerAnnounce(
+            worker=self.cfg.worker_id, subject=self.subject, model=self.info.fingerprint,
+            layers=self.info.moe_layers, experts=self.experts.held, leaving=leaving,
+        ))
+
+
+async def serve(cfg: WorkerConfig) -> None:
+    if not 0 <= cfg.rank < cfg.world:
+        raise ConfigError(f"--rank {cfg.rank} is outside --world {cfg.world}")
+    stop = stop_event()
+    mlx = MLXThread()
+    me, world = cfg.worker_id, worker_ids(cfg.world)
+    experts, info = await mlx.run(load_experts, cfg.model, lambda n: experts_of(n, world, me))
+    if not experts.held:
+        raise ConfigError(f"worker {me} holds no experts: --world {cfg.world} exceeds {info.num_experts} experts")
+    worker = Worker(cfg, experts, info, mlx)
+    async with AsyncExitStack() as stack:
+        nc = await connect(cfg.nats_url, name=f"moebus-worker-{me}")
+        stack.push_async_callback(nc.drain)
+        svc = await add_service(
+            nc, name=subjects.SERVICE_WORKER, version=VERSION,
+            description="moebus expert worker: a share of the experts of every MoE layer",
+            metadata={"worker": me, "model": info.name, "experts": ",".join(map(str, experts.held))},
+        )
+        stack.push_async_callback(svc.stop)
+        await svc.add_endpoint(name="experts", subject=worker.subject, handler=worker.handle)
+
+        async def on_discover(_: Msg) -> None:
+            await nc.publish(subjects.WORKERS_ANNOUNCE, worker.announcement())
+
+        await nc.subscribe(subjects.WORKERS_DISCOVER, cb=on_discover)
+        log.info("worker ready", worker=me, experts=experts.held, layers=info.moe_layers, subject=worker.subject)
+        while not stop.is_set():
+            await nc.publish(subjects.WORKERS_ANNOUNCE, worker.announcement())
+            try:
+                await asyncio.wait_for(stop.wait(), cfg.heartbeat_s)
+            except asyncio.TimeoutError:
+                pass
+        await nc.publish(subjects.WORKERS_ANNOUNCE, worker.announcement(leaving=True))
+        await nc.flush()
+    mlx.stop()

@@ -1,0 +1,1 @@
+"""gateway: the OpenAI-compatible HTTP API, talking to the router over NATS."""

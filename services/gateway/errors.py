@@ -1,0 +1,66 @@
+"""Every failure as OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from shared.errors import BusTimeout, MoebusError, NoResponders, NotReady, RemoteError
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": _TYPES.get(status, "api_error"), "param": param, "code": code}}
+
+
+def from_moebus(e: MoebusError) -> ApiError:
+    """The one place the bus's errors become HTTP statuses."""
+    if isinstance(e, RemoteError):
+        if e.status == "400":
+            try:
+                d = orjson.loads(e.description)
+                return ApiError(400, d["message"], d.get("code"), d.get("param"))
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                return ApiError(400, e.description, "invalid_request_error")
+        if e.status == "503":
+            return ApiError(503, e.description, "not_ready")
+        return ApiError(502, f"router error {e.status}: {e.description}", "upstream_error")
+    if isinstance(e, NoResponders):
+        return ApiError(503, "the router is not running", "not_ready")
+    if isinstance(e, NotReady):
+        return ApiError(503, str(e), "not_ready")
+    if isinstance(e, BusTimeout):
+        return ApiError(504, str(e), "timeout")
+    return ApiError(502, str(e), e.code)
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(e.status, e.message, e.code, e.param), status_code=e.status)
+
+    @app.exception_handler(MoebusError)
+    async def moebus_error(r: Request, e: MoebusError) -> JSONResponse:
+        return await api_error(r, from_moebus(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
+        return JSONResponse(error_body(400, message, "invalid_request_error", ".".join(loc) or None), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+        return JSONResponse(error_body(e.status_code, str(e.detail)), status_code=e.status_code)

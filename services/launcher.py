@@ -1,0 +1,120 @@
+"""`moebus up`: nats-server, the router, N workers and the gateway as child processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.errors import ConfigError
+from shared.model import describe, find_experts, load_lazy
+from shared.natsd import start_nats
+
+
+@dataclass(frozen=True)
+class UpConfig:
+    model: Path
+    workers: int = 2
+    host: str = "127.0.0.1"
+    port: int = 8000
+    nats_url: str = ""  # empty: start an embedded nats-server on nats_port
+    nats_port: int = 4222
+    ready_timeout_s: float = 300.0
+
+
+def check_model(path: Path) -> None:
+    """Fail before starting anything if this is not a MoE model moebus can serve."""
+    model, config = load_lazy(path)
+    info = describe(path, model, config, find_experts(model))
+    print(f"moebus: {info.name} ({info.model_type}, {info.moe_layers} MoE layers x {info.num_experts} experts)", flush=True)
+
+
+def up(cfg: UpConfig) -> int:
+    if cfg.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {cfg.workers}")
+    check_model(cfg.model)
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    procs: list[tuple[str, subprocess.Popen]] = []
+    nats_proc = None
+    tmp = tempfile.TemporaryDirectory(prefix="moebus-nats-")
+    try:
+        url = cfg.nats_url
+        if not url:
+            nats_proc = start_nats(cfg.nats_port, Path(tmp.name))
+            url = f"nats://127.0.0.1:{cfg.nats_port}"
+            print(f"moebus: nats-server (JetStream) on {url}", flush=True)
+        base = [sys.executable, "-m", "services.cli"]
+        env = {**os.environ, "MOEBUS_PARENT_PID": str(os.getpid())}
+        common = ["--nats", url, "--model", str(cfg.model)]
+        procs.append(("router", subprocess.Popen([*base, "router", *common], env=env)))
+        for rank in range(cfg.workers):
+            cmd = [*base, "worker", *common, "--rank", str(rank), "--world", str(cfg.workers)]
+            procs.append((f"worker {rank}", subprocess.Popen(cmd, env=env)))
+        gw = [*base, "gateway", "--nats", url, "--host", cfg.host, "--port", str(cfg.port)]
+        procs.append(("gateway", subprocess.Popen(gw, env=env)))
+        http = f"http://{cfg.host}:{cfg.port}"
+        announced = False
+        deadline = time.monotonic() + cfg.ready_timeout_s
+        while not stopping:
+            for name, p in procs:
+                if p.poll() is not None:
+                    print(f"moebus: {name} exited with code {p.returncode}; stopping", file=sys.stderr, flush=True)
+                    return 1
+            if not announced:
+                if _healthy(http):
+                    announced = True
+                    print(_banner(http, cfg.model.name), flush=True)
+                elif time.monotonic() > deadline:
+                    print(f"moebus: not ready after {cfg.ready_timeout_s:g}s; stopping", file=sys.stderr, flush=True)
+                    return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        _stop_all([p for _, p in procs])
+        if nats_proc is not None:
+            _stop_all([nats_proc])
+        tmp.cleanup()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _banner(url: str, model: str) -> str:
+    return f"""
+moebus is ready: {url}  (model "{model}")
+  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "the river"}}], "max_tokens": 16}}'
+Ctrl-C stops everything.
+"""
+
+
+def _stop_all(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

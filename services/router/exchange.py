@@ -1,0 +1,99 @@
+"""One MoE layer's trip over the bus: split the pairs by worker, fan out, gather.
+
+Called on the router's MLX thread from inside the model's forward pass; the requests
+themselves run on the event loop, and the MLX thread waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+from nats.aio.client import Client
+
+from shared.arrays import to_mlx, to_numpy, wire_dtype
+from shared.bus import request
+from shared.errors import BusError, NotReady, WireError
+from shared.wire import decode_reply, encode_request
+
+_HEADER_ROOM = 64
+
+
+@dataclass(frozen=True)
+class Trip:
+    """The pairs one message carries: tokens `t`, top-k slots `s`, to `subject`."""
+
+    subject: str
+    t: np.ndarray
+    s: np.ndarray
+    payload: bytes
+
+
+def plan_trips(
+    layer: int, dtype: int, x: np.ndarray, inds: np.ndarray,
+    subjects: list[str], owner: np.ndarray, max_payload: int,
+) -> list[Trip]:
+    """Split (token, slot) pairs by owning worker: one message per worker, more only when
+    a long prefill would pass the server's maximum message size."""
+    n, dim = x.shape
+    holder = owner[inds]  # (N, k) worker index of each pair
+    if (holder < 0).any():
+        e = int(inds[holder < 0][0])
+        raise NotReady(f"expert {e} of layer {layer} has no worker")
+    per_msg = max(1, (max_payload - _HEADER_ROOM) // (dim * x.itemsize + 8))
+    trips = []
+    for w in np.unique(holder):
+        t, s = np.nonzero(holder == w)
+        for lo in range(0, len(t), per_msg):
+            tc, sc = t[lo:lo + per_msg], s[lo:lo + per_msg]
+            rows, row_of_pair = np.unique(tc, return_inverse=True)
+            payload = encode_request(
+                layer, dtype, x[rows], row_of_pair.astype(np.int32), inds[tc, sc].astype(np.int32)
+            )
+            trips.append(Trip(subjects[w], tc, sc, payload))
+    return trips
+
+
+class ExpertClient:
+    """The `Exchange` the router's BusExperts call; routes with the registry's table."""
+
+    def __init__(self, nc: Client, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+        self.nc = nc
+        self.loop = loop
+        self.timeout_s = timeout_s
+        self.subjects: list[str] = []
+        self.owner = np.zeros(0, np.int32)
+
+    def set_table(self, subjects: list[str], owner: np.ndarray) -> None:
+        # Swapped as one tuple-like pair by the event loop; the MLX thread reads both per call.
+        self.subjects, self.owner = subjects, owner
+
+    def __call__(self, layer: int, x: mx.array, indices: mx.array) -> mx.array:
+        *lead, dim = x.shape
+        k = indices.shape[-1]
+        xf = x.reshape(-1, dim)
+        idx = indices.reshape(-1, k).astype(mx.int32)
+        mx.eval(xf, idx)
+        code = wire_dtype(xf)
+        xn, inds = to_numpy(xf), np.asarray(idx)
+        trips = plan_trips(layer, code, xn, inds, self.subjects, self.owner, self.nc.max_payload)
+        gather = asyncio.run_coroutine_threadsafe(self._fan_out(trips), self.loop)
+        replies = gather.result(self.timeout_s + 5)  # the requests time out first
+        y = np.empty((xn.shape[0], k, dim), xn.dtype)
+        for trip, reply in zip(trips, replies):
+            got_code, yt = decode_reply(reply)
+            if got_code != code or yt.shape != (len(trip.t), dim):
+                raise WireError(f"{trip.subject}: reply shape {yt.shape} for {len(trip.t)} pairs")
+            y[trip.t, trip.s] = yt
+        return to_mlx(y, code).reshape(*lead, k, dim)
+
+    async def _fan_out(self, trips: list[Trip]) -> list[bytes]:
+        tasks = [asyncio.ensure_future(request(self.nc, t.subject, t.payload, self.timeout_s)) for t in trips]
+        try:
+            return await asyncio.gather(*tasks)
+        except BusError:
+            for task in tasks:
+                task.cancel()
+            raise

@@ -1,0 +1,1 @@
+"""moebus's common library: wire format, subjects, config, logging, model loading."""

@@ -1,0 +1,76 @@
+"""Connecting to NATS, requests with a timeout, and mapping nats-py's errors to ours."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import nats
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
+
+from shared.errors import BusTimeout, NoResponders, RemoteError
+from shared.logs import get_logger
+
+log = get_logger("bus")
+
+
+async def connect(url: str, name: str) -> Client:
+    async def on_error(e: Exception) -> None:
+        log.warning("nats error", error=repr(e))
+
+    async def on_disconnect() -> None:
+        log.warning("nats disconnected", url=url)
+
+    async def on_reconnect() -> None:
+        log.info("nats reconnected", url=url)
+
+    return await nats.connect(
+        url,
+        name=name,
+        connect_timeout=5,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+    )
+
+
+async def request(nc: Client, subject: str, payload: bytes, timeout: float) -> bytes:
+    """A request that always ends: a reply, or BusTimeout / NoResponders / RemoteError."""
+    try:
+        msg = await nc.request(subject, payload, timeout=timeout)
+    except NoRespondersError:
+        raise NoResponders(f"nobody answers on {subject}") from None
+    except (NatsTimeout, asyncio.TimeoutError):
+        raise BusTimeout(f"no reply on {subject} within {timeout:g}s") from None
+    headers = msg.headers or {}
+    if ERROR_CODE_HEADER in headers:
+        raise RemoteError(subject, headers[ERROR_CODE_HEADER], headers.get(ERROR_HEADER, ""))
+    return msg.data
+
+
+def stop_event() -> asyncio.Event:
+    """An event set by SIGINT/SIGTERM, or when the launching `moebus up` dies."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    parent = os.environ.get("MOEBUS_PARENT_PID")
+    if parent:
+        loop.create_task(_watch_parent(int(parent), stop))
+    return stop
+
+
+async def _watch_parent(pid: int, stop: asyncio.Event) -> None:
+    # No orphans: a child of `moebus up` exits when its parent is gone, even after SIGKILL.
+    while not stop.is_set():
+        if os.getppid() != pid:
+            log.warning("launcher is gone, stopping", parent=pid)
+            stop.set()
+            return
+        await asyncio.sleep(0.5)

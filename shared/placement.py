@@ -1,0 +1,35 @@
+"""Which worker owns which expert: pure functions, no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+
+def worker_ids(world: int) -> list[str]:
+    """The ids of a cluster of `world` workers started by rank."""
+    return [f"w{rank}" for rank in range(world)]
+
+
+def place_experts(num_experts: int, workers: Sequence[str]) -> list[str]:
+    """Owner of each expert: expert e of every MoE layer -> workers[e mod W]."""
+    if not workers:
+        raise ValueError("no workers to place experts on")
+    return [workers[e % len(workers)] for e in range(num_experts)]
+
+
+def experts_of(num_experts: int, workers: Sequence[str], worker: str) -> list[int]:
+    return [e for e, w in enumerate(place_experts(num_experts, workers)) if w == worker]
+
+
+def route_table(num_experts: int, holdings: Iterable[tuple[str, Iterable[int]]]) -> list[str | None]:
+    """Expert -> the worker to ask, from what live workers hold.
+
+    When two workers hold an expert (a restart with another world size), the smallest
+    worker id wins, so every router picks the same one. None: nobody holds it.
+    """
+    owners: list[str | None] = [None] * num_experts
+    for worker, experts in sorted(holdings, key=lambda h: h[0], reverse=True):
+        for e in experts:
+            if 0 <= e < num_experts:
+                owners[e] = worker
+    return owners
