@@ -1,0 +1,75 @@
+"""Start moebus the way a user does, as real processes, for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from shared.natsd import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    with log.open("ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+
+def wait_healthy(url: str, procs: list[subprocess.Popen], log: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"exited with {p.returncode}:\n{tail(log)}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"not healthy after {timeout_s}s:\n{tail(log)}")
+
+
+def tail(log: Path, n: int = 4000) -> str:
+    return log.read_text(errors="replace")[-n:] if log.exists() else ""
+
+
+class Up:
+    """`moebus up` in a subprocess, on free ports."""
+
+    def __init__(self, model: Path, workers: int, tmp: Path) -> None:
+        self.port, self.nats_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.nats_url = f"nats://127.0.0.1:{self.nats_port}"
+        self.log = tmp / f"up-{self.port}.log"
+        self.proc = cli("up", "--model", str(model), "--workers", str(workers), "--port", str(self.port),
+                        "--nats-port", str(self.nats_port), log=self.log)
+
+    def __enter__(self) -> Up:
+        try:
+            wait_healthy(self.url, [self.proc], self.log)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(30)
+
+    def children(self) -> list[int]:
+        """Processes still running that were started for this cluster's bus."""
+        out = subprocess.run(["pgrep", "-f", f"127.0.0.1:{self.nats_port}"], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]

@@ -1,0 +1,31 @@
+"""Fixtures: a real nats-server on a free port, tiny checkpoints made with transformers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.natsd import free_port, start_nats
+from tests.checkpoints import FAMILIES, build_checkpoint
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    proc = start_nats(port, tmp_path_factory.mktemp("nats"))
+    yield f"nats://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {f: build_checkpoint(f, root / f"tiny-{f}") for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def moebus_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("moebus-home")
