@@ -26,6 +26,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    # Linux only: nats-server gets SIGTERM if `moebus up` dies, even by SIGKILL.
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def start_nats(port: int, store_dir: Path, host: str = "127.0.0.1", max_payload_mb: int = 8) -> subprocess.Popen:
     """nats-server with JetStream on; returns once it accepts connections."""
     store_dir.mkdir(parents=True, exist_ok=True)
@@ -36,7 +45,7 @@ def start_nats(port: int, store_dir: Path, host: str = "127.0.0.1", max_payload_
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [server_binary(), "-c", str(conf), "-a", host, "-p", str(port)],
-            stdout=out, stderr=out,
+            stdout=out, stderr=out, preexec_fn=_die_with_parent,
         )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

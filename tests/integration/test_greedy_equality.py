@@ -29,8 +29,7 @@ def references(checkpoints: dict[str, Path]) -> dict[str, list[list[int]]]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_tokens_match_transformers(family, workers, checkpoints, references, tmp_path):
     words = {w: i for i, w in enumerate(vocab())}
-    with Up(checkpoints[family], workers, tmp_path) as up:
-        client = OpenAI(base_url=f"{up.url}/v1", api_key="unused")
+    with Up(checkpoints[family], workers, tmp_path) as up, OpenAI(base_url=f"{up.url}/v1", api_key="-") as client:
         got = []
         for prompt in PROMPTS:
             r = client.completions.create(model=f"tiny-{family}", prompt=prompt, max_tokens=NEW_TOKENS,

@@ -1,0 +1,82 @@
+"""A worker holds only its share of the experts, and computes exactly what the experts compute."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models import mixtral
+
+from services.expert_worker.experts import load_experts
+from shared.errors import WireError
+from shared.placement import experts_of, worker_ids
+from shared.wire import decode_reply, decode_request, encode_request
+from tests.cluster import ROOT
+
+CONFIG = {"model_type": "mixtral", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 16,
+          "num_experts_per_tok": 2, "vocab_size": 64, "max_position_embeddings": 128, "rope_theta": 10000.0}
+EXPERT_BYTES = 4 * 16 * 3 * 256 * 512 * 4  # layers * experts * matrices * d * ffn * fp32
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sixteen-experts")
+    mx.random.seed(1)
+    model = mixtral.Model(mixtral.ModelArgs.from_dict(CONFIG))
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (path / "config.json").write_text(json.dumps(CONFIG))
+    return path
+
+
+def test_worker_output_equals_the_models_own_experts(model_dir: Path):
+    from mlx_lm.utils import load_model
+
+    full, _ = load_model(model_dir)
+    held = experts_of(16, worker_ids(3), "w1")
+    experts, info = load_experts(model_dir, lambda n: held)
+    x = mx.random.normal((5, 256))
+    inds = mx.array([[1, 4], [7, 10], [13, 1], [4, 4], [10, 13]])
+    want = np.array(full.model.layers[2].block_sparse_moe.switch_mlp(x, inds))  # (5, 2, D)
+    t, s = np.nonzero(np.isin(np.array(inds), held))
+    payload = encode_request(2, 0, np.array(x), t.astype(np.int32), np.array(inds)[t, s].astype(np.int32))
+    _, y = decode_reply(experts.compute(decode_request(payload)))
+    np.testing.assert_allclose(y, want[t, s], rtol=1e-5, atol=1e-5)
+    with pytest.raises(WireError) as e:
+        experts.compute(decode_request(encode_request(2, 0, np.array(x), t.astype(np.int32),
+                                                      np.zeros(len(t), np.int32))))
+    assert "[0] are not held" in str(e.value)
+
+
+_RSS = """
+import sys; from pathlib import Path
+import mlx.core as mx
+from services.expert_worker.experts import load_experts
+from shared.placement import experts_of, worker_ids
+import os, subprocess
+def rss(): return 1024 * int(subprocess.run(['ps', '-o', 'rss=', '-p', str(os.getpid())], capture_output=True, text=True).stdout)
+W = int(sys.argv[2]); before = rss()
+held = load_experts(Path(sys.argv[1]), lambda n: experts_of(n, worker_ids(W), 'w0'))
+print(rss() - before, mx.get_active_memory())
+"""
+
+
+def test_memory_scales_with_the_share_of_experts(model_dir: Path):
+    def measure(world: int) -> tuple[int, int]:
+        out = subprocess.run([sys.executable, "-c", _RSS, str(model_dir), str(world)], cwd=ROOT,
+                             capture_output=True, text=True, check=True)
+        rss, active = out.stdout.split()
+        return int(rss), int(active)
+
+    rss1, active1 = measure(1)
+    rss4, active4 = measure(4)
+    assert active1 == pytest.approx(EXPERT_BYTES, rel=0.01)
+    assert active4 == pytest.approx(EXPERT_BYTES / 4, rel=0.01)
+    # the process really holds less: RSS falls by at least half of the 3/4 it gave up
+    assert rss1 - rss4 > 0.5 * 0.75 * EXPERT_BYTES
