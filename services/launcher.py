@@ -32,7 +32,7 @@ class UpConfig:
 def check_model(path: Path) -> None:
     """Fail before starting anything if this is not a MoE model moebus can serve."""
     model, config = load_lazy(path)
-    info = describe(path, model, config, find_experts(model))
+    info = describe(path, config, find_experts(model))
     print(f"moebus: {info.name} ({info.model_type}, {info.moe_layers} MoE layers x {info.num_experts} experts)", flush=True)
 
 

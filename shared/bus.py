@@ -54,6 +54,14 @@ async def request(nc: Client, subject: str, payload: bytes, timeout: float) -> b
     return msg.data
 
 
+async def close(nc: Client, timeout_s: float = 5.0) -> None:
+    """Drain (finish in-flight handlers, flush), but never hang when the server is gone."""
+    try:
+        await asyncio.wait_for(nc.drain(), timeout_s)
+    except Exception:  # noqa: BLE001 - shutting down either way
+        await nc.close()
+
+
 def stop_event() -> asyncio.Event:
     """An event set by SIGINT/SIGTERM, or when the launching `moebus up` dies."""
     stop = asyncio.Event()

@@ -82,7 +82,7 @@ def find_experts(model: nn.Module) -> list[ExpertSlot]:
     return slots
 
 
-def describe(path: Path, model: nn.Module, config: dict, slots: list[ExpertSlot]) -> ModelInfo:
+def describe(path: Path, config: dict, slots: list[ExpertSlot]) -> ModelInfo:
     if not slots:
         raise ModelError(
             f"{path}: model_type {config.get('model_type')!r} has no experts module; "

@@ -52,7 +52,7 @@ def load_experts(path: Path, choose: Callable[[int], list[int]]) -> tuple[LocalE
     """Load only the experts `choose(num_experts)` picks, from every MoE layer."""
     model, config = load_lazy(path)
     slots = find_experts(model)
-    info = describe(path, model, config, slots)
+    info = describe(path, config, slots)
     held = choose(info.num_experts)
     layers = []
     for slot in slots:

@@ -13,7 +13,7 @@ from nats.micro.request import Request
 
 from services.expert_worker.experts import LocalExperts, load_experts
 from shared import subjects
-from shared.bus import connect, stop_event
+from shared.bus import close, connect, stop_event
 from shared.errors import ConfigError, WireError
 from shared.logs import get_logger
 from shared.messages import WorkerAnnounce, encode
@@ -88,7 +88,7 @@ async def serve(cfg: WorkerConfig) -> None:
     worker = Worker(cfg, experts, info, mlx)
     async with AsyncExitStack() as stack:
         nc = await connect(cfg.nats_url, name=f"moebus-worker-{me}")
-        stack.push_async_callback(nc.drain)
+        stack.push_async_callback(close, nc)
         svc = await add_service(
             nc, name=subjects.SERVICE_WORKER, version=VERSION,
             description="moebus expert worker: a share of the experts of every MoE layer",

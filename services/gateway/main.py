@@ -14,7 +14,7 @@ from nats.micro.request import Request
 from services.gateway.app import create_app
 from services.gateway.upstream import RouterClient
 from shared import subjects
-from shared.bus import connect, stop_event
+from shared.bus import close, connect, stop_event
 from shared.errors import MoebusError
 from shared.logs import get_logger
 
@@ -39,7 +39,7 @@ async def serve(cfg: GatewayConfig) -> None:
     async def lifespan(_app):
         async with AsyncExitStack() as stack:
             nc = await connect(cfg.nats_url, name="moebus-gateway")
-            stack.push_async_callback(nc.drain)
+            stack.push_async_callback(close, nc)
             holder["router"] = RouterClient(nc, cfg.request_timeout_s, cfg.event_timeout_s)
 
             async def on_health(req: Request) -> None:

@@ -20,7 +20,7 @@ from services.router.engine import Engine
 from services.router.exchange import ExpertClient
 from services.router.registry import WorkerRegistry
 from shared import subjects
-from shared.bus import connect, stop_event
+from shared.bus import close, connect, stop_event
 from shared.errors import BadRequest, WireError
 from shared.logs import get_logger
 from shared.messages import (
@@ -45,7 +45,7 @@ def load_router_model(path: Path, client: ExpertClient) -> tuple[Engine, ModelIn
     """Everything but the experts: their modules are swapped before any weight is read."""
     model, config = load_lazy(path)
     slots = find_experts(model)
-    info = describe(path, model, config, slots)
+    info = describe(path, config, slots)
     install(model, slots, client)
     mx.eval(model.parameters())
     return Engine(model, load_tokenizer(path), info), info
@@ -118,7 +118,7 @@ async def serve(cfg: RouterConfig) -> None:
     mlx = MLXThread()
     async with AsyncExitStack() as stack:
         nc = await connect(cfg.nats_url, name="moebus-router")
-        stack.push_async_callback(nc.drain)
+        stack.push_async_callback(close, nc)
         client = ExpertClient(nc, loop, cfg.expert_timeout_s)
         router = Router(cfg, client, mlx)
 

@@ -43,11 +43,12 @@ class Services:
         return p
 
     def stop(self) -> None:
-        for p in [*self.procs, self.nats]:
-            if p.poll() is None:
-                p.terminate()
-        for p in [*self.procs, self.nats]:
-            p.wait(20)
+        for group in (self.procs, [self.nats]):  # the services first, while they can still drain
+            for p in group:
+                if p.poll() is None:
+                    p.terminate()
+            for p in group:
+                p.wait(20)
 
 
 @pytest.fixture(scope="module")
