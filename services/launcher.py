@@ -27,6 +27,8 @@ class UpConfig:
     nats_url: str = ""  # empty: start an embedded nats-server on nats_port
     nats_port: int = 4222
     ready_timeout_s: float = 300.0
+    router_args: tuple[str, ...] = ()
+    gateway_args: tuple[str, ...] = ()
 
 
 def check_model(path: Path) -> None:
@@ -60,11 +62,11 @@ def up(cfg: UpConfig) -> int:
         base = [sys.executable, "-m", "services.cli"]
         env = {**os.environ, "MOEBUS_PARENT_PID": str(os.getpid())}
         common = ["--nats", url, "--model", str(cfg.model)]
-        procs.append(("router", subprocess.Popen([*base, "router", *common], env=env)))
+        procs.append(("router", subprocess.Popen([*base, "router", *common, *cfg.router_args], env=env)))
         for rank in range(cfg.workers):
             cmd = [*base, "worker", *common, "--rank", str(rank), "--world", str(cfg.workers)]
             procs.append((f"worker {rank}", subprocess.Popen(cmd, env=env)))
-        gw = [*base, "gateway", "--nats", url, "--host", cfg.host, "--port", str(cfg.port)]
+        gw = [*base, "gateway", "--nats", url, "--host", cfg.host, "--port", str(cfg.port), *cfg.gateway_args]
         procs.append(("gateway", subprocess.Popen(gw, env=env)))
         http = f"http://{cfg.host}:{cfg.port}"
         announced = False

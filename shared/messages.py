@@ -92,13 +92,26 @@ class GenerateRequest:
     messages: list | None = None  # chat messages (chat completions)
     temperature: float = 0.0
     top_p: float = 1.0
-    stop_token_ids: list = dataclasses.field(default_factory=list)
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list = dataclasses.field(default_factory=list)  # stop strings
+    logprobs: bool = False
+    top_logprobs: int = 0
+    timeout_s: float = 600.0  # the request's deadline, from acceptance
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerateAccepted:
     request_id: str
     prompt_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Cancel:
+    """Gateway -> router: the client is gone; drop the sequence and free its cache."""
+
+    request_id: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +126,10 @@ class GenerateEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    stop_sequence: str | None = None  # the stop string that ended the text
+    logprob: float | None = None  # of `token`, when the request asked for logprobs
+    token_text: str | None = None
+    top_logprobs: list | None = None  # [[token text, logprob], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,3 +140,5 @@ class RouterStatus:
     workers: list
     experts_covered: int
     experts_total: int
+    running: int = 0
+    waiting: int = 0

@@ -1,7 +1,9 @@
 """The one thread per process that runs MLX work.
 
 MLX work (graph building and `mx.eval`) never runs on the event loop: callers submit a
-function and get a concurrent future, or await it with `run`.
+function and get a concurrent future, or await it with `run`. A process with continuous
+work (the router's decode loop) sets a `background` step: it runs whenever no job waits,
+and returns whether more work remains; with none, the thread sleeps until the next job.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ T = TypeVar("T")
 class MLXThread:
     def __init__(self, name: str = "mlx") -> None:
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future] | None] = queue.SimpleQueue()
+        self.background: Callable[[], bool] | None = None
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -35,11 +38,19 @@ class MLXThread:
         self._thread.join(timeout=5)
 
     def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            fn, fut = job
-            if not fut.set_running_or_notify_cancel():
-                continue
+        busy = False
+        while True:
             try:
-                fut.set_result(fn())
-            except BaseException as e:  # the caller decides what an error means
-                fut.set_exception(e)
+                job = self._jobs.get(block=not busy)  # idle: sleep until there is a job
+            except queue.Empty:
+                busy = self.background() if self.background else False
+                continue
+            if job is None:
+                return
+            fn, fut = job
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:  # the caller decides what an error means
+                    fut.set_exception(e)
+            busy = self.background is not None  # a job may have added work: step next

@@ -7,7 +7,9 @@
 | moebus.v1.workers.discover       | router -> workers (pub)   | messages.Discover              |
 | moebus.v1.router.generate        | gateway -> router (req)   | GenerateRequest -> GenerateAccepted |
 | <GenerateRequest.stream>         | router -> gateway (pub)   | messages.GenerateEvent         |
+| moebus.v1.router.cancel          | gateway -> router (pub)   | messages.Cancel                |
 | moebus.v1.router.status          | any -> router (req)       | {} -> RouterStatus             |
+| moebus.v1.router.metrics         | gateway -> router (req)   | {} -> Prometheus text          |
 | moebus.v1.gateway.health         | any -> gateway (req)      | {} -> health JSON              |
 """
 
@@ -18,7 +20,9 @@ PREFIX = "moebus.v1"
 WORKERS_ANNOUNCE = f"{PREFIX}.workers.announce"
 WORKERS_DISCOVER = f"{PREFIX}.workers.discover"
 ROUTER_GENERATE = f"{PREFIX}.router.generate"
+ROUTER_CANCEL = f"{PREFIX}.router.cancel"
 ROUTER_STATUS = f"{PREFIX}.router.status"
+ROUTER_METRICS = f"{PREFIX}.router.metrics"
 GATEWAY_HEALTH = f"{PREFIX}.gateway.health"
 STREAM_PREFIX = f"{PREFIX}.stream"  # GenerateRequest.stream = STREAM_PREFIX.<request id>
 

@@ -1,27 +1,35 @@
-"""The OpenAI-compatible HTTP API."""
+"""The HTTP API: OpenAI's and Anthropic's endpoints, health, metrics, keys and limits."""
 
 from __future__ import annotations
 
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass
 
-import orjson
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.gateway.errors import ApiError, error_body, from_moebus, install_handlers
-from services.gateway.schemas import ChatCompletionRequest, CompletionRequest
-from services.gateway.upstream import Generation, RouterClient
+from services.gateway import anthropic_api, openai_api
+from services.gateway.errors import ApiError, error_response, install_handlers
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.upstream import RouterClient
 from shared.errors import MoebusError
-from shared.messages import GenerateEvent
 
-DEFAULT_MAX_TOKENS = 512
+OPEN_PATHS = ("/health",)
 
 
-def create_app(router: Callable[[], RouterClient], lifespan=None) -> FastAPI:
+@dataclass(frozen=True)
+class HttpSettings:
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = 4 << 20
+
+
+def create_app(router: Callable[[], RouterClient], settings: HttpSettings, metrics: GatewayMetrics,
+               lifespan=None) -> FastAPI:
     app = FastAPI(title="moebus", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible API of a Mixture-of-Experts model served over NATS")
+                  description="OpenAI- and Anthropic-compatible API of a Mixture-of-Experts model served over NATS")
     install_handlers(app)
 
     async def check_model(name: str) -> None:
@@ -36,8 +44,8 @@ def create_app(router: Callable[[], RouterClient], lifespan=None) -> FastAPI:
             s = await router().status()
         except MoebusError as e:
             return JSONResponse({"ready": False, "error": str(e)}, status_code=503)
-        body = {"ready": s.ready, "model": s.model, "workers": s.workers,
-                "experts_covered": s.experts_covered, "experts_total": s.experts_total}
+        body = {"ready": s.ready, "model": s.model, "workers": s.workers, "experts_covered": s.experts_covered,
+                "experts_total": s.experts_total, "running": s.running, "waiting": s.waiting}
         return JSONResponse(body, status_code=200 if s.ready else 503)
 
     @app.get("/v1/models")
@@ -45,90 +53,66 @@ def create_app(router: Callable[[], RouterClient], lifespan=None) -> FastAPI:
         s = await router().status()
         return {"object": "list", "data": [{"id": s.model, "object": "model", "created": 0, "owned_by": "moebus"}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest) -> Response:
-        await check_model(body.model)
-        max_tokens = _max_tokens(body.max_completion_tokens or body.max_tokens)
-        gen = await router().start(messages=[m.model_dump() for m in body.messages], max_tokens=max_tokens,
-                                   temperature=body.temperature, top_p=body.top_p)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
-        if body.stream:
-            return _sse(_chat_chunks(gen, head))
-        text, last = await _collect(gen)
-        return JSONResponse({**head, "object": "chat.completion", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last.finish_reason}
-        ], "usage": _usage(last)})
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        text = generate_latest(metrics.registry)
+        try:
+            text += await router().router_metrics()
+        except MoebusError:
+            pass  # the gateway's own numbers still help when the router is down
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Response:
-        await check_model(body.model)
-        gen = await router().start(prompt=body.prompt, max_tokens=_max_tokens(body.max_tokens),
-                                   temperature=body.temperature, top_p=body.top_p)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
-        if body.stream:
-            return _sse(_completion_chunks(gen, head))
-        text, last = await _collect(gen)
-        return JSONResponse({**head, "object": "text_completion", "choices": [
-            {"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}
-        ], "usage": _usage(last)})
+    app.include_router(openai_api.routes(router, check_model))
+    app.include_router(anthropic_api.routes(router, check_model))
 
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
+        return response
+
+    app.add_middleware(Limits, settings=settings)
     return app
 
 
-def _max_tokens(value: int | None) -> int:
-    if value is None:
-        return DEFAULT_MAX_TOKENS
-    if value < 1:
-        raise ApiError(400, f"max_tokens must be at least 1, got {value}", "invalid_request_error", "max_tokens")
-    return value
+class Limits:
+    """API keys (Bearer or x-api-key; /health stays open) and the request body size limit."""
 
+    def __init__(self, app: ASGIApp, settings: HttpSettings) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in settings.api_keys]
+        self.max_body = settings.max_body_bytes
 
-def _usage(last: GenerateEvent) -> dict:
-    return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
-            "total_tokens": last.prompt_tokens + last.completion_tokens}
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        if self.keys and scope["path"] not in OPEN_PATHS and not self._authorized(request):
+            return await error_response(request, ApiError(401, "missing or invalid API key", "invalid_api_key"))(
+                scope, receive, send)
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            return await self._too_large(request, scope, receive, send)
+        seen = 0
 
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                raise ApiError(413, f"request body over {self.max_body} bytes")
+            return message
 
-async def _collect(gen: Generation) -> tuple[str, GenerateEvent]:
-    parts = []
-    async for event in gen.events():
-        if event.error:
-            raise ApiError(502, f"generation failed: {event.error}", "upstream_error")
-        parts.append(event.text)
-    return "".join(parts), event
-
-
-def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
-    async def body() -> AsyncIterator[bytes]:
         try:
-            async for chunk in chunks:
-                yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-        except MoebusError as e:  # headers are sent: the error goes in the stream
-            err = from_moebus(e)
-            yield b"data: " + orjson.dumps(error_body(err.status, err.message, err.code)) + b"\n\n"
-        yield b"data: [DONE]\n\n"
+            await self.app(scope, limited, send)
+        except ApiError as e:
+            await error_response(request, e)(scope, receive, send)
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    async def _too_large(self, request: Request, scope: Scope, receive: Receive, send: Send) -> None:
+        await error_response(request, ApiError(413, f"request body over {self.max_body} bytes"))(scope, receive, send)
 
-
-async def _chat_chunks(gen: Generation, head: dict) -> AsyncIterator[dict]:
-    base = {**head, "object": "chat.completion.chunk"}
-    yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-    async for event in gen.events():
-        if event.error:
-            yield error_body(502, f"generation failed: {event.error}", "upstream_error")
-            return
-        if event.text:
-            yield {**base, "choices": [{"index": 0, "delta": {"content": event.text}, "finish_reason": None}]}
-        if event.finish_reason:
-            yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": event.finish_reason}]}
-
-
-async def _completion_chunks(gen: Generation, head: dict) -> AsyncIterator[dict]:
-    base = {**head, "object": "text_completion"}
-    async for event in gen.events():
-        if event.error:
-            yield error_body(502, f"generation failed: {event.error}", "upstream_error")
-            return
-        if event.text or event.finish_reason:
-            yield {**base, "choices": [{"index": 0, "text": event.text, "logprobs": None,
-                                        "finish_reason": event.finish_reason}]}
+    def _authorized(self, request: Request) -> bool:
+        auth = request.headers.get("authorization", "")
+        given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+        return any(hmac.compare_digest(given.encode(), k) for k in self.keys)

@@ -1,4 +1,5 @@
-"""Every failure as OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+"""Every failure in the caller's error shape: OpenAI's {"error": {message, type, param, code}},
+or Anthropic's {"type": "error", "error": {type, message}} under /v1/messages."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from starlette.exceptions import HTTPException
 
 from shared.errors import BusTimeout, MoebusError, NoResponders, NotReady, RemoteError
 
+RETRY_AFTER_S = 1
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+          405: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error",
+          503: "overloaded_error", 504: "timeout_error"}
 
 
 class ApiError(Exception):
@@ -20,8 +23,19 @@ class ApiError(Exception):
         self.status, self.message, self.code, self.param = status, message, code, param
 
 
-def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": _TYPES.get(status, "api_error"), "param": param, "code": code}}
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None,
+               anthropic: bool = False) -> dict:
+    kind = _TYPES.get(status, "api_error")
+    if anthropic:
+        return {"type": "error", "error": {"type": kind, "message": message}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(request: Request | None, e: ApiError) -> JSONResponse:
+    anthropic = request is not None and request.url.path.startswith("/v1/messages")
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status in (429, 503) else None
+    return JSONResponse(error_body(e.status, e.message, e.code, e.param, anthropic), status_code=e.status,
+                        headers=headers)
 
 
 def from_moebus(e: MoebusError) -> ApiError:
@@ -33,6 +47,8 @@ def from_moebus(e: MoebusError) -> ApiError:
                 return ApiError(400, d["message"], d.get("code"), d.get("param"))
             except (orjson.JSONDecodeError, KeyError, TypeError):
                 return ApiError(400, e.description, "invalid_request_error")
+        if e.status == "429":
+            return ApiError(429, e.description, "too_many_requests")
         if e.status == "503":
             return ApiError(503, e.description, "not_ready")
         return ApiError(502, f"router error {e.status}: {e.description}", "upstream_error")
@@ -47,20 +63,20 @@ def from_moebus(e: MoebusError) -> ApiError:
 
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(e.status, e.message, e.code, e.param), status_code=e.status)
+    async def api_error(r: Request, e: ApiError) -> JSONResponse:
+        return error_response(r, e)
 
     @app.exception_handler(MoebusError)
     async def moebus_error(r: Request, e: MoebusError) -> JSONResponse:
-        return await api_error(r, from_moebus(e))
+        return error_response(r, from_moebus(e))
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def invalid(r: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
-        return JSONResponse(error_body(400, message, "invalid_request_error", ".".join(loc) or None), status_code=400)
+        return error_response(r, ApiError(400, message, "invalid_request_error", ".".join(loc) or None))
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
-        return JSONResponse(error_body(e.status_code, str(e.detail)), status_code=e.status_code)
+    async def http_error(r: Request, e: HTTPException) -> JSONResponse:
+        return error_response(r, ApiError(e.status_code, str(e.detail)))

@@ -11,7 +11,8 @@ import uvicorn
 from nats.micro import add_service
 from nats.micro.request import Request
 
-from services.gateway.app import create_app
+from services.gateway.app import HttpSettings, create_app
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.upstream import RouterClient
 from shared import subjects
 from shared.bus import close, connect, stop_event
@@ -29,18 +30,21 @@ class GatewayConfig:
     port: int = 8000
     request_timeout_s: float = 10.0
     event_timeout_s: float = 120.0
+    deadline_s: float = 600.0  # a whole request, queueing included
+    http: HttpSettings = HttpSettings()
 
 
 async def serve(cfg: GatewayConfig) -> None:
     stop = stop_event()
     holder: dict[str, RouterClient] = {}
+    metrics = GatewayMetrics()
 
     @asynccontextmanager
     async def lifespan(_app):
         async with AsyncExitStack() as stack:
             nc = await connect(cfg.nats_url, name="moebus-gateway")
             stack.push_async_callback(close, nc)
-            holder["router"] = RouterClient(nc, cfg.request_timeout_s, cfg.event_timeout_s)
+            holder["router"] = RouterClient(nc, cfg.request_timeout_s, cfg.event_timeout_s, cfg.deadline_s, metrics)
 
             async def on_health(req: Request) -> None:
                 try:
@@ -57,7 +61,7 @@ async def serve(cfg: GatewayConfig) -> None:
             log.info("gateway listening", url=f"http://{cfg.host}:{cfg.port}")
             yield
 
-    app = create_app(lambda: holder["router"], lifespan=lifespan)
+    app = create_app(lambda: holder["router"], cfg.http, metrics, lifespan=lifespan)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
                                            lifespan="on", timeout_graceful_shutdown=5))
 

@@ -1,4 +1,7 @@
-"""Request bodies of the HTTP API (OpenAI's shapes; unknown fields are ignored, as OpenAI does)."""
+"""Request bodies of the HTTP API, in OpenAI's and Anthropic's shapes.
+
+Unknown fields are ignored, as OpenAI does; wrong types are a 400.
+"""
 
 from __future__ import annotations
 
@@ -11,23 +14,68 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+def text_of(content: str | list[TextPart] | None) -> str:
+    if content is None:
+        return ""
+    return content if isinstance(content, str) else "".join(p.text for p in content)
+
+
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
+    content: str | list[TextPart] | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
 
 
 class _Sampling(_Body):
     model: str
-    max_tokens: int | None = Field(default=None, description="tokens to generate at most")
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(default=None, description="tokens to generate at most (default 512)")
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 is greedy")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0, description="extension: keep the k most likely tokens (0: all)")
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    seed: int | None = Field(default=None, description="the same seed gives the same output")
+    stop: str | list[str] | None = Field(default=None, description="up to 16 stop strings")
+    n: int = Field(default=1, description="only 1 is supported")
     stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int]
+    prompt: str | list[int] | list[str] = Field(description="text, or token ids")
+    logprobs: int | None = Field(default=None, ge=0, le=20, description="top logprobs per token")
+    echo: bool = False
+
+
+class AnthropicMessage(_Body):
+    role: Literal["user", "assistant"]
+    content: str | list[TextPart]
+
+
+class MessagesRequest(_Body):
+    model: str
+    max_tokens: int
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    system: str | list[TextPart] | None = None
+    stop_sequences: list[str] | None = None
+    temperature: float = Field(default=1.0, ge=0.0, le=1.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    stream: bool = False

@@ -1,7 +1,8 @@
-"""The gateway's side of the router: start a generation, then read its events in order."""
+"""The gateway's side of the router: start a generation, read its events in order, cancel it."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,49 +14,75 @@ from nats.errors import TimeoutError as NatsTimeout
 from shared import subjects
 from shared.bus import request
 from shared.errors import BusTimeout, MoebusError
-from shared.messages import GenerateAccepted, GenerateEvent, GenerateRequest, RouterStatus, decode, encode
+from shared.messages import Cancel, GenerateAccepted, GenerateEvent, GenerateRequest, RouterStatus, decode, encode
 
 
 @dataclass
 class Generation:
+    request_id: str
     accepted: GenerateAccepted
     sub: Subscription
-    event_timeout_s: float
+    client: RouterClient
+    started: float
+    done: bool = False
 
     async def events(self) -> AsyncIterator[GenerateEvent]:
-        """Events up to and including the one with a finish_reason; always unsubscribes."""
+        """Events up to the one with a finish_reason. Leaving early (the client went away)
+        cancels the sequence on the router, so its cache is freed at once."""
+        m = self.client.metrics
+        last = None
         try:
             while True:
                 try:
-                    msg = await self.sub.next_msg(timeout=self.event_timeout_s)
+                    msg = await self.sub.next_msg(timeout=self.client.event_timeout_s)
                 except NatsTimeout:
-                    raise BusTimeout(f"no token from the router within {self.event_timeout_s:g}s") from None
+                    raise BusTimeout(f"no token from the router within {self.client.event_timeout_s:g}s") from None
                 event = decode(GenerateEvent, msg.data)
-                yield event
+                now = time.perf_counter()
+                if event.token is not None and m is not None:
+                    (m.ttft if last is None else m.itl).observe(now - (last or self.started))
+                    last = now
                 if event.finish_reason is not None:
+                    self.done = True
+                    if m is not None:
+                        m.count_tokens(event.prompt_tokens, event.completion_tokens)
+                yield event
+                if self.done:
                     return
         finally:
             await self.sub.unsubscribe()
+            if not self.done:
+                await self.client.cancel(self.request_id)
 
 
 class RouterClient:
-    def __init__(self, nc: Client, request_timeout_s: float, event_timeout_s: float) -> None:
+    def __init__(self, nc: Client, request_timeout_s: float, event_timeout_s: float, deadline_s: float,
+                 metrics=None) -> None:
         self.nc = nc
         self.request_timeout_s = request_timeout_s
         self.event_timeout_s = event_timeout_s
+        self.deadline_s = deadline_s
+        self.metrics = metrics
 
     async def status(self, timeout_s: float = 2.0) -> RouterStatus:
         return decode(RouterStatus, await request(self.nc, subjects.ROUTER_STATUS, b"{}", timeout_s))
 
+    async def router_metrics(self, timeout_s: float = 2.0) -> bytes:
+        return await request(self.nc, subjects.ROUTER_METRICS, b"{}", timeout_s)
+
+    async def cancel(self, request_id: str) -> None:
+        await self.nc.publish(subjects.ROUTER_CANCEL, encode(Cancel(request_id)))
+
     async def start(self, **fields) -> Generation:
         request_id = uuid.uuid4().hex
         stream = subjects.stream_subject(request_id)
+        started = time.perf_counter()
         # Subscribe before asking, so not even the first event can be missed.
         sub = await self.nc.subscribe(stream)
         try:
-            g = GenerateRequest(request_id=request_id, stream=stream, **fields)
+            g = GenerateRequest(request_id=request_id, stream=stream, timeout_s=self.deadline_s, **fields)
             reply = await request(self.nc, subjects.ROUTER_GENERATE, encode(g), self.request_timeout_s)
-            return Generation(decode(GenerateAccepted, reply), sub, self.event_timeout_s)
+            return Generation(request_id, decode(GenerateAccepted, reply), sub, self, started)
         except MoebusError:
             await sub.unsubscribe()
             raise

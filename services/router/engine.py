@@ -1,93 +1,156 @@
-"""Generation on the router: prompts to token ids, the decode loop, events out.
+"""Continuous batching on the router: sequences join between decode steps and leave when done.
 
-The loop is mlx-lm's `generate_step`; the model inside it has its experts on the bus.
+The batching itself is mlx-lm's `BatchGenerator`; the model inside it has its experts on the
+bus, so one decode step of B sequences is one message per worker per MoE layer for all B.
+Everything here runs on the router's MLX thread.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import generate_step
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.generate import BatchGenerator
 
-from shared.errors import BadRequest, ContextLengthExceeded, MoebusError
+from services.router.sampling import StopText, request_sampler
+from shared.errors import MoebusError
 from shared.logs import get_logger
 from shared.messages import GenerateEvent, GenerateRequest
-from shared.model import ModelInfo
 
 log = get_logger("engine")
 Emit = Callable[[GenerateEvent], None]
 
 
+@dataclass(frozen=True)
+class EngineLimits:
+    max_running: int = 16  # sequences decoded together
+    max_waiting: int = 64  # accepted but not yet decoding; beyond that, 429
+    prefill_step: int = 512  # prompt tokens per step, so long prompts do not stall streams
+
+
+@dataclass
+class Sequence:
+    req: GenerateRequest
+    prompt: list[int]
+    emit: Emit
+    detok: Any
+    stops: StopText
+    deadline: float
+    started: bool = False
+    n: int = 0
+    index: int = 0
+    extra: dict = field(default_factory=dict)
+
+
 class Engine:
-    def __init__(self, model: nn.Module, tokenizer: Any, info: ModelInfo) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, limits: EngineLimits) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.info = info
-        self.vocab_size = len(tokenizer.get_vocab())
+        self.limits = limits
+        self.eos = sorted(tokenizer.eos_token_ids)
+        self.seqs: dict[int, Sequence] = {}
+        self.uids: dict[str, int] = {}
+        self.running = 0  # read by the event loop for status and admission
+        self.waiting = 0
+        self.gen = self._generator()
 
-    def encode_prompt(self, req: GenerateRequest) -> list[int]:
-        """Token ids of the request's prompt; BadRequest for anything unservable."""
-        if req.messages is not None:
-            ids = self._encode_chat(req.messages)
-        elif isinstance(req.prompt, str):
-            ids = self.tokenizer.encode(req.prompt)
-        elif isinstance(req.prompt, list):
-            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in req.prompt):
-                raise BadRequest(f"prompt token ids must be integers in [0, {self.vocab_size})", "prompt")
-            ids = list(req.prompt)
-        else:
-            raise BadRequest("either prompt or messages is required", "prompt")
-        if not ids:
-            raise BadRequest("the prompt is empty", "prompt")
-        if req.max_tokens < 1:
-            raise BadRequest(f"max_tokens must be at least 1, got {req.max_tokens}", "max_tokens")
-        if len(ids) >= self.info.max_context:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {self.info.max_context} tokens, "
-                f"but the prompt has {len(ids)} tokens.",
-                "messages" if req.messages is not None else "prompt",
-            )
-        return ids
+    def _generator(self) -> BatchGenerator:
+        return BatchGenerator(
+            self.model, stop_tokens=[[e] for e in self.eos], completion_batch_size=self.limits.max_running,
+            prefill_batch_size=min(8, self.limits.max_running), prefill_step_size=self.limits.prefill_step,
+        )
 
-    def _encode_chat(self, messages: list) -> list[int]:
-        for m in messages:
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise BadRequest("each message needs a string role and string content", "messages")
-        if not messages:
-            raise BadRequest("messages must not be empty", "messages")
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return self.tokenizer.encode(text, add_special_tokens=False)
-        # No template in the checkpoint: a plain transcript, as most servers fall back to.
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return self.tokenizer.encode(text)
+    def add(self, req: GenerateRequest, prompt: list[int], emit: Emit) -> None:
+        seq = Sequence(req, prompt, emit, self.tokenizer.detokenizer, StopText(req.stop),
+                       time.monotonic() + req.timeout_s)
+        sampler = request_sampler(req.temperature, req.top_p, req.top_k, req.min_p, req.seed)
+        (uid,) = self.gen.insert([prompt], max_tokens=[req.max_tokens], samplers=[sampler])
+        self.seqs[uid] = seq
+        self.uids[req.request_id] = uid
+        self._count()
 
-    def generate(self, req: GenerateRequest, ids: list[int], emit: Emit) -> None:
-        """Runs on the MLX thread; emits one event per token and a final one."""
-        max_tokens = min(req.max_tokens, self.info.max_context - len(ids))
-        sampler = make_sampler(temp=req.temperature, top_p=req.top_p if req.top_p < 1.0 else 0.0)
-        stops = set(self.tokenizer.eos_token_ids) | set(req.stop_token_ids)
-        detok = self.tokenizer.detokenizer
-        n, index, finish = 0, 0, "length"
+    def cancel(self, request_id: str) -> None:
+        uid = self.uids.get(request_id)
+        if uid is not None:
+            self._fail(uid, "cancelled: the client went away")
+
+    def step(self) -> bool:
+        """One decode step for every running sequence; False when there is nothing to do."""
+        if not self.seqs:
+            return False
+        now = time.monotonic()
+        for uid, seq in list(self.seqs.items()):
+            if now > seq.deadline:
+                self._fail(uid, f"request deadline of {seq.req.timeout_s:g}s exceeded")
+        if not self.seqs:
+            return False
         try:
-            for token, _ in generate_step(mx.array(ids), self.model, max_tokens=max_tokens, sampler=sampler):
-                token = int(token)
-                if token in stops:
-                    finish = "stop"
-                    break
-                n += 1
-                detok.add_token(token)
-                emit(GenerateEvent(req.request_id, index, detok.last_segment, token))
-                index += 1
-        except Exception as e:  # noqa: BLE001 - the client must hear of every failure
+            _, responses = self.gen.next()
+        except Exception as e:  # noqa: BLE001 - every sequence of the step hears of it
             error = str(e) if isinstance(e, MoebusError) else f"internal error: {e!r}"
-            log.warning("generation failed", request=req.request_id, error=error)
-            emit(GenerateEvent(req.request_id, index, finish_reason="error", error=error,
-                               prompt_tokens=len(ids), completion_tokens=n))
-            return
-        detok.finalize()
-        emit(GenerateEvent(req.request_id, index, detok.last_segment, None, finish, len(ids), n))
+            log.warning("decode step failed", error=error, sequences=len(self.seqs))
+            for uid in list(self.seqs):
+                self._fail(uid, error)
+            self.gen = self._generator()  # its batch state is unknown after a failed step
+            return False
+        for r in responses:
+            if r.uid in self.seqs:
+                self._on_token(r.uid, self.seqs[r.uid], r.token, r.logprobs, r.finish_reason)
+        self._count()
+        return bool(self.seqs)
+
+    def _on_token(self, uid: int, seq: Sequence, token: int, logprobs: mx.array, finish: str | None) -> None:
+        seq.started = True
+        in_batch = finish is None  # BatchGenerator has let go of sequences it finished
+        text, stop_sequence, extra = "", None, {}
+        if token not in self.eos or finish != "stop":
+            seq.n += 1
+            seq.detok.add_token(token)
+            text, stop_sequence = seq.stops.feed(seq.detok.last_segment)
+            if seq.req.logprobs:
+                extra = self._logprobs(token, logprobs, seq.req.top_logprobs)
+        elif finish == "stop":
+            token = None  # the end-of-sequence token itself is not part of the text
+        if stop_sequence is not None:
+            finish = "stop"
+        elif finish is not None:
+            seq.detok.finalize()
+            tail, stop_sequence = seq.stops.feed(seq.detok.last_segment)
+            text += tail + ("" if stop_sequence else seq.stops.flush())
+        done = finish is not None
+        seq.emit(GenerateEvent(seq.req.request_id, seq.index, text, token, finish,
+                               len(seq.prompt) if done else 0, seq.n if done else 0,
+                               stop_sequence=stop_sequence, **extra))
+        seq.index += 1
+        if done:
+            self._drop(uid, still_in_batch=in_batch)
+
+    def _logprobs(self, token: int, logprobs: mx.array, top: int) -> dict:
+        out: dict = {"logprob": logprobs[token].item(), "token_text": self.tokenizer.decode([token])}
+        if top > 0:
+            ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
+            pairs = sorted(zip(ids.tolist(), logprobs[ids].tolist()), key=lambda p: -p[1])
+            out["top_logprobs"] = [[self.tokenizer.decode([i]), lp] for i, lp in pairs]
+        return out
+
+    def _fail(self, uid: int, error: str) -> None:
+        seq = self.seqs[uid]
+        seq.emit(GenerateEvent(seq.req.request_id, seq.index, finish_reason="error", error=error,
+                               prompt_tokens=len(seq.prompt), completion_tokens=seq.n))
+        self._drop(uid)
+
+    def _drop(self, uid: int, still_in_batch: bool = True) -> None:
+        seq = self.seqs.pop(uid, None)
+        if seq is not None:
+            self.uids.pop(seq.req.request_id, None)
+        if still_in_batch:
+            self.gen.remove([uid])  # frees its KV cache
+        self._count()
+
+    def _count(self) -> None:
+        self.running = sum(s.started for s in self.seqs.values())
+        self.waiting = len(self.seqs) - self.running

@@ -7,12 +7,14 @@ themselves run on the event loop, and the MLX thread waits for them.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 from nats.aio.client import Client
 
+from services.router.metrics import ExchangeStats
 from shared.arrays import to_mlx, to_numpy, wire_dtype
 from shared.bus import request
 from shared.errors import BusError, NotReady, WireError
@@ -60,6 +62,7 @@ class ExpertClient:
     """The `Exchange` the router's BusExperts call; routes with the registry's table."""
 
     def __init__(self, nc: Client, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+        self.stats: ExchangeStats | None = None  # set once the model is known
         self.nc = nc
         self.loop = loop
         self.timeout_s = timeout_s
@@ -79,8 +82,14 @@ class ExpertClient:
         code = wire_dtype(xf)
         xn, inds = to_numpy(xf), np.asarray(idx)
         trips = plan_trips(layer, code, xn, inds, self.subjects, self.owner, self.nc.max_payload)
+        start = time.perf_counter()
         gather = asyncio.run_coroutine_threadsafe(self._fan_out(trips), self.loop)
         replies = gather.result(self.timeout_s + 5)  # the requests time out first
+        if self.stats is not None:
+            pairs: dict[str, int] = {}
+            for trip in trips:
+                pairs[trip.subject] = pairs.get(trip.subject, 0) + len(trip.t)
+            self.stats.record(layer, time.perf_counter() - start, inds, pairs, sum(len(t.payload) for t in trips))
         y = np.empty((xn.shape[0], k, dim), xn.dtype)
         for trip, reply in zip(trips, replies):
             got_code, yt = decode_reply(reply)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,15 +16,17 @@ from nats.micro import add_service
 from nats.micro.request import Request
 
 from services.router.bus_experts import install
-from services.router.engine import Engine
+from services.router.engine import Engine, EngineLimits
 from services.router.exchange import ExpertClient
+from services.router.metrics import ExchangeStats, registry
+from services.router.prompts import PromptEncoder
 from services.router.registry import WorkerRegistry
 from shared import subjects
 from shared.bus import close, connect, stop_event
 from shared.errors import BadRequest, WireError
 from shared.logs import get_logger
 from shared.messages import (
-    Discover, GenerateAccepted, GenerateRequest, RouterStatus, WorkerAnnounce, decode, encode,
+    Cancel, Discover, GenerateAccepted, GenerateEvent, GenerateRequest, RouterStatus, WorkerAnnounce, decode, encode,
 )
 from shared.mlx_thread import MLXThread
 from shared.model import ModelInfo, describe, find_experts, load_lazy
@@ -39,16 +41,33 @@ class RouterConfig:
     model: Path
     expert_timeout_s: float = 30.0
     heartbeat_s: float = 1.0
+    max_prompt_tokens: int = 1 << 30
+    limits: EngineLimits = field(default_factory=EngineLimits)
 
 
-def load_router_model(path: Path, client: ExpertClient) -> tuple[Engine, ModelInfo]:
+@dataclass
+class Loaded:
+    engine: Engine
+    prompts: PromptEncoder
+    info: ModelInfo
+    registry: WorkerRegistry
+
+
+def load_router_model(cfg: RouterConfig, client: ExpertClient) -> Loaded:
     """Everything but the experts: their modules are swapped before any weight is read."""
-    model, config = load_lazy(path)
+    model, config = load_lazy(cfg.model)
     slots = find_experts(model)
-    info = describe(path, config, slots)
+    info = describe(cfg.model, config, slots)
     install(model, slots, client)
     mx.eval(model.parameters())
-    return Engine(model, load_tokenizer(path), info), info
+    tokenizer = load_tokenizer(cfg.model)
+    client.stats = ExchangeStats(info.moe_layers, info.num_experts)
+    return Loaded(
+        Engine(model, tokenizer, cfg.limits),
+        PromptEncoder(tokenizer, info.max_context, cfg.max_prompt_tokens),
+        info,
+        WorkerRegistry(info.num_experts, info.moe_layers, info.fingerprint, 4 * cfg.heartbeat_s),
+    )
 
 
 def _error(e: BadRequest) -> str:
@@ -60,35 +79,36 @@ class Router:
         self.cfg = cfg
         self.client = client
         self.mlx = mlx
-        self.engine: Engine | None = None
-        self.registry: WorkerRegistry | None = None
-
-    def loaded(self, engine: Engine, info: ModelInfo) -> None:
-        self.engine = engine
-        self.registry = WorkerRegistry(info.num_experts, info.moe_layers, info.fingerprint, 4 * self.cfg.heartbeat_s)
+        self.m: Loaded | None = None
+        self.active = 0  # accepted and not finished: what admission counts (event loop only)
 
     def status(self) -> RouterStatus:
-        reg, info = self.registry, self.engine.info if self.engine else None
-        if reg is None or info is None:
+        if self.m is None:
             return RouterStatus(False, self.cfg.model.name, 0, [], 0, 0)
-        return RouterStatus(reg.covered == info.num_experts, info.name, info.max_context,
-                            reg.workers, reg.covered, info.num_experts)
+        reg, info, eng = self.m.registry, self.m.info, self.m.engine
+        return RouterStatus(reg.covered == info.num_experts, info.name, info.max_context, reg.workers,
+                            reg.covered, info.num_experts, eng.running, eng.waiting)
+
+    def gauges(self) -> dict[str, float]:
+        s = self.status()
+        return {"sequences_running": s.running, "sequences_waiting": s.waiting, "workers_connected": len(s.workers),
+                "experts_covered": s.experts_covered, "ready": float(s.ready)}
 
     def on_announce(self, data: bytes) -> None:
-        if self.registry is None:
+        if self.m is None:
             return
         try:
             a = decode(WorkerAnnounce, data)
         except WireError as e:
             log.warning("bad announcement", error=str(e))
             return
-        if not self.registry.announce(a, time.monotonic()):
+        if not self.m.registry.announce(a, time.monotonic()):
             log.warning("worker of another model ignored", worker=a.worker, model=a.model)
-        self.client.set_table(*self.registry.table())
+        self.client.set_table(*self.m.registry.table())
 
     def expire(self) -> None:
-        if self.registry and self.registry.expire(time.monotonic()):
-            self.client.set_table(*self.registry.table())
+        if self.m and self.m.registry.expire(time.monotonic()):
+            self.client.set_table(*self.m.registry.table())
 
     async def on_status(self, req: Request) -> None:
         await req.respond(encode(self.status()))
@@ -100,16 +120,34 @@ class Router:
             await req.respond_error("400", _error(BadRequest(str(e))))
             return
         status = self.status()
-        if not status.ready or self.engine is None:
+        if not status.ready or self.m is None:
             await req.respond_error("503", f"not ready: {status.experts_covered}/{status.experts_total} experts have a worker")
             return
+        limits = self.cfg.limits
+        if self.active >= limits.max_running + limits.max_waiting:
+            await req.respond_error("429", f"{self.active} requests are in progress, the most this server "
+                                           "queues; try again shortly")
+            return
         try:
-            ids = await asyncio.to_thread(self.engine.encode_prompt, g)
+            ids = await asyncio.to_thread(self.m.prompts.encode, g)
         except BadRequest as e:
             await req.respond_error("400", _error(e))
             return
         await req.respond(encode(GenerateAccepted(g.request_id, len(ids))))
-        self.mlx.submit(self.engine.generate, g, ids, emit_to(g.stream))
+        self.active += 1
+        self.mlx.submit(self.m.engine.add, g, ids, emit_to(g.stream))
+
+    def finished(self) -> None:
+        self.active -= 1
+
+    async def on_cancel(self, msg: Msg) -> None:
+        if self.m is None:
+            return
+        try:
+            rid = decode(Cancel, msg.data).request_id
+        except WireError:
+            return
+        self.mlx.submit(self.m.engine.cancel, rid)
 
 
 async def serve(cfg: RouterConfig) -> None:
@@ -123,8 +161,10 @@ async def serve(cfg: RouterConfig) -> None:
         router = Router(cfg, client, mlx)
 
         def emit_to(subject: str):
-            def emit(event) -> None:  # called on the MLX thread
+            def emit(event: GenerateEvent) -> None:  # called on the MLX thread
                 asyncio.run_coroutine_threadsafe(nc.publish(subject, encode(event)), loop)
+                if event.finish_reason is not None:
+                    loop.call_soon_threadsafe(router.finished)
             return emit
 
         async def on_generate(req: Request) -> None:
@@ -138,11 +178,19 @@ async def serve(cfg: RouterConfig) -> None:
                                 metadata={"model": cfg.model.name})
         stack.push_async_callback(svc.stop)
         await svc.add_endpoint(name="status", subject=subjects.ROUTER_STATUS, handler=router.on_status)
-        engine, info = await mlx.run(load_router_model, cfg.model, client)
-        router.loaded(engine, info)
+        router.m = await mlx.run(load_router_model, cfg, client)
+        metrics = registry(client.stats, router.gauges)
+
+        async def on_metrics(req: Request) -> None:
+            await req.respond(metrics())
+
+        mlx.background = router.m.engine.step
         await nc.subscribe(subjects.WORKERS_ANNOUNCE, cb=on_announce)
+        await nc.subscribe(subjects.ROUTER_CANCEL, cb=router.on_cancel)
         await svc.add_endpoint(name="generate", subject=subjects.ROUTER_GENERATE, handler=on_generate)
+        await svc.add_endpoint(name="metrics", subject=subjects.ROUTER_METRICS, handler=on_metrics)
         await nc.publish(subjects.WORKERS_DISCOVER, encode(Discover("router")))
+        info = router.m.info
         log.info("router loaded", model=info.name, moe_layers=info.moe_layers, experts=info.num_experts)
         while not stop.is_set():
             router.expire()

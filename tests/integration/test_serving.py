@@ -41,7 +41,8 @@ def _error(r: httpx.Response) -> dict:
 
 def test_health_models_and_a_streamed_chat(up: Up, client: OpenAI):
     health = httpx.get(f"{up.url}/health").json()
-    assert health == {"ready": True, "model": MODEL, "workers": ["w0", "w1"], "experts_covered": 8, "experts_total": 8}
+    assert health == {"ready": True, "model": MODEL, "workers": ["w0", "w1"], "experts_covered": 8, "experts_total": 8,
+                      "running": 0, "waiting": 0}
     assert [m.id for m in client.models.list()] == [MODEL]
     stream = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "w1 w2 w3"}], max_tokens=6, temperature=0, stream=True

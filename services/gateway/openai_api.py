@@ -1,0 +1,133 @@
+"""POST /v1/chat/completions and /v1/completions, as OpenAI serves them."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+
+from services.gateway.errors import ApiError, error_body
+from services.gateway.schemas import ChatCompletionRequest, CompletionRequest, _Sampling, text_of
+from services.gateway.sse import collect, sse
+from services.gateway.upstream import Generation, RouterClient
+from shared.messages import GenerateEvent
+
+DEFAULT_MAX_TOKENS = 512
+MAX_STOPS = 16
+
+
+def sampling(body: _Sampling, max_tokens: int | None, top_logprobs: int | None, logprobs: bool) -> dict:
+    """The fields every completion sends the router, checked the same way for every endpoint."""
+    if body.n != 1:
+        raise ApiError(400, f"n={body.n} is not supported; send n=1 (or several requests)", "unsupported", "n")
+    if max_tokens is not None and max_tokens < 1:
+        raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", "invalid_request_error", "max_tokens")
+    stops = body.stops()
+    if len(stops) > MAX_STOPS:
+        raise ApiError(400, f"at most {MAX_STOPS} stop strings", "invalid_request_error", "stop")
+    return dict(max_tokens=max_tokens or DEFAULT_MAX_TOKENS, temperature=body.temperature, top_p=body.top_p,
+                top_k=body.top_k, min_p=body.min_p, seed=None if body.seed is None else body.seed % (1 << 32),
+                stop=stops, logprobs=logprobs, top_logprobs=top_logprobs or 0)
+
+
+def _usage(last: GenerateEvent) -> dict:
+    return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
+            "total_tokens": last.prompt_tokens + last.completion_tokens}
+
+
+def _chat_logprobs(events: list[GenerateEvent]) -> dict:
+    def entry(text: str, lp: float) -> dict:
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+    return {"content": [{**entry(e.token_text or "", e.logprob or 0.0),
+                         "top_logprobs": [entry(t, lp) for t, lp in e.top_logprobs or []]}
+                        for e in events if e.logprob is not None]}
+
+
+def _completion_logprobs(events: list[GenerateEvent]) -> dict:
+    scored = [e for e in events if e.logprob is not None]
+    offsets, at = [], 0
+    for e in scored:
+        offsets.append(at)
+        at += len(e.text)
+    return {"tokens": [e.token_text for e in scored], "token_logprobs": [e.logprob for e in scored],
+            "top_logprobs": [dict(e.top_logprobs or []) for e in scored], "text_offset": offsets}
+
+
+def routes(router: Callable[[], RouterClient], check_model: Callable[[str], Awaitable[None]]) -> APIRouter:
+    api = APIRouter()
+
+    @api.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest) -> Response:
+        await check_model(body.model)
+        fields = sampling(body, body.max_completion_tokens or body.max_tokens,
+                          body.top_logprobs if body.logprobs else 0, body.logprobs)
+        messages = [{"role": m.role, "content": text_of(m.content)} for m in body.messages]
+        gen = await router().start(messages=messages, **fields)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream:
+            return sse(_chat_chunks(gen, head, body.logprobs, usage))
+        events = await collect(gen)
+        last = events[-1]
+        return JSONResponse({**head, "object": "chat.completion", "choices": [{
+            "index": 0, "message": {"role": "assistant", "content": "".join(e.text for e in events)},
+            "logprobs": _chat_logprobs(events) if body.logprobs else None, "finish_reason": last.finish_reason,
+        }], "usage": _usage(last)})
+
+    @api.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Response:
+        await check_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise ApiError(400, "one prompt per request is supported", "unsupported", "prompt")
+            prompt = prompt[0]
+        if body.echo:
+            raise ApiError(400, "echo is not supported", "unsupported", "echo")
+        want_logprobs = body.logprobs is not None
+        fields = sampling(body, body.max_tokens, body.logprobs, want_logprobs)
+        gen = await router().start(prompt=prompt, **fields)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream:
+            return sse(_completion_chunks(gen, head, want_logprobs, usage))
+        events = await collect(gen)
+        last = events[-1]
+        return JSONResponse({**head, "object": "text_completion", "choices": [{
+            "index": 0, "text": "".join(e.text for e in events),
+            "logprobs": _completion_logprobs(events) if want_logprobs else None, "finish_reason": last.finish_reason,
+        }], "usage": _usage(last)})
+
+    return api
+
+
+async def _chat_chunks(gen: Generation, head: dict, logprobs: bool, usage: bool) -> AsyncIterator[dict]:
+    base = {**head, "object": "chat.completion.chunk"}
+    yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    async for e in gen.events():
+        if e.error:
+            yield error_body(502, f"generation failed: {e.error}", "upstream_error")
+            return
+        if e.text or e.finish_reason or e.logprob is not None:
+            choice = {"index": 0, "delta": {"content": e.text} if e.text else {}, "finish_reason": e.finish_reason}
+            if logprobs:
+                choice["logprobs"] = _chat_logprobs([e])
+            yield {**base, "choices": [choice]}
+        if e.finish_reason and usage:
+            yield {**base, "choices": [], "usage": _usage(e)}
+
+
+async def _completion_chunks(gen: Generation, head: dict, logprobs: bool, usage: bool) -> AsyncIterator[dict]:
+    base = {**head, "object": "text_completion"}
+    async for e in gen.events():
+        if e.error:
+            yield error_body(502, f"generation failed: {e.error}", "upstream_error")
+            return
+        if e.text or e.finish_reason or e.logprob is not None:
+            yield {**base, "choices": [{"index": 0, "text": e.text, "finish_reason": e.finish_reason,
+                                        "logprobs": _completion_logprobs([e]) if logprobs else None}]}
+        if e.finish_reason and usage:
+            yield {**base, "choices": [], "usage": _usage(e)}

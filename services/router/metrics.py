@@ -1,0 +1,66 @@
+"""The router's numbers: counted in plain arrays on the hot path, turned into Prometheus text
+only when scraped (through the gateway's /metrics)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import numpy as np
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+RTT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ExchangeStats:
+    """Per-layer expert round trips and where the tokens went; written by the MLX thread."""
+
+    def __init__(self, layers: int, experts: int) -> None:
+        self.rtt_counts = np.zeros((layers, len(RTT_BUCKETS) + 1), np.int64)
+        self.rtt_sum = np.zeros(layers)
+        self.expert_tokens = np.zeros(experts, np.int64)
+        self.worker_pairs: Counter[str] = Counter()
+        self.payload_bytes = 0
+
+    def record(self, layer: int, seconds: float, experts: np.ndarray, pairs: dict[str, int], nbytes: int) -> None:
+        self.rtt_counts[layer, np.searchsorted(RTT_BUCKETS, seconds)] += 1
+        self.rtt_sum[layer] += seconds
+        self.expert_tokens += np.bincount(experts.ravel(), minlength=len(self.expert_tokens))
+        self.worker_pairs.update(pairs)
+        self.payload_bytes += nbytes
+
+
+class RouterCollector:
+    def __init__(self, stats: ExchangeStats, gauges: Callable[[], dict[str, float]]) -> None:
+        self.stats = stats
+        self.gauges = gauges
+
+    def collect(self) -> Iterator:
+        s = self.stats
+        rtt = HistogramMetricFamily("moebus_expert_roundtrip_seconds",
+                                    "One MoE layer's fan-out to its workers and back", labels=["layer"])
+        for layer in range(len(s.rtt_sum)):
+            cumulative = np.cumsum(s.rtt_counts[layer]).tolist()
+            buckets = [(str(b), c) for b, c in zip(RTT_BUCKETS, cumulative)] + [("+Inf", cumulative[-1])]
+            rtt.add_metric([str(layer)], buckets, float(s.rtt_sum[layer]))
+        yield rtt
+        experts = CounterMetricFamily("moebus_expert_tokens", "Tokens routed to each expert, all layers",
+                                      labels=["expert"])
+        for e, n in enumerate(s.expert_tokens.tolist()):
+            experts.add_metric([str(e)], n)
+        yield experts
+        workers = CounterMetricFamily("moebus_worker_tokens", "(token, expert) pairs sent to each worker",
+                                      labels=["worker"])
+        for subject, n in sorted(s.worker_pairs.items()):
+            workers.add_metric([subject.rsplit(".", 1)[-1]], n)
+        yield workers
+        yield CounterMetricFamily("moebus_expert_payload_bytes", "Bytes of expert requests sent", value=s.payload_bytes)
+        for name, value in self.gauges().items():
+            yield GaugeMetricFamily(f"moebus_{name}", name.replace("_", " "), value=value)
+
+
+def registry(stats: ExchangeStats, gauges: Callable[[], dict[str, float]]) -> Callable[[], bytes]:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(RouterCollector(stats, gauges))
+    return lambda: generate_latest(reg)

@@ -1,0 +1,57 @@
+"""Per-request samplers and stop strings: plain functions of their inputs."""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
+
+from mlx_lm.generate import Sampler
+
+
+def request_sampler(temperature: float, top_p: float, top_k: int, min_p: float, seed: int | None) -> Sampler:
+    """A sampler with its own random key, so a seed gives the same tokens in any batch.
+
+    Greedy requests share one sampler object, so a greedy batch samples in one call.
+    """
+    if temperature == 0:
+        return greedy_sampler
+    key = mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+    state = [key]
+
+    def sample(logprobs: mx.array) -> mx.array:
+        if 0 < top_p < 1:
+            logprobs = apply_top_p(logprobs, top_p)
+        if min_p > 0:
+            logprobs = apply_min_p(logprobs, min_p)
+        if top_k > 0:
+            logprobs = apply_top_k(logprobs, top_k)
+        state[0], step = mx.random.split(state[0])
+        return mx.random.categorical(logprobs * (1.0 / temperature), key=step)
+
+    return sample
+
+
+class StopText:
+    """Cuts the text at the first stop string, holding back what may be the start of one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """(text safe to send now, the stop string that ended the text or None)."""
+        buf = self.pending + text
+        hits = [(buf.find(s), s) for s in self.stops if s in buf]
+        if hits:
+            at, stop = min(hits)
+            self.pending = ""
+            return buf[:at], stop
+        hold = max((k for s in self.stops for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
+        self.pending = buf[len(buf) - hold:] if hold else ""
+        return buf[: len(buf) - hold], None
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
