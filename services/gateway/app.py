@@ -17,7 +17,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.upstream import RouterClient
 from shared.errors import MoebusError
 
-OPEN_PATHS = ("/health",)
+OPEN_PATHS = ("/health", "/openapi.json")  # probes and the public schema need no key
 
 
 @dataclass(frozen=True)
