@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -43,7 +43,6 @@ class Sequence:
     started: bool = False
     n: int = 0
     index: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Engine:

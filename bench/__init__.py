@@ -1,0 +1,1 @@
+"""moebus benchmarks: `make bench`. Timings live here, never in the test suite."""
