@@ -22,7 +22,8 @@ from shared.logs import get_logger
 from shared.messages import GenerateEvent, GenerateRequest
 
 log = get_logger("engine")
-Emit = Callable[[GenerateEvent], None]
+# Receives each step's events, (stream subject, event), in order: one hand-off per step.
+Publish = Callable[[list[tuple[str, GenerateEvent]]], None]
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,6 @@ class EngineLimits:
 class Sequence:
     req: GenerateRequest
     prompt: list[int]
-    emit: Emit
     detok: Any
     stops: StopText
     deadline: float
@@ -46,8 +46,10 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model: nn.Module, tokenizer: Any, limits: EngineLimits) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, limits: EngineLimits, publish: Publish) -> None:
         self.model = model
+        self.publish = publish
+        self._out: list[tuple[str, GenerateEvent]] = []
         self.tokenizer = tokenizer
         self.limits = limits
         self.eos = sorted(tokenizer.eos_token_ids)
@@ -63,8 +65,8 @@ class Engine:
             prefill_batch_size=min(8, self.limits.max_running), prefill_step_size=self.limits.prefill_step,
         )
 
-    def add(self, req: GenerateRequest, prompt: list[int], emit: Emit) -> None:
-        seq = Sequence(req, prompt, emit, self.tokenizer.detokenizer, StopText(req.stop),
+    def add(self, req: GenerateRequest, prompt: list[int]) -> None:
+        seq = Sequence(req, prompt, self.tokenizer.detokenizer, StopText(req.stop),
                        time.monotonic() + req.timeout_s)
         sampler = request_sampler(req.temperature, req.top_p, req.top_k, req.min_p, req.seed)
         (uid,) = self.gen.insert([prompt], max_tokens=[req.max_tokens], samplers=[sampler])
@@ -76,9 +78,21 @@ class Engine:
         uid = self.uids.get(request_id)
         if uid is not None:
             self._fail(uid, "cancelled: the client went away")
+            self._flush()
 
     def step(self) -> bool:
         """One decode step for every running sequence; False when there is nothing to do."""
+        try:
+            return self._step()
+        finally:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._out:
+            out, self._out = self._out, []
+            self.publish(out)
+
+    def _step(self) -> bool:
         if not self.seqs:
             return False
         now = time.monotonic()
@@ -121,7 +135,7 @@ class Engine:
             tail, stop_sequence = seq.stops.feed(seq.detok.last_segment)
             text += tail + ("" if stop_sequence else seq.stops.flush())
         done = finish is not None
-        seq.emit(GenerateEvent(seq.req.request_id, seq.index, text, token, finish,
+        self._emit(seq, GenerateEvent(seq.req.request_id, seq.index, text, token, finish,
                                len(seq.prompt) if done else 0, seq.n if done else 0,
                                stop_sequence=stop_sequence, **extra))
         seq.index += 1
@@ -138,9 +152,12 @@ class Engine:
 
     def _fail(self, uid: int, error: str) -> None:
         seq = self.seqs[uid]
-        seq.emit(GenerateEvent(seq.req.request_id, seq.index, finish_reason="error", error=error,
+        self._emit(seq, GenerateEvent(seq.req.request_id, seq.index, finish_reason="error", error=error,
                                prompt_tokens=len(seq.prompt), completion_tokens=seq.n))
         self._drop(uid)
+
+    def _emit(self, seq: Sequence, event: GenerateEvent) -> None:
+        self._out.append((seq.req.stream, event))
 
     def _drop(self, uid: int, still_in_batch: bool = True) -> None:
         seq = self.seqs.pop(uid, None)

@@ -16,7 +16,7 @@ from nats.micro import add_service
 from nats.micro.request import Request
 
 from services.router.bus_experts import install
-from services.router.engine import Engine, EngineLimits
+from services.router.engine import Engine, EngineLimits, Publish
 from services.router.exchange import ExpertClient
 from services.router.metrics import ExchangeStats, registry
 from services.router.prompts import PromptEncoder
@@ -53,7 +53,7 @@ class Loaded:
     registry: WorkerRegistry
 
 
-def load_router_model(cfg: RouterConfig, client: ExpertClient) -> Loaded:
+def load_router_model(cfg: RouterConfig, client: ExpertClient, publish: Publish) -> Loaded:
     """Everything but the experts: their modules are swapped before any weight is read."""
     model, config = load_lazy(cfg.model)
     slots = find_experts(model)
@@ -63,7 +63,7 @@ def load_router_model(cfg: RouterConfig, client: ExpertClient) -> Loaded:
     tokenizer = load_tokenizer(cfg.model)
     client.stats = ExchangeStats(info.moe_layers, info.num_experts)
     return Loaded(
-        Engine(model, tokenizer, cfg.limits),
+        Engine(model, tokenizer, cfg.limits, publish),
         PromptEncoder(tokenizer, info.max_context, cfg.max_prompt_tokens),
         info,
         WorkerRegistry(info.num_experts, info.moe_layers, info.fingerprint, 4 * cfg.heartbeat_s),
@@ -113,7 +113,7 @@ class Router:
     async def on_status(self, req: Request) -> None:
         await req.respond(encode(self.status()))
 
-    async def on_generate(self, req: Request, emit_to) -> None:
+    async def on_generate(self, req: Request) -> None:
         try:
             g = decode(GenerateRequest, req.data)
         except WireError as e:
@@ -135,7 +135,7 @@ class Router:
             return
         await req.respond(encode(GenerateAccepted(g.request_id, len(ids))))
         self.active += 1
-        self.mlx.submit(self.m.engine.add, g, ids, emit_to(g.stream))
+        self.mlx.submit(self.m.engine.add, g, ids)
 
     def finished(self) -> None:
         self.active -= 1
@@ -160,15 +160,14 @@ async def serve(cfg: RouterConfig) -> None:
         client = ExpertClient(nc, loop, cfg.expert_timeout_s)
         router = Router(cfg, client, mlx)
 
-        def emit_to(subject: str):
-            def emit(event: GenerateEvent) -> None:  # called on the MLX thread
-                asyncio.run_coroutine_threadsafe(nc.publish(subject, encode(event)), loop)
+        async def send(events: list[tuple[str, GenerateEvent]]) -> None:
+            for subject, event in events:
+                await nc.publish(subject, encode(event))
                 if event.finish_reason is not None:
-                    loop.call_soon_threadsafe(router.finished)
-            return emit
+                    router.finished()
 
-        async def on_generate(req: Request) -> None:
-            await router.on_generate(req, emit_to)
+        def publish(events: list[tuple[str, GenerateEvent]]) -> None:  # called on the MLX thread
+            asyncio.run_coroutine_threadsafe(send(events), loop)
 
         async def on_announce(msg: Msg) -> None:
             router.on_announce(msg.data)
@@ -178,7 +177,7 @@ async def serve(cfg: RouterConfig) -> None:
                                 metadata={"model": cfg.model.name})
         stack.push_async_callback(svc.stop)
         await svc.add_endpoint(name="status", subject=subjects.ROUTER_STATUS, handler=router.on_status)
-        router.m = await mlx.run(load_router_model, cfg, client)
+        router.m = await mlx.run(load_router_model, cfg, client, publish)
         metrics = registry(client.stats, router.gauges)
 
         async def on_metrics(req: Request) -> None:
@@ -187,7 +186,7 @@ async def serve(cfg: RouterConfig) -> None:
         mlx.background = router.m.engine.step
         await nc.subscribe(subjects.WORKERS_ANNOUNCE, cb=on_announce)
         await nc.subscribe(subjects.ROUTER_CANCEL, cb=router.on_cancel)
-        await svc.add_endpoint(name="generate", subject=subjects.ROUTER_GENERATE, handler=on_generate)
+        await svc.add_endpoint(name="generate", subject=subjects.ROUTER_GENERATE, handler=router.on_generate)
         await svc.add_endpoint(name="metrics", subject=subjects.ROUTER_METRICS, handler=on_metrics)
         await nc.publish(subjects.WORKERS_DISCOVER, encode(Discover("router")))
         info = router.m.info
