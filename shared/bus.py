@@ -8,11 +8,12 @@ import signal
 
 import nats
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
-from shared.errors import BusTimeout, NoResponders, RemoteError
+from shared.errors import BusError, BusTimeout, NoResponders, RemoteError
 from shared.logs import get_logger
 
 log = get_logger("bus")
@@ -48,6 +49,8 @@ async def request(nc: Client, subject: str, payload: bytes, timeout: float) -> b
         raise NoResponders(f"nobody answers on {subject}") from None
     except (NatsTimeout, asyncio.TimeoutError):
         raise BusTimeout(f"no reply on {subject} within {timeout:g}s") from None
+    except NatsError as e:  # closed, draining, buffer full: the bus failed, say how
+        raise BusError(f"{subject}: {e!r}") from None
     headers = msg.headers or {}
     if ERROR_CODE_HEADER in headers:
         raise RemoteError(subject, headers[ERROR_CODE_HEADER], headers.get(ERROR_HEADER, ""))

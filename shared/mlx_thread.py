@@ -15,7 +15,10 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from shared.logs import get_logger
+
 T = TypeVar("T")
+log = get_logger("mlx")
 
 
 class MLXThread:
@@ -37,13 +40,22 @@ class MLXThread:
         self._jobs.put(None)
         self._thread.join(timeout=5)
 
+    def _step(self) -> bool:
+        if self.background is None:
+            return False
+        try:
+            return self.background()
+        except Exception:  # noqa: BLE001 - the thread must outlive any one step
+            log.exception("background step failed")
+            return False
+
     def _loop(self) -> None:
         busy = False
         while True:
             try:
                 job = self._jobs.get(block=not busy)  # idle: sleep until there is a job
             except queue.Empty:
-                busy = self.background() if self.background else False
+                busy = self._step()
                 continue
             if job is None:
                 return

@@ -46,7 +46,7 @@ class Worker:
         self.info = info
         self.mlx = mlx
         self.subject = subjects.experts_subject(cfg.worker_id)
-        self._replies: set[asyncio.Task] = set()
+        self.pending: set[asyncio.Task] = set()
 
     async def handle(self, req: Request) -> None:
         # Decode here (cheap, and a bad message is answered at once); compute on the MLX
@@ -57,8 +57,8 @@ class Worker:
             await req.respond_error("400", str(e))
             return
         task = asyncio.create_task(self._answer(req, self.mlx.run(self.experts.compute, expert_req)))
-        self._replies.add(task)
-        task.add_done_callback(self._replies.discard)
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
 
     async def _answer(self, req: Request, work: asyncio.Future) -> None:
         try:
@@ -94,7 +94,6 @@ async def serve(cfg: WorkerConfig) -> None:
             description="moebus expert worker: a share of the experts of every MoE layer",
             metadata={"worker": me, "model": info.name, "experts": ",".join(map(str, experts.held))},
         )
-        stack.push_async_callback(svc.stop)
         await svc.add_endpoint(name="experts", subject=worker.subject, handler=worker.handle)
 
         async def on_discover(_: Msg) -> None:
@@ -109,5 +108,8 @@ async def serve(cfg: WorkerConfig) -> None:
             except asyncio.TimeoutError:
                 pass
         await nc.publish(subjects.WORKERS_ANNOUNCE, worker.announcement(leaving=True))
+        await svc.stop()  # no new requests; answer those already taken
+        if worker.pending:
+            await asyncio.wait(list(worker.pending), timeout=10)
         await nc.flush()
     mlx.stop()

@@ -94,20 +94,24 @@ class Limits:
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
             return await self._too_large(request, scope, receive, send)
+        # Read the body here, up to the limit, so a chunked upload cannot pass it either.
+        body, more = [], True
         seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        while more:
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] != "http.request":
+                return await self.app(scope, receive, send)  # the client left; let the app see it
+            body.append(message.get("body", b""))
+            seen += len(body[-1])
+            more = message.get("more_body", False)
             if seen > self.max_body:
-                raise ApiError(413, f"request body over {self.max_body} bytes")
-            return message
+                return await self._too_large(request, scope, receive, send)
+        whole: list[Message] = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
 
-        try:
-            await self.app(scope, limited, send)
-        except ApiError as e:
-            await error_response(request, e)(scope, receive, send)
+        async def replay() -> Message:
+            return whole.pop() if whole else await receive()
+
+        await self.app(scope, replay, send)
 
     async def _too_large(self, request: Request, scope: Scope, receive: Receive, send: Send) -> None:
         await error_response(request, ApiError(413, f"request body over {self.max_body} bytes"))(scope, receive, send)

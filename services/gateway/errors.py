@@ -77,6 +77,10 @@ def install_handlers(app: FastAPI) -> None:
         message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
         return error_response(r, ApiError(400, message, "invalid_request_error", ".".join(loc) or None))
 
+    @app.exception_handler(Exception)
+    async def unexpected(r: Request, e: Exception) -> JSONResponse:  # still a 500, but in the caller's shape
+        return error_response(r, ApiError(500, f"internal error: {e!r}", "internal_error"))
+
     @app.exception_handler(HTTPException)
     async def http_error(r: Request, e: HTTPException) -> JSONResponse:
         return error_response(r, ApiError(e.status_code, str(e.detail)))

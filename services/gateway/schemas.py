@@ -5,9 +5,15 @@ Unknown fields are ignored, as OpenAI does; wrong types are a 400.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+# Bounded so that nothing a client sends overflows the bus's JSON (64-bit integers).
+Count = Annotated[int, Field(ge=-(1 << 31), le=1 << 31)]
+TokenId = Annotated[int, Field(ge=0, lt=1 << 31)]
+Stop = Annotated[str, Field(max_length=256)]
 
 
 class _Body(BaseModel):
@@ -36,14 +42,14 @@ class StreamOptions(_Body):
 
 class _Sampling(_Body):
     model: str
-    max_tokens: int | None = Field(default=None, description="tokens to generate at most (default 512)")
+    max_tokens: Count | None = Field(default=None, description="tokens to generate at most (default 512)")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 is greedy")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0, description="extension: keep the k most likely tokens (0: all)")
+    top_k: int = Field(default=0, ge=0, le=1 << 31, description="extension: keep the k most likely tokens (0: all)")
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     seed: int | None = Field(default=None, description="the same seed gives the same output")
-    stop: str | list[str] | None = Field(default=None, description="up to 16 stop strings")
-    n: int = Field(default=1, description="only 1 is supported")
+    stop: Stop | list[Stop] | None = Field(default=None, description="up to 16 stop strings")
+    n: Count = Field(default=1, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -53,13 +59,13 @@ class _Sampling(_Body):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Count | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] = Field(description="text, or token ids")
+    prompt: str | list[TokenId] | list[str] = Field(description="text, or token ids")
     logprobs: int | None = Field(default=None, ge=0, le=20, description="top logprobs per token")
     echo: bool = False
 
@@ -71,11 +77,11 @@ class AnthropicMessage(_Body):
 
 class MessagesRequest(_Body):
     model: str
-    max_tokens: int
+    max_tokens: Count
     messages: list[AnthropicMessage] = Field(min_length=1)
     system: str | list[TextPart] | None = None
-    stop_sequences: list[str] | None = None
+    stop_sequences: list[Stop] | None = Field(default=None, max_length=16)
     temperature: float = Field(default=1.0, ge=0.0, le=1.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
+    top_k: int = Field(default=0, ge=0, le=1 << 31)
     stream: bool = False

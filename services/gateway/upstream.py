@@ -13,7 +13,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from shared import subjects
 from shared.bus import request
-from shared.errors import BusTimeout, MoebusError
+from shared.errors import BusTimeout
 from shared.messages import Cancel, GenerateAccepted, GenerateEvent, GenerateRequest, RouterStatus, decode, encode
 
 
@@ -83,6 +83,6 @@ class RouterClient:
             g = GenerateRequest(request_id=request_id, stream=stream, timeout_s=self.deadline_s, **fields)
             reply = await request(self.nc, subjects.ROUTER_GENERATE, encode(g), self.request_timeout_s)
             return Generation(request_id, decode(GenerateAccepted, reply), sub, self, started)
-        except MoebusError:
+        except BaseException:
             await sub.unsubscribe()
             raise

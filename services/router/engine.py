@@ -68,11 +68,23 @@ class Engine:
     def add(self, req: GenerateRequest, prompt: list[int]) -> None:
         seq = Sequence(req, prompt, self.tokenizer.detokenizer, StopText(req.stop),
                        time.monotonic() + req.timeout_s)
-        sampler = request_sampler(req.temperature, req.top_p, req.top_k, req.min_p, req.seed)
-        (uid,) = self.gen.insert([prompt], max_tokens=[req.max_tokens], samplers=[sampler])
+        try:
+            sampler = request_sampler(req.temperature, req.top_p, req.top_k, req.min_p, req.seed)
+            (uid,) = self.gen.insert([prompt], max_tokens=[req.max_tokens], samplers=[sampler])
+        except Exception as e:  # noqa: BLE001 - the request was accepted: it must hear why it ends
+            self._emit(seq, GenerateEvent(req.request_id, 0, finish_reason="error", error=f"cannot start: {e!r}"))
+            self._flush()
+            return
         self.seqs[uid] = seq
         self.uids[req.request_id] = uid
         self._count()
+
+    def fail_all(self, error: str) -> None:
+        """Every sequence ends with `error` (a failed step, or shutdown); the batch starts afresh."""
+        self.gen = self._generator()  # its batch state is unknown after a failure
+        for uid in list(self.seqs):
+            self._fail(uid, error, in_batch=False)
+        self._flush()
 
     def cancel(self, request_id: str) -> None:
         uid = self.uids.get(request_id)
@@ -106,9 +118,7 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - every sequence of the step hears of it
             error = str(e) if isinstance(e, MoebusError) else f"internal error: {e!r}"
             log.warning("decode step failed", error=error, sequences=len(self.seqs))
-            for uid in list(self.seqs):
-                self._fail(uid, error)
-            self.gen = self._generator()  # its batch state is unknown after a failed step
+            self.fail_all(error)
             return False
         for r in responses:
             if r.uid in self.seqs:
@@ -150,11 +160,11 @@ class Engine:
             out["top_logprobs"] = [[self.tokenizer.decode([i]), lp] for i, lp in pairs]
         return out
 
-    def _fail(self, uid: int, error: str) -> None:
+    def _fail(self, uid: int, error: str, in_batch: bool = True) -> None:
         seq = self.seqs[uid]
         self._emit(seq, GenerateEvent(seq.req.request_id, seq.index, finish_reason="error", error=error,
                                prompt_tokens=len(seq.prompt), completion_tokens=seq.n))
-        self._drop(uid)
+        self._drop(uid, still_in_batch=in_batch)
 
     def _emit(self, seq: Sequence, event: GenerateEvent) -> None:
         self._out.append((seq.req.stream, event))

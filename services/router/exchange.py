@@ -7,6 +7,7 @@ themselves run on the event loop, and the MLX thread waits for them.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from nats.aio.client import Client
 from services.router.metrics import ExchangeStats
 from shared.arrays import to_mlx, to_numpy, wire_dtype
 from shared.bus import request
-from shared.errors import BusError, NotReady, WireError
+from shared.errors import BusError, BusTimeout, NotReady, WireError
 from shared.wire import decode_reply, encode_request
 
 _HEADER_ROOM = 64
@@ -66,12 +67,11 @@ class ExpertClient:
         self.nc = nc
         self.loop = loop
         self.timeout_s = timeout_s
-        self.subjects: list[str] = []
-        self.owner = np.zeros(0, np.int32)
+        self.table: tuple[list[str], np.ndarray] = ([], np.zeros(0, np.int32))
 
     def set_table(self, subjects: list[str], owner: np.ndarray) -> None:
-        # Swapped as one tuple-like pair by the event loop; the MLX thread reads both per call.
-        self.subjects, self.owner = subjects, owner
+        # One attribute, swapped whole by the event loop: the MLX thread never sees half of it.
+        self.table = (subjects, owner)
 
     def __call__(self, layer: int, x: mx.array, indices: mx.array) -> mx.array:
         *lead, dim = x.shape
@@ -81,10 +81,15 @@ class ExpertClient:
         mx.eval(xf, idx)
         code = wire_dtype(xf)
         xn, inds = to_numpy(xf), np.asarray(idx)
-        trips = plan_trips(layer, code, xn, inds, self.subjects, self.owner, self.nc.max_payload)
+        subjects, owner = self.table
+        trips = plan_trips(layer, code, xn, inds, subjects, owner, self.nc.max_payload)
         start = time.perf_counter()
         gather = asyncio.run_coroutine_threadsafe(self._fan_out(trips), self.loop)
-        replies = gather.result(self.timeout_s + 5)  # the requests time out first
+        try:
+            replies = gather.result(self.timeout_s + 5)  # the requests time out first
+        except concurrent.futures.TimeoutError:
+            gather.cancel()
+            raise BusTimeout(f"layer {layer}: no expert replies within {self.timeout_s + 5:g}s") from None
         if self.stats is not None:
             pairs: dict[str, int] = {}
             for trip in trips:

@@ -133,9 +133,9 @@ class Router:
         except BadRequest as e:
             await req.respond_error("400", _error(e))
             return
-        await req.respond(encode(GenerateAccepted(g.request_id, len(ids))))
         self.active += 1
-        self.mlx.submit(self.m.engine.add, g, ids)
+        self.mlx.submit(self.m.engine.add, g, ids)  # queued before any cancel of it can be
+        await req.respond(encode(GenerateAccepted(g.request_id, len(ids))))
 
     def finished(self) -> None:
         self.active -= 1
@@ -162,9 +162,13 @@ async def serve(cfg: RouterConfig) -> None:
 
         async def send(events: list[tuple[str, GenerateEvent]]) -> None:
             for subject, event in events:
-                await nc.publish(subject, encode(event))
-                if event.finish_reason is not None:
-                    router.finished()
+                try:
+                    await nc.publish(subject, encode(event))
+                except Exception as e:  # noqa: BLE001 - one lost stream must not lose the others
+                    log.warning("event not published", subject=subject, error=repr(e))
+                finally:
+                    if event.finish_reason is not None:
+                        router.finished()
 
         def publish(events: list[tuple[str, GenerateEvent]]) -> None:  # called on the MLX thread
             asyncio.run_coroutine_threadsafe(send(events), loop)
@@ -197,4 +201,7 @@ async def serve(cfg: RouterConfig) -> None:
                 await asyncio.wait_for(stop.wait(), cfg.heartbeat_s)
             except asyncio.TimeoutError:
                 pass
+        # Nothing in flight ends silently: every running request hears why it stopped.
+        await mlx.run(router.m.engine.fail_all, "the router is shutting down")
+        await asyncio.sleep(0.1)
     mlx.stop()

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from jinja2 import TemplateError
+
+from shared import subjects
 from shared.errors import BadRequest, ContextLengthExceeded
 from shared.messages import GenerateRequest
+
+MAX_STOPS, MAX_STOP_CHARS = 16, 256
 
 
 class PromptEncoder:
@@ -17,6 +22,7 @@ class PromptEncoder:
 
     def encode(self, req: GenerateRequest) -> list[int]:
         """Token ids of the request's prompt; BadRequest for anything unservable."""
+        self._check(req)
         if req.messages is not None:
             ids = self._chat(req.messages)
         elif isinstance(req.prompt, str):
@@ -41,6 +47,19 @@ class PromptEncoder:
                              f"{self.max_prompt_tokens}", param)
         return ids
 
+    @staticmethod
+    def _check(req: GenerateRequest) -> None:
+        if not req.stream.startswith(subjects.STREAM_PREFIX + ".") or any(c.isspace() for c in req.stream):
+            raise BadRequest(f"stream must be a subject under {subjects.STREAM_PREFIX}", "stream")
+        if req.seed is not None and not 0 <= req.seed < 1 << 32:
+            raise BadRequest("seed must be in [0, 2**32)", "seed")
+        stops = req.stop
+        if len(stops) > MAX_STOPS or not all(isinstance(s, str) and len(s) <= MAX_STOP_CHARS for s in stops):
+            raise BadRequest(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters", "stop")
+        if not (req.temperature >= 0 and 0 < req.top_p <= 1 and req.top_k >= 0 and 0 <= req.min_p <= 1
+                and 0 <= req.top_logprobs <= 20 and req.timeout_s > 0):
+            raise BadRequest("a sampling parameter is out of range", "temperature")
+
     def _chat(self, messages: list) -> list[int]:
         if not messages:
             raise BadRequest("messages must not be empty", "messages")
@@ -48,7 +67,10 @@ class PromptEncoder:
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise BadRequest("each message needs a string role and string content", "messages")
         if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            try:
+                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except TemplateError as e:  # the model's template refuses this conversation
+                raise BadRequest(f"the chat template rejects these messages: {e}", "messages") from None
             return self.tokenizer.encode(text, add_special_tokens=False)
         # No template in the checkpoint: a plain transcript, as most servers fall back to.
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"

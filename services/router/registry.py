@@ -20,13 +20,18 @@ class WorkerRegistry:
 
     def announce(self, a: WorkerAnnounce, now: float) -> bool:
         """Record an announcement; False when it is for another model (ignored)."""
-        if a.model != self.fingerprint or a.layers != self.moe_layers:
+        if a.model != self.fingerprint or a.layers != self.moe_layers or not self._valid(a):
             return False
         if a.leaving:
             self._seen.pop(a.worker, None)
         else:
             self._seen[a.worker] = (a, now)
         return True
+
+    def _valid(self, a: WorkerAnnounce) -> bool:
+        experts_ok = all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < self.num_experts
+                         for e in a.experts)
+        return experts_ok and bool(a.subject) and not any(c.isspace() or c in "*>" for c in a.subject)
 
     def expire(self, now: float) -> list[str]:
         gone = [w for w, (_, t) in self._seen.items() if now - t > self.stale_after_s]

@@ -19,13 +19,15 @@ def request_sampler(temperature: float, top_p: float, top_k: int, min_p: float, 
         return greedy_sampler
     key = mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
     state = [key]
+    # mlx-lm compiles each filter per value: rounding keeps that cache small.
+    top_p, min_p = round(top_p, 3), round(min_p, 3)
 
     def sample(logprobs: mx.array) -> mx.array:
         if 0 < top_p < 1:
             logprobs = apply_top_p(logprobs, top_p)
         if min_p > 0:
             logprobs = apply_min_p(logprobs, min_p)
-        if top_k > 0:
+        if 0 < top_k < logprobs.shape[-1]:  # k >= vocab keeps every token
             logprobs = apply_top_k(logprobs, top_k)
         state[0], step = mx.random.split(state[0])
         return mx.random.categorical(logprobs * (1.0 / temperature), key=step)
@@ -48,7 +50,8 @@ class StopText:
             at, stop = min(hits)
             self.pending = ""
             return buf[:at], stop
-        hold = max((k for s in self.stops for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
+        hold = max((k for s in self.stops for k in range(1, min(len(s), len(buf) + 1)) if buf.endswith(s[:k])),
+                   default=0)
         self.pending = buf[len(buf) - hold:] if hold else ""
         return buf[: len(buf) - hold], None
 

@@ -181,3 +181,25 @@ def test_openapi_fuzzing_finds_no_server_error(up: Up):
         no_5xx()
     assert len(seen) > 2 * len(operations) and any(400 <= s < 500 for s in seen)
     assert 400 in seen  # the negative cases did reach the validation
+
+
+def test_one_clients_odd_parameters_never_break_the_batch(up: Up, client: OpenAI):
+    huge_k = client.completions.create(model=MODEL, prompt="w1", max_tokens=3, temperature=0.7,
+                                       extra_body={"top_k": 10**6})
+    assert huge_k.usage.completion_tokens == 3
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for body, param in [({"max_tokens": 10**20}, "max_tokens"), ({"stop": ["x" * 300]}, "stop"),
+                        ({"prompt": [2**40]}, "prompt.list[int].0")]:
+        r = httpx.post(f"{up.url}/v1/completions", headers=auth, json={"model": MODEL, "prompt": "w1", **body})
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith(param.split(".")[0]), r.text
+
+
+def test_a_chunked_body_over_the_limit_is_a_413(up: Up):
+    def chunks():
+        yield b'{"model": "tiny-mixtral", "prompt": "'
+        for _ in range(100):
+            yield b"w1 " * 100
+        yield b'"}'
+
+    r = httpx.post(f"{up.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, content=chunks())
+    assert r.status_code == 413 and "request body over" in r.json()["error"]["message"]

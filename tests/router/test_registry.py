@@ -27,3 +27,12 @@ def test_workers_of_another_model_are_ignored():
     reg = WorkerRegistry(num_experts=4, moe_layers=2, fingerprint="m", stale_after_s=3)
     assert not reg.announce(_a("w0", [0, 1, 2, 3], model="other"), now=0)
     assert reg.covered == 0
+
+
+def test_malformed_announcements_are_refused():
+    reg = WorkerRegistry(num_experts=4, moe_layers=2, fingerprint="m", stale_after_s=3)
+    assert not reg.announce(_a("w0", ["a"]), now=0)
+    assert not reg.announce(_a("w0", [9]), now=0)
+    bad_subject = WorkerAnnounce("w1", "moebus.v1.experts.>", "m", 2, [0])
+    assert not reg.announce(bad_subject, now=0)
+    assert reg.covered == 0 and reg.workers == []
