@@ -33,9 +33,9 @@ def create_app(router: Callable[[], RouterClient], settings: HttpSettings, metri
     install_handlers(app)
 
     async def check_model(name: str) -> None:
-        status = await router().status()
-        if name != status.model:
-            raise ApiError(404, f"The model '{name}' does not exist; this server has '{status.model}'",
+        served = await router().model()
+        if name != served:
+            raise ApiError(404, f"The model '{name}' does not exist; this server has '{served}'",
                            "model_not_found", "model")
 
     @app.get("/health")

@@ -63,6 +63,15 @@ class RouterClient:
         self.event_timeout_s = event_timeout_s
         self.deadline_s = deadline_s
         self.metrics = metrics
+        self._model: tuple[str, float] = ("", 0.0)
+
+    async def model(self, max_age_s: float = 5.0) -> str:
+        """The served model's name, asked of the router at most every few seconds, not per request."""
+        name, at = self._model
+        if not name or time.monotonic() - at > max_age_s:
+            name = (await self.status()).model
+            self._model = (name, time.monotonic())
+        return name
 
     async def status(self, timeout_s: float = 2.0) -> RouterStatus:
         return decode(RouterStatus, await request(self.nc, subjects.ROUTER_STATUS, b"{}", timeout_s))
