@@ -92,6 +92,8 @@ class RouterClient:
             g = GenerateRequest(request_id=request_id, stream=stream, timeout_s=self.deadline_s, **fields)
             reply = await request(self.nc, subjects.ROUTER_GENERATE, encode(g), self.request_timeout_s)
             return Generation(request_id, decode(GenerateAccepted, reply), sub, self, started)
-        except BaseException:
+        except BaseException as e:
             await sub.unsubscribe()
+            if isinstance(e, BusTimeout):  # the router may still take it up later: it need not
+                await self.cancel(request_id)
             raise

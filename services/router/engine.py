@@ -55,6 +55,7 @@ class Engine:
         self.eos = sorted(tokenizer.eos_token_ids)
         self.seqs: dict[int, Sequence] = {}
         self.uids: dict[str, int] = {}
+        self.cancelled: dict[str, None] = {}  # insertion-ordered: the oldest go first
         self.running = 0  # read by the event loop for status and admission
         self.waiting = 0
         self.gen = self._generator()
@@ -68,6 +69,11 @@ class Engine:
     def add(self, req: GenerateRequest, prompt: list[int]) -> None:
         seq = Sequence(req, prompt, self.tokenizer.detokenizer, StopText(req.stop),
                        time.monotonic() + req.timeout_s)
+        if req.request_id in self.cancelled:  # the gateway gave up before we got to it
+            self.cancelled.pop(req.request_id)
+            self._emit(seq, GenerateEvent(req.request_id, 0, finish_reason="error", error="cancelled"))
+            self._flush()
+            return
         try:
             sampler = request_sampler(req.temperature, req.top_p, req.top_k, req.min_p, req.seed)
             (uid,) = self.gen.insert([prompt], max_tokens=[req.max_tokens], samplers=[sampler])
@@ -88,7 +94,11 @@ class Engine:
 
     def cancel(self, request_id: str) -> None:
         uid = self.uids.get(request_id)
-        if uid is not None:
+        if uid is None:  # not added yet: remember, a few hundred at most
+            self.cancelled[request_id] = None
+            while len(self.cancelled) > 512:
+                self.cancelled.pop(next(iter(self.cancelled)))
+        else:
             self._fail(uid, "cancelled: the client went away")
             self._flush()
 
