@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test bench install install-test clean
+.PHONY: run test bench bench-load install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,4 +32,8 @@ clean:
 	rm -rf $(VENV) .pytest_cache
 
 bench: $(VENV)/.installed-test
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.load
+
+bench-load: $(VENV)/.installed-test
 	$(BIN)/python -m bench.load $(BENCH_ARGS)

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if argv is None and args.command in ("router", "worker", "up"):
         from shared.blas import reexec_with_fast_blas
-        reexec_with_fast_blas()  # before mlx is imported; children inherit the environment
+        reexec_with_fast_blas("services.cli")  # before mlx is imported; children inherit the environment
     configure(args.command, setting(args.log_level, "MOEBUS_LOG_LEVEL", "info", str))
     try:
         args.fn(args)

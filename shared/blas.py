@@ -35,8 +35,8 @@ def fast_blas_env(env: dict[str, str]) -> dict[str, str] | None:
     return {**env, "LD_PRELOAD": preload, "OPENBLAS_NUM_THREADS": env.get("OPENBLAS_NUM_THREADS", "1")}
 
 
-def reexec_with_fast_blas() -> None:
-    """Restart this process with OpenBLAS preloaded, if it is installed and not yet loaded."""
+def reexec_with_fast_blas(module: str) -> None:
+    """Restart `python -m module` with OpenBLAS preloaded, if it is installed and not yet loaded."""
     env = fast_blas_env(dict(os.environ))
     if env is not None:
-        os.execve(sys.executable, [sys.executable, "-m", "services.cli", *sys.argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)

@@ -22,10 +22,14 @@ class ExchangeStats:
         self.expert_tokens = np.zeros(experts, np.int64)
         self.worker_pairs: Counter[str] = Counter()
         self.payload_bytes = 0
+        self.recent = np.zeros(2048)  # the last round trips, for exact quantiles
+        self.calls = 0
 
     def record(self, layer: int, seconds: float, experts: np.ndarray, pairs: dict[str, int], nbytes: int) -> None:
         self.rtt_counts[layer, np.searchsorted(RTT_BUCKETS, seconds)] += 1
         self.rtt_sum[layer] += seconds
+        self.recent[self.calls % len(self.recent)] = seconds
+        self.calls += 1
         self.expert_tokens += np.bincount(experts.ravel(), minlength=len(self.expert_tokens))
         self.worker_pairs.update(pairs)
         self.payload_bytes += nbytes
@@ -56,6 +60,13 @@ class RouterCollector:
             workers.add_metric([subject.rsplit(".", 1)[-1]], n)
         yield workers
         yield CounterMetricFamily("moebus_expert_payload_bytes", "Bytes of expert requests sent", value=s.payload_bytes)
+        yield CounterMetricFamily("moebus_expert_layer_calls", "MoE layer fan-outs", value=s.calls)
+        recent = GaugeMetricFamily("moebus_expert_roundtrip_recent_seconds",
+                                   "Quantiles of the last 2048 layer round trips", labels=["quantile"])
+        window = s.recent[: min(s.calls, len(s.recent))]
+        for q in (0.5, 0.99):
+            recent.add_metric([str(q)], float(np.quantile(window, q)) if len(window) else 0.0)
+        yield recent
         for name, value in self.gauges().items():
             yield GaugeMetricFamily(f"moebus_{name}", name.replace("_", " "), value=value)
 

@@ -1,0 +1,44 @@
+"""Single-process mlx-lm on the same model: decode tokens/s at batch 1 and at batch 16.
+
+Run as `python -m bench.baseline MODEL_DIR TOKENS` (its own process, with the fast BLAS, like
+the services); prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import mlx.core as mx
+from mlx_lm import load
+from mlx_lm.generate import batch_generate, generate_step
+
+
+def batch1(model, prompt: list[int], tokens: int) -> float:
+    stamps = []
+    for _ in generate_step(mx.array(prompt), model, max_tokens=tokens, sampler=lambda lp: mx.argmax(lp, -1)):
+        stamps.append(time.perf_counter())
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])  # decode only, as moebus's ITL
+
+
+def batch16(model, tokenizer, tokens: int) -> float:
+    prompts = [[8 + i, 9 + i, 10 + i] for i in range(16)]
+    t0 = time.perf_counter()
+    batch_generate(model, tokenizer, prompts, max_tokens=tokens)
+    return 16 * tokens / (time.perf_counter() - t0)  # aggregate, as moebus's concurrency-16 figure
+
+
+def main() -> None:
+    path, tokens = sys.argv[1], int(sys.argv[2])
+    model, tokenizer = load(path)
+    batch1(model, [8, 9, 10], 4)  # warm up
+    print(json.dumps({"batch1_tok_s": round(batch1(model, [8, 9, 10], tokens), 2),
+                      "batch16_tok_s": round(batch16(model, tokenizer, tokens), 2)}))
+
+
+if __name__ == "__main__":
+    from shared.blas import reexec_with_fast_blas
+
+    reexec_with_fast_blas("bench.baseline")  # the same BLAS as the services it is compared with
+    main()
