@@ -72,6 +72,7 @@ class WorkerAnnounce:
     layers: int
     experts: list  # expert ids held, the same in every MoE layer
     leaving: bool = False
+    memory: dict = dataclasses.field(default_factory=dict)  # MLX's counters: active, peak, cache (bytes)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,8 +6,10 @@ ExpertRequest (router -> worker), one per worker per MoE layer:
             row    pairs int32                  which row of x each (token, expert) pair uses
             expert pairs int32                  the global expert id of each pair
 ExpertReply (worker -> router):
-    header  magic "MBR1" | dtype u8 | pad u8*3 | pairs u32 | dim u32
+    header  magic "MBR2" | dtype u8 | pad u8*3 | pairs u32 | dim u32 | compute_us u32
     body    y      pairs*dim values of `dtype`  expert(x[row]) for each pair, in request order
+    compute_us is the worker's own time on the request: the router subtracts it from the
+    round trip to tell the bus's share from the compute's.
 
 Errors travel as NATS micro service errors (headers), never in this format.
 Decoding returns numpy views into the message bytes: no copy.
@@ -28,9 +30,9 @@ DTYPE_NAMES = {0: "float32", 1: "float16", 2: "bfloat16"}
 DTYPE_CODES = {v: k for k, v in DTYPE_NAMES.items()}
 
 _REQ = struct.Struct("<4sB3xIIII")
-_REP = struct.Struct("<4sB3xII")
+_REP = struct.Struct("<4sB3xIII")
 _REQ_MAGIC = b"MBQ1"
-_REP_MAGIC = b"MBR1"
+_REP_MAGIC = b"MBR2"
 _I32 = np.dtype("<i4")
 
 
@@ -41,6 +43,13 @@ class ExpertRequest:
     x: np.ndarray  # (rows, dim)
     rows: np.ndarray  # (pairs,) int32
     experts: np.ndarray  # (pairs,) int32
+
+
+@dataclass(frozen=True)
+class ExpertReply:
+    dtype: int
+    y: np.ndarray  # (pairs, dim)
+    compute_us: int
 
 
 def request_size(rows: int, dim: int, pairs: int, itemsize: int) -> int:
@@ -79,22 +88,23 @@ def decode_request(data: bytes) -> ExpertRequest:
     return ExpertRequest(layer, dtype, x, rows, experts)
 
 
-def encode_reply(dtype: int, y: np.ndarray) -> bytes:
+def encode_reply(dtype: int, y: np.ndarray, compute_us: int = 0) -> bytes:
     pairs, dim = y.shape
-    return _REP.pack(_REP_MAGIC, dtype, pairs, dim) + _bytes(y, DTYPES[dtype])
+    header = _REP.pack(_REP_MAGIC, dtype, pairs, dim, min(max(compute_us, 0), 0xFFFFFFFF))
+    return header + _bytes(y, DTYPES[dtype])
 
 
-def decode_reply(data: bytes) -> tuple[int, np.ndarray]:
-    """Returns (dtype code, y of shape (pairs, dim))."""
+def decode_reply(data: bytes) -> ExpertReply:
     if len(data) < _REP.size:
         raise WireError(f"expert reply: {len(data)} bytes is shorter than its header")
-    magic, dtype, pairs, dim = _REP.unpack_from(data)
+    magic, dtype, pairs, dim, compute_us = _REP.unpack_from(data)
     if magic != _REP_MAGIC:
         raise WireError(f"expert reply: bad magic {magic!r}")
     np_dtype = _dtype(dtype)
     if len(data) != reply_size(pairs, dim, np_dtype.itemsize):
         raise WireError("expert reply: length does not match its header")
-    return dtype, np.frombuffer(data, np_dtype, pairs * dim, _REP.size).reshape(pairs, dim)
+    y = np.frombuffer(data, np_dtype, pairs * dim, _REP.size).reshape(pairs, dim)
+    return ExpertReply(dtype, y, compute_us)
 
 
 def _dtype(code: int) -> np.dtype:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
+from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from shared.arrays import to_mlx, to_numpy
 from shared.errors import WireError
@@ -32,6 +34,7 @@ class LocalExperts:
 
     def compute(self, req: ExpertRequest) -> bytes:
         """expert(x[row]) for every pair of the request; runs on the MLX thread."""
+        start = time.perf_counter()
         if not 0 <= req.layer < len(self.layers):
             raise WireError(f"layer {req.layer} out of range (0..{len(self.layers) - 1})")
         if len(req.experts) and (req.experts.min() < 0 or req.experts.max() >= self.num_experts):
@@ -45,7 +48,8 @@ class LocalExperts:
         y = self.layers[req.layer](x[rows], mx.array(local)[:, None])  # (pairs, 1, D)
         y = y.reshape(len(local), -1).astype(x.dtype)
         mx.eval(y)
-        return encode_reply(req.dtype, to_numpy(y))
+        y = to_numpy(y)
+        return encode_reply(req.dtype, y, int(1e6 * (time.perf_counter() - start)))
 
 
 def load_experts(path: Path, choose: Callable[[int], list[int]]) -> tuple[LocalExperts, ModelInfo]:
@@ -62,6 +66,10 @@ def load_experts(path: Path, choose: Callable[[int], list[int]]) -> tuple[LocalE
     del model, slots
     gc.collect()
     mx.clear_cache()
+    # Metal: wire up to the recommended working set so the stacked expert arrays stay
+    # resident instead of being re-wired on use (the hidden cost NOTES.md describes).
+    # The CPU build reports no working set and this does nothing.
+    maybe_set_recommended_wired_limit()
     return LocalExperts(layers, held, info.num_experts), info
 
 

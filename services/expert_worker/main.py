@@ -7,6 +7,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlx.core as mx
 from nats.aio.msg import Msg
 from nats.micro import add_service
 from nats.micro.request import Request
@@ -73,7 +74,14 @@ class Worker:
         return encode(WorkerAnnounce(
             worker=self.cfg.worker_id, subject=self.subject, model=self.info.fingerprint,
             layers=self.info.moe_layers, experts=self.experts.held, leaving=leaving,
+            memory=mlx_memory(),
         ))
+
+
+def mlx_memory() -> dict[str, int]:
+    """MLX's allocator counters (plain reads, no MLX work): flat in steady state because the
+    allocator reuses its buffers for requests of sizes it has seen."""
+    return {"active": mx.get_active_memory(), "peak": mx.get_peak_memory(), "cache": mx.get_cache_memory()}
 
 
 async def serve(cfg: WorkerConfig) -> None:

@@ -90,17 +90,20 @@ class ExpertClient:
         except concurrent.futures.TimeoutError:
             gather.cancel()
             raise BusTimeout(f"layer {layer}: no expert replies within {self.timeout_s + 5:g}s") from None
+        seconds = time.perf_counter() - start
+        y = np.empty((xn.shape[0], k, dim), xn.dtype)
+        compute_us = 0  # the slowest worker's own time: the rest of the round trip is the bus's
+        for trip, data in zip(trips, replies):
+            reply = decode_reply(data)
+            if reply.dtype != code or reply.y.shape != (len(trip.t), dim):
+                raise WireError(f"{trip.subject}: reply shape {reply.y.shape} for {len(trip.t)} pairs")
+            y[trip.t, trip.s] = reply.y
+            compute_us = max(compute_us, reply.compute_us)
         if self.stats is not None:
             pairs: dict[str, int] = {}
             for trip in trips:
                 pairs[trip.subject] = pairs.get(trip.subject, 0) + len(trip.t)
-            self.stats.record(layer, time.perf_counter() - start, inds, pairs, sum(len(t.payload) for t in trips))
-        y = np.empty((xn.shape[0], k, dim), xn.dtype)
-        for trip, reply in zip(trips, replies):
-            got_code, yt = decode_reply(reply)
-            if got_code != code or yt.shape != (len(trip.t), dim):
-                raise WireError(f"{trip.subject}: reply shape {yt.shape} for {len(trip.t)} pairs")
-            y[trip.t, trip.s] = yt
+            self.stats.record(layer, seconds, compute_us * 1e-6, inds, pairs, sum(len(t.payload) for t in trips))
         return to_mlx(y, code).reshape(*lead, k, dim)
 
     async def _fan_out(self, trips: list[Trip]) -> list[bytes]:

@@ -182,7 +182,7 @@ async def serve(cfg: RouterConfig) -> None:
         stack.push_async_callback(svc.stop)
         await svc.add_endpoint(name="status", subject=subjects.ROUTER_STATUS, handler=router.on_status)
         router.m = await mlx.run(load_router_model, cfg, client, publish)
-        metrics = registry(client.stats, router.gauges)
+        metrics = registry(client.stats, router.gauges, router.m.registry.memory)
 
         async def on_metrics(req: Request) -> None:
             await req.respond(metrics())

@@ -23,12 +23,15 @@ class ExchangeStats:
         self.worker_pairs: Counter[str] = Counter()
         self.payload_bytes = 0
         self.recent = np.zeros(2048)  # the last round trips, for exact quantiles
+        self.recent_compute = np.zeros(2048)  # the slowest worker's own compute in each of them
         self.calls = 0
 
-    def record(self, layer: int, seconds: float, experts: np.ndarray, pairs: dict[str, int], nbytes: int) -> None:
+    def record(self, layer: int, seconds: float, compute: float, experts: np.ndarray,
+               pairs: dict[str, int], nbytes: int) -> None:
         self.rtt_counts[layer, np.searchsorted(RTT_BUCKETS, seconds)] += 1
         self.rtt_sum[layer] += seconds
         self.recent[self.calls % len(self.recent)] = seconds
+        self.recent_compute[self.calls % len(self.recent)] = compute
         self.calls += 1
         self.expert_tokens += np.bincount(experts.ravel(), minlength=len(self.expert_tokens))
         self.worker_pairs.update(pairs)
@@ -36,9 +39,11 @@ class ExchangeStats:
 
 
 class RouterCollector:
-    def __init__(self, stats: ExchangeStats, gauges: Callable[[], dict[str, float]]) -> None:
+    def __init__(self, stats: ExchangeStats, gauges: Callable[[], dict[str, float]],
+                 memory: Callable[[], dict[str, dict]]) -> None:
         self.stats = stats
         self.gauges = gauges
+        self.memory = memory
 
     def collect(self) -> Iterator:
         s = self.stats
@@ -61,17 +66,32 @@ class RouterCollector:
         yield workers
         yield CounterMetricFamily("moebus_expert_payload_bytes", "Bytes of expert requests sent", value=s.payload_bytes)
         yield CounterMetricFamily("moebus_expert_layer_calls", "MoE layer fan-outs", value=s.calls)
-        recent = GaugeMetricFamily("moebus_expert_roundtrip_recent_seconds",
-                                   "Quantiles of the last 2048 layer round trips", labels=["quantile"])
-        window = s.recent[: min(s.calls, len(s.recent))]
-        for q in (0.5, 0.99):
-            recent.add_metric([str(q)], float(np.quantile(window, q)) if len(window) else 0.0)
-        yield recent
+        n = min(s.calls, len(s.recent))
+        rtt, compute = s.recent[:n], s.recent_compute[:n]
+        for name, what, values in (
+            ("roundtrip", "layer round trips", rtt),
+            ("compute", "layer round trips spent in the slowest worker's compute", compute),
+            ("bus", "layer round trips less that compute: the bus's share", rtt - compute),
+        ):
+            family = GaugeMetricFamily(f"moebus_expert_{name}_recent_seconds",
+                                       f"Quantiles of the last {len(s.recent)} {what}", labels=["quantile"])
+            for q in (0.5, 0.99):
+                family.add_metric([str(q)], float(np.quantile(values, q)) if n else 0.0)
+            yield family
         for name, value in self.gauges().items():
             yield GaugeMetricFamily(f"moebus_{name}", name.replace("_", " "), value=value)
+        memory = GaugeMetricFamily("moebus_worker_mlx_memory_bytes",
+                                   "Each worker's MLX allocator counters, from its last heartbeat",
+                                   labels=["worker", "kind"])
+        for worker, counters in sorted(self.memory().items()):
+            for kind, value in sorted(counters.items()):
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    memory.add_metric([worker, kind], float(value))
+        yield memory
 
 
-def registry(stats: ExchangeStats, gauges: Callable[[], dict[str, float]]) -> Callable[[], bytes]:
+def registry(stats: ExchangeStats, gauges: Callable[[], dict[str, float]],
+             memory: Callable[[], dict[str, dict]]) -> Callable[[], bytes]:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(RouterCollector(stats, gauges))
+    reg.register(RouterCollector(stats, gauges, memory))
     return lambda: generate_latest(reg)

@@ -54,6 +54,10 @@ class WorkerRegistry:
         index = np.array([names.index(o) if o is not None else -1 for o in owners], np.int32)
         return subjects, index
 
+    def memory(self) -> dict[str, dict]:
+        """Each live worker's last reported MLX memory counters."""
+        return {w: a.memory for w, (a, _) in self._seen.items()}
+
     @property
     def covered(self) -> int:
         return sum(o is not None for o in self.owners())

@@ -25,11 +25,12 @@ def test_request_round_trips_without_copying():
     assert not req.x.flags.owndata  # a view into the message bytes
 
 
-def test_reply_round_trips_bfloat16_bits():
+def test_reply_round_trips_bfloat16_bits_and_compute_time():
     y = np.arange(12, dtype="<u2").reshape(3, 4)
-    code, got = decode_reply(encode_reply(2, y))
-    assert code == 2
-    np.testing.assert_array_equal(got, y)
+    got = decode_reply(encode_reply(2, y, compute_us=1234))
+    assert got.dtype == 2 and got.compute_us == 1234
+    np.testing.assert_array_equal(got.y, y)
+    assert decode_reply(encode_reply(2, y, compute_us=-5)).compute_us == 0  # clamped, never a struct error
 
 
 @pytest.mark.parametrize("cut", [0, 5, 20, -1])

@@ -1,0 +1,86 @@
+"""A worker allocates nothing new in steady state: MLX's counters over 1,000 bus requests.
+
+A real worker process on a real nats-server; the counters come from its own heartbeat.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nats
+import numpy as np
+import pytest
+
+from shared import subjects
+from shared.bus import request
+from shared.messages import Discover, WorkerAnnounce, decode, encode
+from shared.model import describe, find_experts, load_lazy
+from shared.placement import worker_ids
+from shared.wire import decode_reply, encode_request
+from tests.cluster import cli, tail
+
+pytestmark = pytest.mark.slow
+
+
+async def _counters(nc: nats.NATS, worker: str) -> dict[str, int]:
+    """The worker's next announcement after everything it was sent has been answered."""
+    sub = await nc.subscribe(subjects.WORKERS_ANNOUNCE)
+    try:
+        await nc.publish(subjects.WORKERS_DISCOVER, encode(Discover("test")))
+        while True:
+            a = decode(WorkerAnnounce, (await sub.next_msg(timeout=10)).data)
+            if a.worker == worker:
+                return a.memory
+    finally:
+        await sub.unsubscribe()
+
+
+async def _wait_ready(nc: nats.NATS, worker: str, proc, log: Path) -> None:
+    for _ in range(120):
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {proc.returncode}:\n{tail(log)}")
+        try:
+            await _counters(nc, worker)
+            return
+        except nats.errors.TimeoutError:
+            continue
+    raise RuntimeError(f"worker never announced itself:\n{tail(log)}")
+
+
+async def test_mlx_memory_is_flat_over_1000_requests(nats_url: str, checkpoints: dict[str, Path], tmp_path: Path):
+    model = checkpoints["mixtral"]
+    lazy, config = load_lazy(model)
+    info = describe(model, config, find_experts(lazy))
+    dim = config["hidden_size"]
+    me = worker_ids(1)[0]
+    log = tmp_path / "worker.log"
+    proc = cli("worker", "--nats", nats_url, "--model", str(model), "--rank", "0", "--world", "1", log=log)
+    nc = await nats.connect(nats_url)
+    rng = np.random.default_rng(0)
+    subject = subjects.experts_subject(me)
+
+    async def ask(pairs: int) -> None:
+        x = rng.standard_normal((pairs, dim)).astype(np.float32)
+        rows = np.arange(pairs, dtype=np.int32)
+        experts = rng.integers(0, info.num_experts, pairs).astype(np.int32)
+        layer = int(rng.integers(0, info.moe_layers))
+        reply = decode_reply(await request(nc, subject, encode_request(layer, 0, x, rows, experts), 30))
+        assert reply.y.shape == (pairs, dim)
+
+    try:
+        await _wait_ready(nc, me, proc, log)
+        for pairs in list(range(1, 33)) * 2:  # warm-up: every batch size the test will send
+            await ask(pairs)
+        before = await _counters(nc, me)
+        for _ in range(1000):
+            await ask(int(rng.integers(1, 33)))
+        after = await _counters(nc, me)
+    finally:
+        await nc.close()
+        proc.terminate()
+        proc.wait(30)
+    assert before["active"] > 0, before  # the experts themselves
+    # Nothing kept per request, no new high-water mark, no new buffers cached.
+    assert after["active"] == before["active"], (before, after)
+    assert after["peak"] == before["peak"], (before, after)
+    assert after["cache"] <= before["cache"], (before, after)
