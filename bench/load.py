@@ -29,11 +29,11 @@ from shared.natsd import free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start(model: str | None, workers: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start(model: str | None, workers: int, log: Path, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     """`moebus up` on free ports; returns once /health is 200."""
     port, nats_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "services.cli", "up", "--workers", str(workers), "--port", str(port),
-           "--nats-port", str(nats_port)] + (["--model", model] if model else [])
+           "--nats-port", str(nats_port), *extra] + (["--model", model] if model else [])
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

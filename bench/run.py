@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from bench import bus, load, models
@@ -31,9 +33,24 @@ def metric(text: str, name: str, labels: str = "") -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def bus_figures(url: str, shape: dict) -> dict:
+def scrape(url: str) -> str:
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
-        text = r.read().decode()
+        return r.read().decode()
+
+
+def worker_memory(url: str) -> dict:
+    """Each worker's MLX counters from its heartbeat (1 s), and the layer calls so far."""
+    time.sleep(1.5)  # a fresh heartbeat
+    text = scrape(url)
+    out: dict = {"layer_calls": int(metric(text, "moebus_expert_layer_calls_total"))}
+    for labels, value in re.findall(r"^moebus_worker_mlx_memory_bytes\{([^}]*)\} (\S+)$", text, re.M):
+        tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        out.setdefault(tags["worker"], {})[tags["kind"]] = int(float(value))
+    return out
+
+
+def bus_figures(url: str, shape: dict) -> dict:
+    text = scrape(url)
     calls = metric(text, "moebus_expert_layer_calls_total")
     request_bytes = int(metric(text, "moebus_expert_payload_bytes_total") / max(calls, 1))
     reply_bytes = shape["num_experts_per_tok"] * shape["hidden_size"] * 4 + 16  # one token's pairs, fp32
@@ -41,6 +58,9 @@ def bus_figures(url: str, shape: dict) -> dict:
     return {"payload_bytes": request_bytes, "reply_bytes": reply_bytes,
             "layer_rtt_us_p50": round(1e6 * metric(text, "moebus_expert_roundtrip_recent_seconds", '{quantile="0.5"}'), 1),
             "layer_rtt_us_p99": round(1e6 * metric(text, "moebus_expert_roundtrip_recent_seconds", '{quantile="0.99"}'), 1),
+            # the round trip less the slowest worker's own compute: what the bus and hops cost
+            "worker_compute_us_p50": round(1e6 * metric(text, "moebus_expert_compute_recent_seconds", '{quantile="0.5"}'), 1),
+            "bus_share_us_p50": round(1e6 * metric(text, "moebus_expert_bus_recent_seconds", '{quantile="0.5"}'), 1),
             "raw_nats_rtt_us_p50": raw["p50"], "raw_nats_rtt_us_p99": raw["p99"]}
 
 
@@ -49,20 +69,40 @@ def bench_model(path: Path, workers: list[int], concurrency: list[int], tokens: 
                          capture_output=True, text=True, check=True)
     mlx_lm = json.loads(out.stdout.strip().splitlines()[-1])
     shape = models.describe(path)["shape"]
-    runs, figures = [], {}
+    runs, figures, memory = [], {}, {}
     for w in workers:
-        proc, url = load.start(str(path), w, log)
-        try:
+        with cluster(path, w, log) as url:
             for c in concurrency:
                 r = asyncio.run(load.run(url, c, tokens))
                 runs.append({"workers": w, **r})
                 if w == workers[0] and c == 1:  # one message per layer: the bus at its plainest
                     figures = bus_figures(url, shape)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+                if w == workers[-1] and c == concurrency[0]:
+                    memory["after_warm_up"] = worker_memory(url)
+            if w == workers[-1]:
+                memory["at_end"] = worker_memory(url)
+    overlap = []
+    w2 = min(2, workers[-1])
+    with cluster(path, w2, log, ("--micro-batches", "2")) as url:
+        for c in concurrency[1:]:
+            two = asyncio.run(load.run(url, c, tokens))
+            one = next(r for r in runs if r["workers"] == w2 and r["concurrency"] == c)
+            overlap.append({"workers": w2, "concurrency": c, "tok_s_one_batch": one["tok_s"],
+                            "tok_s_two_micro_batches": two["tok_s"], "itl_ms_p50_two": two["itl_ms_p50"],
+                            "gain": round(two["tok_s"] / one["tok_s"], 2)})
     return {"model": models.describe(path), "mlx_lm_tok_s": mlx_lm, "runs": runs, "bus": figures,
+            "overlap": overlap, "worker_memory": memory,
             "ratios": ratios(runs, mlx_lm, figures, workers, concurrency)}
+
+
+@contextmanager
+def cluster(path: Path, workers: int, log: Path, extra: tuple[str, ...] = ()) -> Iterator[str]:
+    proc, url = load.start(str(path), workers, log, extra)
+    try:
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
 
 
 def ratios(runs: list[dict], mlx_lm: dict, figures: dict, workers: list[int], concurrency: list[int]) -> dict:
@@ -74,6 +114,7 @@ def ratios(runs: list[dict], mlx_lm: dict, figures: dict, workers: list[int], co
     at_top = [get(w, top)["tok_s"] for w in workers]
     return {
         "bus_vs_raw": round(figures["layer_rtt_us_p50"] / figures["raw_nats_rtt_us_p50"], 2),
+        "bus_share_vs_raw": round(figures["bus_share_us_p50"] / figures["raw_nats_rtt_us_p50"], 2),
         "one_worker_vs_mlx_lm": round(decode_1 / mlx_lm["batch1_tok_s"], 2),
         "c16_vs_mlx_lm_batch16": round(get(min(2, workers[-1]), top)["tok_s"] / mlx_lm["batch16_tok_s"], 2),
         "more_workers_never_slower": all(b >= a for a, b in zip(at_top, at_top[1:])),
@@ -90,6 +131,11 @@ def table(name: str, res: dict) -> str:
     b = res["bus"]
     lines.append(f"layer round trip p50/p99 {b['layer_rtt_us_p50']}/{b['layer_rtt_us_p99']} µs for {b['payload_bytes']} B; "
                  f"bare nats-py {b['raw_nats_rtt_us_p50']}/{b['raw_nats_rtt_us_p99']} µs")
+    lines.append(f"  of which the slowest worker's compute p50 {b['worker_compute_us_p50']} µs, "
+                 f"the bus and its hops {b['bus_share_us_p50']} µs")
+    for o in res["overlap"]:
+        lines.append(f"two micro-batches, {o['workers']} workers, {o['concurrency']} streams: "
+                     f"{o['tok_s_two_micro_batches']} vs {o['tok_s_one_batch']} tok/s ({o['gain']}x)")
     lines.append("ratios: " + ", ".join(f"{k} {v}" for k, v in res["ratios"].items()))
     return "\n".join(lines)
 

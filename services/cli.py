@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import DEFAULT_NATS_URL, home, positive, setting
-from shared.errors import MoebusError
+from shared.errors import ConfigError, MoebusError
 from shared.logs import configure
 
 # Flags `moebus up` passes on to the service that owns them.
-ROUTER_FLAGS = ("expert_timeout", "max_running", "max_waiting", "max_prompt_tokens", "prefill_step")
+ROUTER_FLAGS = ("expert_timeout", "max_running", "max_waiting", "max_prompt_tokens", "prefill_step", "micro_batches")
 GATEWAY_FLAGS = ("api_key", "max_body_bytes", "request_timeout")
 
 
@@ -47,7 +47,10 @@ def cmd_router(a: argparse.Namespace) -> None:
         max_running=int(positive(setting(a.max_running, "MOEBUS_MAX_RUNNING", 16, int), "max running")),
         max_waiting=setting(a.max_waiting, "MOEBUS_MAX_WAITING", 64, int),
         prefill_step=int(positive(setting(a.prefill_step, "MOEBUS_PREFILL_STEP", 512, int), "prefill step")),
+        micro_batches=setting(a.micro_batches, "MOEBUS_MICRO_BATCHES", 1, int),
     )
+    if limits.micro_batches not in (1, 2):
+        raise ConfigError(f"--micro-batches must be 1 or 2, not {limits.micro_batches}")
     cfg = RouterConfig(
         nats_url=_nats(a), model=_model(a.model), limits=limits,
         expert_timeout_s=positive(setting(a.expert_timeout, "MOEBUS_EXPERT_TIMEOUT", 30.0, float), "expert timeout"),
@@ -107,6 +110,8 @@ def _router_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--max-waiting", type=int, help="queued requests beyond those; then 429 (MOEBUS_MAX_WAITING, 64)")
     sp.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (MOEBUS_MAX_PROMPT_TOKENS)")
     sp.add_argument("--prefill-step", type=int, help="prompt tokens per step (MOEBUS_PREFILL_STEP, 512)")
+    sp.add_argument("--micro-batches", type=int, help="1, or 2 to overlap one batch's attention with the other's "
+                                                      "expert round trip (MOEBUS_MICRO_BATCHES, 1)")
 
 
 def _gateway_flags(sp: argparse.ArgumentParser, listen: bool) -> None:

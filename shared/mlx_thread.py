@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -35,6 +36,10 @@ class MLXThread:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.wrap_future(self.submit(fn, *args))
+
+    def owns(self) -> bool:
+        """True on this thread itself: a job that waited on its own thread would never run."""
+        return threading.current_thread() is self._thread
 
     def stop(self) -> None:
         self._jobs.put(None)
@@ -66,3 +71,36 @@ class MLXThread:
                 except BaseException as e:  # the caller decides what an error means
                     fut.set_exception(e)
             busy = self.background is not None  # a job may have added work: step next
+
+
+class Baton:
+    """Lets two threads take turns at MLX, so that only one builds or evaluates graphs at a time.
+
+    The router decodes two micro-batches ("lanes") on two threads: each holds the baton while it
+    computes and hands it over while it waits on the bus, so one lane's attention runs during the
+    other's expert round trip. Releasing is a no-op for a thread that does not hold it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holder: int | None = None
+
+    def __enter__(self) -> Baton:
+        self._lock.acquire()
+        self._holder = threading.get_ident()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._holder = None
+        self._lock.release()
+
+    @contextmanager
+    def released(self) -> Iterator[None]:
+        if self._holder != threading.get_ident():
+            yield
+            return
+        self.__exit__()
+        try:
+            yield
+        finally:
+            self.__enter__()

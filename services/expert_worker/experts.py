@@ -23,8 +23,61 @@ from shared.wire import ExpertRequest, encode_reply
 _DBRX_NAMES = {"w1": "gate_proj", "v1": "up_proj", "w2": "down_proj"}
 
 
+class StackedExperts:
+    """Metal, and quantized weights: mlx-lm's own SwitchGLU on stacked arrays (gather_mm)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, x: mx.array, rows: np.ndarray, local: np.ndarray) -> mx.array:
+        y = self.module(x[mx.array(rows)], mx.array(local)[:, None])  # (pairs, 1, D)
+        return y.reshape(len(local), -1)
+
+
+class GroupedExperts:
+    """CPU with float weights: one dense matmul pair per distinct expert.
+
+    On the CPU, gather_mm reads an expert's weights once per (token, expert) pair; grouping
+    the pairs reads them once per expert, which is most of the time at batch 16. Each expert
+    keeps gate|up as one contiguous (D, 2F) matrix and down as (F, D), so no matmul copies a
+    strided slice of a stacked array.
+    """
+
+    def __init__(self, glu: SwitchGLU) -> None:
+        gate, up, down = glu.gate_proj.weight, glu.up_proj.weight, glu.down_proj.weight
+        self.gate_up = [mx.contiguous(mx.concatenate([gate[j], up[j]]).T) for j in range(gate.shape[0])]
+        self.down = [mx.contiguous(down[j].T) for j in range(gate.shape[0])]
+        mx.eval(self.gate_up, self.down)
+        for proj in (glu.gate_proj, glu.up_proj, glu.down_proj):
+            proj.weight = mx.zeros((0,), gate.dtype)  # the model's copy is not kept twice
+        width = gate.shape[1]
+        activation = glu.activation  # the model's own, e.g. silu(gate) * up
+        self._act = mx.compile(lambda h: activation(h[:, width:], h[:, :width]))
+
+    def __call__(self, x: mx.array, rows: np.ndarray, local: np.ndarray) -> mx.array:
+        order = np.argsort(local, kind="stable")
+        ids, starts = np.unique(local[order], return_index=True)
+        xs = x[mx.array(rows[order])]
+        bounds = [*starts.tolist(), len(local)]
+        outs = [self._act(xs[lo:hi] @ self.gate_up[j]) @ self.down[j]
+                for j, lo, hi in zip(ids.tolist(), bounds, bounds[1:])]
+        y = mx.concatenate(outs) if len(outs) > 1 else outs[0]
+        if (np.diff(order) < 0).any():  # back to the request's order
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(len(order))
+            y = y[mx.array(inverse)]
+        return y
+
+
+def groupable(module: nn.Module) -> bool:
+    """Grouped compute applies to float SwitchGLU layers without biases, on the CPU."""
+    return (mx.default_device() == mx.cpu and isinstance(module, SwitchGLU)
+            and not any(isinstance(p, QuantizedSwitchLinear) or "bias" in p
+                        for p in (module.gate_proj, module.up_proj, module.down_proj)))
+
+
 class LocalExperts:
-    def __init__(self, layers: list[nn.Module], held: list[int], num_experts: int) -> None:
+    def __init__(self, layers: list, held: list[int], num_experts: int) -> None:
         self.layers = layers
         self.held = held
         self.num_experts = num_experts
@@ -44,9 +97,9 @@ class LocalExperts:
             missing = sorted(set(req.experts[local < 0].tolist()))
             raise WireError(f"experts {missing} are not held by this worker")
         x = to_mlx(req.x, req.dtype)  # (rows, D)
-        rows = mx.array(req.rows)
-        y = self.layers[req.layer](x[rows], mx.array(local)[:, None])  # (pairs, 1, D)
-        y = y.reshape(len(local), -1).astype(x.dtype)
+        if not len(local):
+            return encode_reply(req.dtype, np.zeros((0, x.shape[1]), req.x.dtype))
+        y = self.layers[req.layer](x, req.rows, local).astype(x.dtype)  # (pairs, D)
         mx.eval(y)
         y = to_numpy(y)
         return encode_reply(req.dtype, y, int(1e6 * (time.perf_counter() - start)))
@@ -60,8 +113,9 @@ def load_experts(path: Path, choose: Callable[[int], list[int]]) -> tuple[LocalE
     held = choose(info.num_experts)
     layers = []
     for slot in slots:
-        layer = _stack_held(slot, held)
-        mx.eval(layer.parameters())  # reads this layer's held experts, nothing else
+        module = _stack_held(slot, held)
+        layer = GroupedExperts(module) if groupable(module) else StackedExperts(module)
+        mx.eval(module.parameters())  # reads this layer's held experts, nothing else
         layers.append(layer)
     del model, slots
     gc.collect()

@@ -2,7 +2,11 @@
 
 The batching itself is mlx-lm's `BatchGenerator`; the model inside it has its experts on the
 bus, so one decode step of B sequences is one message per worker per MoE layer for all B.
-Everything here runs on the router's MLX thread.
+
+With two micro-batches ("lanes"), sequences are split between two generators and each step
+runs both at once, on two threads that take turns at MLX (a `Baton`): while one lane waits on
+its expert round trip, the other computes attention. Lane 0 runs on the router's MLX thread;
+everything a lane does (insert, step, remove) runs on that lane's own thread.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from services.router.sampling import StopText, request_sampler
 from shared.errors import MoebusError
 from shared.logs import get_logger
 from shared.messages import GenerateEvent, GenerateRequest
+from shared.mlx_thread import Baton, MLXThread
 
 log = get_logger("engine")
 # Receives each step's events, (stream subject, event), in order: one hand-off per step.
@@ -31,6 +36,7 @@ class EngineLimits:
     max_running: int = 16  # sequences decoded together
     max_waiting: int = 64  # accepted but not yet decoding; beyond that, 429
     prefill_step: int = 512  # prompt tokens per step, so long prompts do not stall streams
+    micro_batches: int = 1  # 2: two lanes overlap one's compute with the other's bus wait
 
 
 @dataclass
@@ -45,25 +51,55 @@ class Sequence:
     index: int = 0
 
 
+class Lane:
+    """One micro-batch: a BatchGenerator and its sequences, driven from one thread."""
+
+    def __init__(self, make: Callable[[], BatchGenerator], thread: MLXThread | None) -> None:
+        self.thread = thread  # None: the caller's thread (the router's MLX thread)
+        self.seqs: dict[int, Sequence] = {}
+        self._make = make
+        self.gen = self.call(make)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self.thread is None or self.thread.owns():
+            return fn(*args)
+        return self.thread.submit(fn, *args).result()
+
+    def reset(self) -> None:
+        self.gen = self.call(self._make)  # its batch state is unknown after a failure
+
+
+def pick_lane(sizes: list[int]) -> int:
+    """The lane a new sequence joins: the one with the fewest, the first on a tie."""
+    return min(range(len(sizes)), key=lambda i: (sizes[i], i))
+
+
 class Engine:
-    def __init__(self, model: nn.Module, tokenizer: Any, limits: EngineLimits, publish: Publish) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, limits: EngineLimits, publish: Publish,
+                 baton: Baton | None = None) -> None:
         self.model = model
         self.publish = publish
         self._out: list[tuple[str, GenerateEvent]] = []
         self.tokenizer = tokenizer
         self.limits = limits
         self.eos = sorted(tokenizer.eos_token_ids)
-        self.seqs: dict[int, Sequence] = {}
-        self.uids: dict[str, int] = {}
+        self.baton = baton or Baton()
+        self.uids: dict[str, tuple[Lane, int]] = {}
         self.cancelled: dict[str, None] = {}  # insertion-ordered: the oldest go first
         self.running = 0  # read by the event loop for status and admission
         self.waiting = 0
-        self.gen = self._generator()
+        n = max(1, limits.micro_batches)
+        self._per_lane = -(-limits.max_running // n)
+        self.lanes = [Lane(self._generator, None if i == 0 else MLXThread(f"mlx-lane{i}")) for i in range(n)]
+
+    @property
+    def seqs(self) -> dict[tuple[int, int], Sequence]:
+        return {(i, uid): s for i, lane in enumerate(self.lanes) for uid, s in lane.seqs.items()}
 
     def _generator(self) -> BatchGenerator:
         return BatchGenerator(
-            self.model, stop_tokens=[[e] for e in self.eos], completion_batch_size=self.limits.max_running,
-            prefill_batch_size=min(8, self.limits.max_running), prefill_step_size=self.limits.prefill_step,
+            self.model, stop_tokens=[[e] for e in self.eos], completion_batch_size=self._per_lane,
+            prefill_batch_size=min(8, self._per_lane), prefill_step_size=self.limits.prefill_step,
         )
 
     def add(self, req: GenerateRequest, prompt: list[int]) -> None:
@@ -74,32 +110,40 @@ class Engine:
             self._emit(seq, GenerateEvent(req.request_id, 0, finish_reason="error", error="cancelled"))
             self._flush()
             return
+        lane = self.lanes[pick_lane([len(lane.seqs) for lane in self.lanes])]
         try:
             sampler = request_sampler(req.temperature, req.top_p, req.top_k, req.min_p, req.seed)
-            (uid,) = self.gen.insert([prompt], max_tokens=[req.max_tokens], samplers=[sampler])
+            (uid,) = lane.call(lambda: lane.gen.insert([prompt], max_tokens=[req.max_tokens], samplers=[sampler]))
         except Exception as e:  # noqa: BLE001 - the request was accepted: it must hear why it ends
             self._emit(seq, GenerateEvent(req.request_id, 0, finish_reason="error", error=f"cannot start: {e!r}"))
             self._flush()
             return
-        self.seqs[uid] = seq
-        self.uids[req.request_id] = uid
+        lane.seqs[uid] = seq
+        self.uids[req.request_id] = (lane, uid)
         self._count()
 
     def fail_all(self, error: str) -> None:
-        """Every sequence ends with `error` (a failed step, or shutdown); the batch starts afresh."""
-        self.gen = self._generator()  # its batch state is unknown after a failure
-        for uid in list(self.seqs):
-            self._fail(uid, error, in_batch=False)
+        """Every sequence ends with `error` (shutdown); the batches start afresh."""
+        for lane in self.lanes:
+            self._fail_lane(lane, error)
+        self._count()
         self._flush()
 
+    def _fail_lane(self, lane: Lane, error: str) -> None:
+        lane.reset()
+        for uid in list(lane.seqs):
+            self._fail(lane, uid, error, in_batch=False)
+
     def cancel(self, request_id: str) -> None:
-        uid = self.uids.get(request_id)
-        if uid is None:  # not added yet: remember, a few hundred at most
+        found = self.uids.get(request_id)
+        if found is None:  # not added yet: remember, a few hundred at most
             self.cancelled[request_id] = None
             while len(self.cancelled) > 512:
                 self.cancelled.pop(next(iter(self.cancelled)))
         else:
-            self._fail(uid, "cancelled: the client went away")
+            lane, uid = found
+            lane.call(self._fail, lane, uid, "cancelled: the client went away")
+            self._count()
             self._flush()
 
     def step(self) -> bool:
@@ -109,34 +153,50 @@ class Engine:
         finally:
             self._flush()
 
+    def close(self) -> None:
+        for lane in self.lanes:
+            if lane.thread is not None:
+                lane.thread.stop()
+
     def _flush(self) -> None:
         if self._out:
             out, self._out = self._out, []
             self.publish(out)
 
     def _step(self) -> bool:
-        if not self.seqs:
-            return False
-        now = time.monotonic()
-        for uid, seq in list(self.seqs.items()):
-            if now > seq.deadline:
-                self._fail(uid, f"request deadline of {seq.req.timeout_s:g}s exceeded")
-        if not self.seqs:
-            return False
-        try:
-            _, responses = self.gen.next()
-        except Exception as e:  # noqa: BLE001 - every sequence of the step hears of it
-            error = str(e) if isinstance(e, MoebusError) else f"internal error: {e!r}"
-            log.warning("decode step failed", error=error, sequences=len(self.seqs))
-            self.fail_all(error)
-            return False
-        for r in responses:
-            if r.uid in self.seqs:
-                self._on_token(r.uid, self.seqs[r.uid], r.token, r.logprobs, r.finish_reason)
+        busy = [lane for lane in self.lanes if lane.seqs]
+        # Lanes with threads first: they start at once and take turns with the last, run here.
+        busy.sort(key=lambda lane: lane.thread is None)
+        pending = [lane.thread.submit(self._lane_step, lane) for lane in busy if lane.thread is not None]
+        for lane in busy:
+            if lane.thread is None:
+                self._lane_step(lane)
+        for fut in pending:
+            fut.result()
         self._count()
-        return bool(self.seqs)
+        return any(lane.seqs for lane in self.lanes)
 
-    def _on_token(self, uid: int, seq: Sequence, token: int, logprobs: mx.array, finish: str | None) -> None:
+    def _lane_step(self, lane: Lane) -> None:
+        """One step of one lane, on that lane's thread, holding the baton except on the bus."""
+        with self.baton:
+            now = time.monotonic()
+            for uid, seq in list(lane.seqs.items()):
+                if now > seq.deadline:
+                    self._fail(lane, uid, f"request deadline of {seq.req.timeout_s:g}s exceeded")
+            if not lane.seqs:
+                return
+            try:
+                _, responses = lane.gen.next()
+            except Exception as e:  # noqa: BLE001 - every sequence of the lane hears of it
+                error = str(e) if isinstance(e, MoebusError) else f"internal error: {e!r}"
+                log.warning("decode step failed", error=error, sequences=len(lane.seqs))
+                self._fail_lane(lane, error)
+                return
+            for r in responses:
+                if r.uid in lane.seqs:
+                    self._on_token(lane, r.uid, lane.seqs[r.uid], r.token, r.logprobs, r.finish_reason)
+
+    def _on_token(self, lane: Lane, uid: int, seq: Sequence, token: int, logprobs: mx.array, finish: str | None) -> None:
         seq.started = True
         in_batch = finish is None  # BatchGenerator has let go of sequences it finished
         text, stop_sequence, extra = "", None, {}
@@ -160,7 +220,7 @@ class Engine:
                                stop_sequence=stop_sequence, **extra))
         seq.index += 1
         if done:
-            self._drop(uid, still_in_batch=in_batch)
+            self._drop(lane, uid, still_in_batch=in_batch)
 
     def _logprobs(self, token: int, logprobs: mx.array, top: int) -> dict:
         out: dict = {"logprob": logprobs[token].item(), "token_text": self.tokenizer.decode([token])}
@@ -170,23 +230,25 @@ class Engine:
             out["top_logprobs"] = [[self.tokenizer.decode([i]), lp] for i, lp in pairs]
         return out
 
-    def _fail(self, uid: int, error: str, in_batch: bool = True) -> None:
-        seq = self.seqs[uid]
+    def _fail(self, lane: Lane, uid: int, error: str, in_batch: bool = True) -> None:
+        seq = lane.seqs.get(uid)
+        if seq is None:  # finished meanwhile
+            return
         self._emit(seq, GenerateEvent(seq.req.request_id, seq.index, finish_reason="error", error=error,
                                prompt_tokens=len(seq.prompt), completion_tokens=seq.n))
-        self._drop(uid, still_in_batch=in_batch)
+        self._drop(lane, uid, still_in_batch=in_batch)
 
     def _emit(self, seq: Sequence, event: GenerateEvent) -> None:
         self._out.append((seq.req.stream, event))
 
-    def _drop(self, uid: int, still_in_batch: bool = True) -> None:
-        seq = self.seqs.pop(uid, None)
+    def _drop(self, lane: Lane, uid: int, still_in_batch: bool = True) -> None:
+        seq = lane.seqs.pop(uid, None)
         if seq is not None:
             self.uids.pop(seq.req.request_id, None)
         if still_in_batch:
-            self.gen.remove([uid])  # frees its KV cache
-        self._count()
+            lane.gen.remove([uid])  # frees its KV cache
 
     def _count(self) -> None:
-        self.running = sum(s.started for s in self.seqs.values())
-        self.waiting = len(self.seqs) - self.running
+        seqs = [s for lane in self.lanes for s in lane.seqs.values()]
+        self.running = sum(s.started for s in seqs)
+        self.waiting = len(seqs) - self.running

@@ -19,6 +19,7 @@ from services.router.metrics import ExchangeStats
 from shared.arrays import to_mlx, to_numpy, wire_dtype
 from shared.bus import request
 from shared.errors import BusError, BusTimeout, NotReady, WireError
+from shared.mlx_thread import Baton
 from shared.wire import decode_reply, encode_request
 
 _HEADER_ROOM = 64
@@ -68,6 +69,7 @@ class ExpertClient:
         self.loop = loop
         self.timeout_s = timeout_s
         self.table: tuple[list[str], np.ndarray] = ([], np.zeros(0, np.int32))
+        self.baton = Baton()  # handed to the other micro-batch while this one waits on the bus
 
     def set_table(self, subjects: list[str], owner: np.ndarray) -> None:
         # One attribute, swapped whole by the event loop: the MLX thread never sees half of it.
@@ -86,7 +88,8 @@ class ExpertClient:
         start = time.perf_counter()
         gather = asyncio.run_coroutine_threadsafe(self._fan_out(trips), self.loop)
         try:
-            replies = gather.result(self.timeout_s + 5)  # the requests time out first
+            with self.baton.released():
+                replies = gather.result(self.timeout_s + 5)  # the requests time out first
         except concurrent.futures.TimeoutError:
             gather.cancel()
             raise BusTimeout(f"layer {layer}: no expert replies within {self.timeout_s + 5:g}s") from None

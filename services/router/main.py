@@ -63,7 +63,7 @@ def load_router_model(cfg: RouterConfig, client: ExpertClient, publish: Publish)
     tokenizer = load_tokenizer(cfg.model)
     client.stats = ExchangeStats(info.moe_layers, info.num_experts)
     return Loaded(
-        Engine(model, tokenizer, cfg.limits, publish),
+        Engine(model, tokenizer, cfg.limits, publish, client.baton),
         PromptEncoder(tokenizer, info.max_context, cfg.max_prompt_tokens),
         info,
         WorkerRegistry(info.num_experts, info.moe_layers, info.fingerprint, 4 * cfg.heartbeat_s),
@@ -203,5 +203,6 @@ async def serve(cfg: RouterConfig) -> None:
                 pass
         # Nothing in flight ends silently: every running request hears why it stopped.
         await mlx.run(router.m.engine.fail_all, "the router is shutting down")
+        await mlx.run(router.m.engine.close)
         await asyncio.sleep(0.1)
     mlx.stop()

@@ -26,5 +26,14 @@ def test_quick_benchmark_writes_results(tmp_path: Path):
     assert all(x["completed"] == x["concurrency"] and x["tokens"] == 3 * x["concurrency"] for x in r["runs"])
     assert {"payload_bytes", "layer_rtt_us_p50", "layer_rtt_us_p99", "raw_nats_rtt_us_p50"} <= set(r["bus"])
     assert r["bus"]["payload_bytes"] > 64 * 4  # at least one token's hidden state travelled
-    assert set(r["ratios"]) == {"bus_vs_raw", "one_worker_vs_mlx_lm", "c16_vs_mlx_lm_batch16",
-                                "more_workers_never_slower"}
+    assert set(r["ratios"]) == {"bus_vs_raw", "bus_share_vs_raw", "one_worker_vs_mlx_lm",
+                                "c16_vs_mlx_lm_batch16", "more_workers_never_slower"}
+    assert 0 < r["bus"]["worker_compute_us_p50"] < r["bus"]["layer_rtt_us_p50"]
+    # the overlap run: two micro-batches at every concurrency above 1
+    assert [(o["workers"], o["concurrency"]) for o in r["overlap"]] == [(2, 2)]
+    assert r["overlap"][0]["tok_s_two_micro_batches"] > 0
+    # each worker's MLX counters after warm-up and at the end, with the layer calls between
+    mem = r["worker_memory"]
+    assert mem["at_end"]["layer_calls"] > mem["after_warm_up"]["layer_calls"]
+    workers = {w for w in mem["at_end"] if w != "layer_calls"}
+    assert len(workers) == 2 and all(mem["at_end"][w]["active"] > 0 for w in workers)

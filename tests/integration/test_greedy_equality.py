@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
-from openai import OpenAI
+from openai import AsyncOpenAI, OpenAI
 
 from tests.checkpoints import FAMILIES, mlx_lm_greedy, reference_greedy, vocab
 from tests.cluster import Up
@@ -38,3 +39,18 @@ def test_greedy_tokens_match_transformers(family, workers, checkpoints, referenc
             assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == NEW_TOKENS
             got.append([words[w] for w in r.choices[0].text.split()])
     assert got == references[family]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+async def test_two_micro_batches_overlapping_keep_the_greedy_tokens(family, checkpoints, references, tmp_path):
+    """Two lanes decode at once and take turns at MLX while the other waits on the bus."""
+    words = {w: i for i, w in enumerate(vocab())}
+    with Up(checkpoints[family], 2, tmp_path, extra=("--micro-batches", "2")) as up:
+        async with AsyncOpenAI(base_url=f"{up.url}/v1", api_key="-", max_retries=0) as client:
+            async def one(prompt: list[int]) -> list[int]:
+                r = await client.completions.create(model=f"tiny-{family}", prompt=prompt,
+                                                    max_tokens=NEW_TOKENS, temperature=0)
+                return [words[w] for w in r.choices[0].text.split()]
+            got = await asyncio.gather(*(one(p) for p in PROMPTS * 3))  # both lanes busy
+    assert got == references[family] * 3

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mlx_lm import load
 
-from services.router.engine import Engine, EngineLimits
+from services.router.engine import Engine, EngineLimits, pick_lane
 from shared.messages import GenerateEvent, GenerateRequest
 
 
@@ -51,3 +51,25 @@ def test_a_stop_string_ends_the_sequence_and_frees_its_slot(checkpoints: dict[st
     _run(engine)
     assert "".join(e.text for _, e in events) == text[: text.index(stop)]
     assert events[-1][1].stop_sequence == stop and not engine.seqs
+
+
+def test_two_lanes_split_the_batch_and_give_the_same_greedy_tokens(checkpoints: dict[str, Path]):
+    model, tokenizer = load(str(checkpoints["mixtral"]))
+    prompts = [[8, 9, 10], [11, 12], [13, 14, 15, 16], [17]]
+    texts = []
+    for lanes in (1, 2):
+        events: list[tuple[str, GenerateEvent]] = []
+        engine = Engine(model, tokenizer, EngineLimits(micro_batches=lanes), events.extend)
+        for i, p in enumerate(prompts):
+            engine.add(_req(f"r{i}", max_tokens=6), p)
+        assert [len(lane.seqs) for lane in engine.lanes] == ([4] if lanes == 1 else [2, 2])
+        _run(engine)
+        engine.close()
+        texts.append({rid: "".join(e.text for s, e in events if e.request_id == rid) for rid in map("r{}".format, range(4))})
+    assert texts[0] == texts[1] and all(texts[0].values())
+
+
+def test_a_new_sequence_joins_the_emptier_lane():
+    assert pick_lane([0, 0]) == 0
+    assert pick_lane([3, 1]) == 1
+    assert pick_lane([2, 2]) == 0
