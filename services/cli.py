@@ -47,7 +47,7 @@ def cmd_router(a: argparse.Namespace) -> None:
         max_running=int(positive(setting(a.max_running, "MOEBUS_MAX_RUNNING", 16, int), "max running")),
         max_waiting=setting(a.max_waiting, "MOEBUS_MAX_WAITING", 64, int),
         prefill_step=int(positive(setting(a.prefill_step, "MOEBUS_PREFILL_STEP", 512, int), "prefill step")),
-        micro_batches=setting(a.micro_batches, "MOEBUS_MICRO_BATCHES", 1, int),
+        micro_batches=setting(a.micro_batches, "MOEBUS_MICRO_BATCHES", 2, int),
     )
     if limits.micro_batches not in (1, 2):
         raise ConfigError(f"--micro-batches must be 1 or 2, not {limits.micro_batches}")
@@ -110,8 +110,8 @@ def _router_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--max-waiting", type=int, help="queued requests beyond those; then 429 (MOEBUS_MAX_WAITING, 64)")
     sp.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (MOEBUS_MAX_PROMPT_TOKENS)")
     sp.add_argument("--prefill-step", type=int, help="prompt tokens per step (MOEBUS_PREFILL_STEP, 512)")
-    sp.add_argument("--micro-batches", type=int, help="1, or 2 to overlap one batch's attention with the other's "
-                                                      "expert round trip (MOEBUS_MICRO_BATCHES, 1)")
+    sp.add_argument("--micro-batches", type=int, help="2: from 8 running sequences on, decode two halves that "
+                                                      "overlap compute and bus waits; 1: one batch (MOEBUS_MICRO_BATCHES, 2)")
 
 
 def _gateway_flags(sp: argparse.ArgumentParser, listen: bool) -> None:

@@ -36,7 +36,8 @@ class EngineLimits:
     max_running: int = 16  # sequences decoded together
     max_waiting: int = 64  # accepted but not yet decoding; beyond that, 429
     prefill_step: int = 512  # prompt tokens per step, so long prompts do not stall streams
-    micro_batches: int = 1  # 2: two lanes overlap one's compute with the other's bus wait
+    micro_batches: int = 2  # 2: two lanes overlap one's compute with the other's bus wait
+    split_at: int = 8  # ...once this many sequences run; below it one batch costs less
 
 
 @dataclass
@@ -69,8 +70,12 @@ class Lane:
         self.gen = self.call(self._make)  # its batch state is unknown after a failure
 
 
-def pick_lane(sizes: list[int]) -> int:
-    """The lane a new sequence joins: the one with the fewest, the first on a tie."""
+def pick_lane(sizes: list[int], split_at: int) -> int:
+    """The lane a new sequence joins. Below `split_at` sequences in all, the fullest lane (one
+    batch: splitting a small batch doubles the per-layer messages and fixed costs for little
+    overlap); from there on, the emptiest. The first lane on a tie."""
+    if sum(sizes) + 1 < split_at:
+        return max(range(len(sizes)), key=lambda i: (sizes[i], -i))
     return min(range(len(sizes)), key=lambda i: (sizes[i], i))
 
 
@@ -110,7 +115,7 @@ class Engine:
             self._emit(seq, GenerateEvent(req.request_id, 0, finish_reason="error", error="cancelled"))
             self._flush()
             return
-        lane = self.lanes[pick_lane([len(lane.seqs) for lane in self.lanes])]
+        lane = self.lanes[pick_lane([len(lane.seqs) for lane in self.lanes], self.limits.split_at)]
         try:
             sampler = request_sampler(req.temperature, req.top_p, req.top_k, req.min_p, req.seed)
             (uid,) = lane.call(lambda: lane.gen.insert([prompt], max_tokens=[req.max_tokens], samplers=[sampler]))

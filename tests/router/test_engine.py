@@ -59,7 +59,7 @@ def test_two_lanes_split_the_batch_and_give_the_same_greedy_tokens(checkpoints: 
     texts = []
     for lanes in (1, 2):
         events: list[tuple[str, GenerateEvent]] = []
-        engine = Engine(model, tokenizer, EngineLimits(micro_batches=lanes), events.extend)
+        engine = Engine(model, tokenizer, EngineLimits(micro_batches=lanes, split_at=2), events.extend)
         for i, p in enumerate(prompts):
             engine.add(_req(f"r{i}", max_tokens=6), p)
         assert [len(lane.seqs) for lane in engine.lanes] == ([4] if lanes == 1 else [2, 2])
@@ -69,7 +69,10 @@ def test_two_lanes_split_the_batch_and_give_the_same_greedy_tokens(checkpoints: 
     assert texts[0] == texts[1] and all(texts[0].values())
 
 
-def test_a_new_sequence_joins_the_emptier_lane():
-    assert pick_lane([0, 0]) == 0
-    assert pick_lane([3, 1]) == 1
-    assert pick_lane([2, 2]) == 0
+def test_small_batches_stay_whole_and_large_ones_split_evenly():
+    assert pick_lane([0, 0], split_at=8) == 0
+    assert pick_lane([5, 0], split_at=8) == 0  # 6 in all: still one batch
+    assert pick_lane([0, 3], split_at=8) == 1  # lane 0 emptied: join the running batch
+    assert pick_lane([7, 0], split_at=8) == 1  # the 8th opens the second lane
+    assert pick_lane([5, 4], split_at=8) == 1
+    assert pick_lane([4, 4], split_at=8) == 0
