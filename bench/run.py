@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bench import bus, load, models
+from shared.blas import blas_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,9 +66,10 @@ def bus_figures(url: str, shape: dict) -> dict:
 
 
 def bench_model(path: Path, workers: list[int], concurrency: list[int], tokens: int, log: Path) -> dict:
-    out = subprocess.run([sys.executable, "-m", "bench.baseline", str(path), str(tokens)], cwd=ROOT,
-                         capture_output=True, text=True, check=True)
-    mlx_lm = json.loads(out.stdout.strip().splitlines()[-1])
+    # mlx-lm with the BLAS threads each moebus process gets here (the ratios use this), and
+    # with the whole machine, as a user running it alone would.
+    mlx_lm = baseline(path, tokens, blas_threads(os.cpu_count() or 1, 2))
+    mlx_lm_all_cores = baseline(path, tokens, os.cpu_count() or 1)
     shape = models.describe(path)["shape"]
     runs, figures, memory = [], {}, {}
     for w in workers:
@@ -92,9 +94,17 @@ def bench_model(path: Path, workers: list[int], concurrency: list[int], tokens: 
             overlap.append({"workers": w2, "concurrency": c, "tok_s_one_batch": one["tok_s"],
                             "tok_s_two_micro_batches": two["tok_s"], "itl_ms_p50_one_batch": one["itl_ms_p50"],
                             "gain": round(two["tok_s"] / one["tok_s"], 2)})
-    return {"model": models.describe(path), "mlx_lm_tok_s": mlx_lm, "runs": runs, "bus": figures,
+    return {"model": models.describe(path), "mlx_lm_tok_s": mlx_lm, "mlx_lm_tok_s_all_cores": mlx_lm_all_cores,
+            "runs": runs, "bus": figures,
             "overlap": overlap, "worker_memory": memory,
             "ratios": ratios(runs, mlx_lm, figures, workers, concurrency)}
+
+
+def baseline(path: Path, tokens: int, threads: int) -> dict:
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, "-m", "bench.baseline", str(path), str(tokens)], cwd=ROOT,
+                         capture_output=True, text=True, check=True, env=env)
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "blas_threads": threads}
 
 
 @contextmanager
@@ -124,8 +134,11 @@ def ratios(runs: list[dict], mlx_lm: dict, figures: dict, workers: list[int], co
 
 
 def table(name: str, res: dict) -> str:
+    base, full = res["mlx_lm_tok_s"], res["mlx_lm_tok_s_all_cores"]
     lines = [f"\n{name}: {res['model']['parameters'] / 1e6:.0f}M parameters, mlx-lm single process "
-             f"{res['mlx_lm_tok_s']['batch1_tok_s']} tok/s (batch 1), {res['mlx_lm_tok_s']['batch16_tok_s']} (batch 16)",
+             f"{base['batch1_tok_s']} tok/s (batch 1), {base['batch16_tok_s']} (batch 16) with "
+             f"{base['blas_threads']} BLAS thread(s) like each moebus process; with all {full['blas_threads']} cores "
+             f"{full['batch1_tok_s']} / {full['batch16_tok_s']}",
              f"{'workers':>7} {'streams':>7} {'tok/s':>8} {'TTFT p50':>9} {'ITL p50':>8} {'ITL p99':>8}"]
     for r in res["runs"]:
         lines.append(f"{r['workers']:>7} {r['concurrency']:>7} {r['tok_s']:>8} {r['ttft_ms_p50']:>9} "

@@ -13,6 +13,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.blas import blas_threads
 from shared.errors import ConfigError
 from shared.model import describe, find_experts, load_lazy
 from shared.natsd import start_nats
@@ -60,7 +61,8 @@ def up(cfg: UpConfig) -> int:
             url = f"nats://127.0.0.1:{cfg.nats_port}"
             print(f"moebus: nats-server (JetStream) on {url}", flush=True)
         base = [sys.executable, "-m", "services.cli"]
-        env = {**os.environ, "MOEBUS_PARENT_PID": str(os.getpid())}
+        threads = str(blas_threads(os.cpu_count() or 1, cfg.workers + 1))  # the router and the workers
+        env = {"OPENBLAS_NUM_THREADS": threads, **os.environ, "MOEBUS_PARENT_PID": str(os.getpid())}
         common = ["--nats", url, "--model", str(cfg.model)]
         procs.append(("router", subprocess.Popen([*base, "router", *common, *cfg.router_args], env=env)))
         for rank in range(cfg.workers):

@@ -31,10 +31,8 @@ def fast_blas_env(env: dict[str, str]) -> dict[str, str] | None:
     if lib is None or lib in env.get("LD_PRELOAD", ""):
         return None
     preload = f"{lib}:{env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else lib
-    # OpenBLAS's own thread count (one per core) unless the user sets OPENBLAS_NUM_THREADS:
-    # expert matmuls read weights from DRAM, and two threads read them ~1.6x faster than one
-    # even with the router and workers sharing the cores (make bench, 2 cores: mixtral-0.5b
-    # at 16 streams 41 -> 66 tok/s; the tiny demo model loses ~13% at 16 streams).
+    # Threads: OpenBLAS's default (a thread per core) unless OPENBLAS_NUM_THREADS says otherwise;
+    # `moebus up` sets it so the processes it starts share the cores (see blas_threads).
     return {**env, "LD_PRELOAD": preload}
 
 
@@ -43,3 +41,15 @@ def reexec_with_fast_blas(module: str) -> None:
     env = fast_blas_env(dict(os.environ))
     if env is not None:
         os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
+
+
+
+def blas_threads(cores: int, processes: int) -> int:
+    """BLAS threads for each of `processes` MLX processes sharing one machine (`moebus up`).
+
+    Expert matmuls read weights from DRAM and a second thread reads them faster, but only on
+    an idle core: on 2 cores, giving the router and two workers two threads each cost a
+    quarter of the throughput at 16 streams and the demo load fell from 6.4x to 5.0x. A
+    service alone on its machine keeps OpenBLAS's default, one thread per core.
+    """
+    return max(1, cores // max(1, processes))

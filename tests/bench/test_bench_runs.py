@@ -21,7 +21,7 @@ def test_quick_benchmark_writes_results(tmp_path: Path):
                    cwd=ROOT, check=True, capture_output=True, timeout=600)
     r = json.loads(out.read_text())
     assert r["machine"]["cores"] >= 1 and r["model"]["shape"]["num_local_experts"] == 4
-    assert set(r["mlx_lm_tok_s"]) == {"batch1_tok_s", "batch16_tok_s"}
+    assert set(r["mlx_lm_tok_s"]) == set(r["mlx_lm_tok_s_all_cores"]) == {"batch1_tok_s", "batch16_tok_s", "blas_threads"}
     assert {(x["workers"], x["concurrency"]) for x in r["runs"]} == {(1, 1), (1, 2), (2, 1), (2, 2)}
     assert all(x["completed"] == x["concurrency"] and x["tokens"] == 3 * x["concurrency"] for x in r["runs"])
     assert {"payload_bytes", "layer_rtt_us_p50", "layer_rtt_us_p99", "raw_nats_rtt_us_p50"} <= set(r["bus"])
