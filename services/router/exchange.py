@@ -70,6 +70,7 @@ class ExpertClient:
         self.timeout_s = timeout_s
         self.table: tuple[list[str], np.ndarray] = ([], np.zeros(0, np.int32))
         self.baton = Baton()  # handed to the other micro-batch while this one waits on the bus
+        self._y = np.empty(0, np.float32)  # replies are gathered here, reused while big enough
 
     def set_table(self, subjects: list[str], owner: np.ndarray) -> None:
         # One attribute, swapped whole by the event loop: the MLX thread never sees half of it.
@@ -94,7 +95,7 @@ class ExpertClient:
             gather.cancel()
             raise BusTimeout(f"layer {layer}: no expert replies within {self.timeout_s + 5:g}s") from None
         seconds = time.perf_counter() - start
-        y = np.empty((xn.shape[0], k, dim), xn.dtype)
+        y = self._buffer(xn.shape[0] * k * dim, xn.dtype).reshape(xn.shape[0], k, dim)
         compute_us = 0  # the slowest worker's own time: the rest of the round trip is the bus's
         for trip, data in zip(trips, replies):
             reply = decode_reply(data)
@@ -108,6 +109,13 @@ class ExpertClient:
                 pairs[trip.subject] = pairs.get(trip.subject, 0) + len(trip.t)
             self.stats.record(layer, seconds, compute_us * 1e-6, inds, pairs, sum(len(t.payload) for t in trips))
         return to_mlx(y, code).reshape(*lead, k, dim)
+
+    def _buffer(self, size: int, dtype: np.dtype) -> np.ndarray:
+        # Only the thread holding the baton gets here, and to_mlx copies out of it before
+        # handing the baton on, so one buffer serves both micro-batches.
+        if self._y.dtype != dtype or self._y.size < size:
+            self._y = np.empty(size, dtype)
+        return self._y[:size]
 
     async def _fan_out(self, trips: list[Trip]) -> list[bytes]:
         tasks = [asyncio.ensure_future(request(self.nc, t.subject, t.payload, self.timeout_s)) for t in trips]
