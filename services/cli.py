@@ -24,8 +24,12 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
         factory = uvloop.new_event_loop
     except ImportError:
         factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(coro)
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(coro)
+    finally:
+        if "mlx.core" in sys.modules:  # this thread's streams, before the interpreter goes
+            sys.modules["mlx.core"].clear_streams()
 
 
 def _model(flag: str | None) -> Path:

@@ -88,9 +88,9 @@ def up(cfg: UpConfig) -> int:
             time.sleep(0.2)
         return 0
     finally:
-        _stop_all([p for _, p in procs])
+        _stop_all(procs)
         if nats_proc is not None:
-            _stop_all([nats_proc])
+            _stop_all([("nats-server", nats_proc)])
         tmp.cleanup()
 
 
@@ -111,14 +111,17 @@ Ctrl-C stops everything.
 """
 
 
-def _stop_all(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
+def _stop_all(procs: list[tuple[str, subprocess.Popen]], grace_s: float = 10.0) -> None:
+    running = [(name, p) for name, p in procs if p.poll() is None]
+    for _, p in running:
+        p.terminate()
     deadline = time.monotonic() + grace_s
-    for p in procs:
+    for name, p in running:
         try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            code = p.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             p.kill()
-            p.wait()
+            code = p.wait()
+            print(f"moebus: {name} did not stop within {grace_s:g}s and was killed", file=sys.stderr, flush=True)
+        if code not in (0, -signal.SIGTERM):
+            print(f"moebus: {name} exited with {code} while stopping", file=sys.stderr, flush=True)

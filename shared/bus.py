@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from typing import Any
 
 import nats
 from nats.aio.client import Client
@@ -62,7 +63,18 @@ async def close(nc: Client, timeout_s: float = 5.0) -> None:
     try:
         await asyncio.wait_for(nc.drain(), timeout_s)
     except Exception:  # noqa: BLE001 - shutting down either way
-        await nc.close()
+        try:
+            await nc.close()
+        except Exception:  # noqa: BLE001 - the server went first: nothing left to close
+            pass
+
+
+async def stop_service(svc: Any) -> None:
+    """Stop a NATS micro service (unsubscribe, drain); with the server gone there is nothing to stop."""
+    try:
+        await svc.stop()
+    except Exception as e:  # noqa: BLE001 - shutting down either way
+        log.warning("stopping without the bus", error=repr(e))
 
 
 def stop_event() -> asyncio.Event:

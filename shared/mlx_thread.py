@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+import mlx.core as mx
+
 from shared.logs import get_logger
 
 T = TypeVar("T")
@@ -63,6 +65,9 @@ class MLXThread:
                 busy = self._step()
                 continue
             if job is None:
+                # MLX asks each thread to free its streams before it ends; left to process
+                # exit, their teardown can abort the process ("terminate called...").
+                mx.clear_streams()
                 return
             fn, fut = job
             if fut.set_running_or_notify_cancel():

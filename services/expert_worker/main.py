@@ -89,35 +89,40 @@ async def serve(cfg: WorkerConfig) -> None:
         raise ConfigError(f"--rank {cfg.rank} is outside --world {cfg.world}")
     stop = stop_event()
     mlx = MLXThread()
-    me, world = cfg.worker_id, worker_ids(cfg.world)
-    experts, info = await mlx.run(load_experts, cfg.model, lambda n: experts_of(n, world, me))
-    if not experts.held:
-        raise ConfigError(f"worker {me} holds no experts: --world {cfg.world} exceeds {info.num_experts} experts")
-    worker = Worker(cfg, experts, info, mlx)
-    async with AsyncExitStack() as stack:
-        nc = await connect(cfg.nats_url, name=f"moebus-worker-{me}")
-        stack.push_async_callback(close, nc)
-        svc = await add_service(
-            nc, name=subjects.SERVICE_WORKER, version=VERSION,
-            description="moebus expert worker: a share of the experts of every MoE layer",
-            metadata={"worker": me, "model": info.name, "experts": ",".join(map(str, experts.held))},
-        )
-        await svc.add_endpoint(name="experts", subject=worker.subject, handler=worker.handle)
+    try:
+        me, world = cfg.worker_id, worker_ids(cfg.world)
+        experts, info = await mlx.run(load_experts, cfg.model, lambda n: experts_of(n, world, me))
+        if not experts.held:
+            raise ConfigError(f"worker {me} holds no experts: --world {cfg.world} exceeds {info.num_experts} experts")
+        worker = Worker(cfg, experts, info, mlx)
+        async with AsyncExitStack() as stack:
+            nc = await connect(cfg.nats_url, name=f"moebus-worker-{me}")
+            stack.push_async_callback(close, nc)
+            svc = await add_service(
+                nc, name=subjects.SERVICE_WORKER, version=VERSION,
+                description="moebus expert worker: a share of the experts of every MoE layer",
+                metadata={"worker": me, "model": info.name, "experts": ",".join(map(str, experts.held))},
+            )
+            await svc.add_endpoint(name="experts", subject=worker.subject, handler=worker.handle)
 
-        async def on_discover(_: Msg) -> None:
-            await nc.publish(subjects.WORKERS_ANNOUNCE, worker.announcement())
+            async def on_discover(_: Msg) -> None:
+                await nc.publish(subjects.WORKERS_ANNOUNCE, worker.announcement())
 
-        await nc.subscribe(subjects.WORKERS_DISCOVER, cb=on_discover)
-        log.info("worker ready", worker=me, experts=experts.held, layers=info.moe_layers, subject=worker.subject)
-        while not stop.is_set():
-            await nc.publish(subjects.WORKERS_ANNOUNCE, worker.announcement())
+            await nc.subscribe(subjects.WORKERS_DISCOVER, cb=on_discover)
+            log.info("worker ready", worker=me, experts=experts.held, layers=info.moe_layers, subject=worker.subject)
+            while not stop.is_set():
+                await nc.publish(subjects.WORKERS_ANNOUNCE, worker.announcement())
+                try:
+                    await asyncio.wait_for(stop.wait(), cfg.heartbeat_s)
+                except asyncio.TimeoutError:
+                    pass
             try:
-                await asyncio.wait_for(stop.wait(), cfg.heartbeat_s)
-            except asyncio.TimeoutError:
-                pass
-        await nc.publish(subjects.WORKERS_ANNOUNCE, worker.announcement(leaving=True))
-        await svc.stop()  # no new requests; answer those already taken
-        if worker.pending:
-            await asyncio.wait(list(worker.pending), timeout=10)
-        await nc.flush()
-    mlx.stop()
+                await nc.publish(subjects.WORKERS_ANNOUNCE, worker.announcement(leaving=True))
+                await svc.stop()  # no new requests; answer those already taken
+                if worker.pending:
+                    await asyncio.wait(list(worker.pending), timeout=10)
+                await nc.flush()
+            except Exception as e:  # noqa: BLE001 - the server may have gone first
+                log.warning("stopping without the bus", error=repr(e))
+    finally:
+        mlx.stop()

@@ -15,7 +15,7 @@ from services.gateway.app import HttpSettings, create_app
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.upstream import RouterClient
 from shared import subjects
-from shared.bus import close, connect, stop_event
+from shared.bus import close, connect, stop_event, stop_service
 from shared.errors import MoebusError
 from shared.logs import get_logger
 
@@ -56,7 +56,7 @@ async def serve(cfg: GatewayConfig) -> None:
             svc = await add_service(nc, name=subjects.SERVICE_GATEWAY, version=VERSION,
                                     description="moebus HTTP gateway (OpenAI-compatible)",
                                     metadata={"http": f"http://{cfg.host}:{cfg.port}"})
-            stack.push_async_callback(svc.stop)
+            stack.push_async_callback(stop_service, svc)
             await svc.add_endpoint(name="health", subject=subjects.GATEWAY_HEALTH, handler=on_health)
             log.info("gateway listening", url=f"http://{cfg.host}:{cfg.port}")
             yield

@@ -22,7 +22,7 @@ from services.router.metrics import ExchangeStats, registry
 from services.router.prompts import PromptEncoder
 from services.router.registry import WorkerRegistry
 from shared import subjects
-from shared.bus import close, connect, stop_event
+from shared.bus import close, connect, stop_event, stop_service
 from shared.errors import BadRequest, WireError
 from shared.logs import get_logger
 from shared.messages import (
@@ -154,55 +154,57 @@ async def serve(cfg: RouterConfig) -> None:
     stop = stop_event()
     loop = asyncio.get_running_loop()
     mlx = MLXThread()
-    async with AsyncExitStack() as stack:
-        nc = await connect(cfg.nats_url, name="moebus-router")
-        stack.push_async_callback(close, nc)
-        client = ExpertClient(nc, loop, cfg.expert_timeout_s)
-        router = Router(cfg, client, mlx)
+    try:
+        async with AsyncExitStack() as stack:
+            nc = await connect(cfg.nats_url, name="moebus-router")
+            stack.push_async_callback(close, nc)
+            client = ExpertClient(nc, loop, cfg.expert_timeout_s)
+            router = Router(cfg, client, mlx)
 
-        async def send(events: list[tuple[str, GenerateEvent]]) -> None:
-            for subject, event in events:
+            async def send(events: list[tuple[str, GenerateEvent]]) -> None:
+                for subject, event in events:
+                    try:
+                        await nc.publish(subject, encode(event))
+                    except Exception as e:  # noqa: BLE001 - one lost stream must not lose the others
+                        log.warning("event not published", subject=subject, error=repr(e))
+                    finally:
+                        if event.finish_reason is not None:
+                            router.finished()
+
+            def publish(events: list[tuple[str, GenerateEvent]]) -> None:  # called on the MLX thread
+                asyncio.run_coroutine_threadsafe(send(events), loop)
+
+            async def on_announce(msg: Msg) -> None:
+                router.on_announce(msg.data)
+
+            svc = await add_service(nc, name=subjects.SERVICE_ROUTER, version=VERSION,
+                                    description="moebus router: attention, gates, sampling; experts over the bus",
+                                    metadata={"model": cfg.model.name})
+            stack.push_async_callback(stop_service, svc)
+            await svc.add_endpoint(name="status", subject=subjects.ROUTER_STATUS, handler=router.on_status)
+            router.m = await mlx.run(load_router_model, cfg, client, publish)
+            metrics = registry(client.stats, router.gauges, router.m.registry.memory)
+
+            async def on_metrics(req: Request) -> None:
+                await req.respond(metrics())
+
+            mlx.background = router.m.engine.step
+            await nc.subscribe(subjects.WORKERS_ANNOUNCE, cb=on_announce)
+            await nc.subscribe(subjects.ROUTER_CANCEL, cb=router.on_cancel)
+            await svc.add_endpoint(name="generate", subject=subjects.ROUTER_GENERATE, handler=router.on_generate)
+            await svc.add_endpoint(name="metrics", subject=subjects.ROUTER_METRICS, handler=on_metrics)
+            await nc.publish(subjects.WORKERS_DISCOVER, encode(Discover("router")))
+            info = router.m.info
+            log.info("router loaded", model=info.name, moe_layers=info.moe_layers, experts=info.num_experts)
+            while not stop.is_set():
+                router.expire()
                 try:
-                    await nc.publish(subject, encode(event))
-                except Exception as e:  # noqa: BLE001 - one lost stream must not lose the others
-                    log.warning("event not published", subject=subject, error=repr(e))
-                finally:
-                    if event.finish_reason is not None:
-                        router.finished()
-
-        def publish(events: list[tuple[str, GenerateEvent]]) -> None:  # called on the MLX thread
-            asyncio.run_coroutine_threadsafe(send(events), loop)
-
-        async def on_announce(msg: Msg) -> None:
-            router.on_announce(msg.data)
-
-        svc = await add_service(nc, name=subjects.SERVICE_ROUTER, version=VERSION,
-                                description="moebus router: attention, gates, sampling; experts over the bus",
-                                metadata={"model": cfg.model.name})
-        stack.push_async_callback(svc.stop)
-        await svc.add_endpoint(name="status", subject=subjects.ROUTER_STATUS, handler=router.on_status)
-        router.m = await mlx.run(load_router_model, cfg, client, publish)
-        metrics = registry(client.stats, router.gauges, router.m.registry.memory)
-
-        async def on_metrics(req: Request) -> None:
-            await req.respond(metrics())
-
-        mlx.background = router.m.engine.step
-        await nc.subscribe(subjects.WORKERS_ANNOUNCE, cb=on_announce)
-        await nc.subscribe(subjects.ROUTER_CANCEL, cb=router.on_cancel)
-        await svc.add_endpoint(name="generate", subject=subjects.ROUTER_GENERATE, handler=router.on_generate)
-        await svc.add_endpoint(name="metrics", subject=subjects.ROUTER_METRICS, handler=on_metrics)
-        await nc.publish(subjects.WORKERS_DISCOVER, encode(Discover("router")))
-        info = router.m.info
-        log.info("router loaded", model=info.name, moe_layers=info.moe_layers, experts=info.num_experts)
-        while not stop.is_set():
-            router.expire()
-            try:
-                await asyncio.wait_for(stop.wait(), cfg.heartbeat_s)
-            except asyncio.TimeoutError:
-                pass
-        # Nothing in flight ends silently: every running request hears why it stopped.
-        await mlx.run(router.m.engine.fail_all, "the router is shutting down")
-        await mlx.run(router.m.engine.close)
-        await asyncio.sleep(0.1)
-    mlx.stop()
+                    await asyncio.wait_for(stop.wait(), cfg.heartbeat_s)
+                except asyncio.TimeoutError:
+                    pass
+            # Nothing in flight ends silently: every running request hears why it stopped.
+            await mlx.run(router.m.engine.fail_all, "the router is shutting down")
+            await mlx.run(router.m.engine.close)
+            await asyncio.sleep(0.1)
+    finally:
+        mlx.stop()

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import httpx
 import pytest
 
 from tests.cluster import ROOT, Up
@@ -35,8 +36,13 @@ def _listening(port: int) -> bool:
 def test_a_signal_stops_every_child(checkpoints, tmp_path, sig):
     with Up(checkpoints["qwen3_moe"], 2, tmp_path) as up:
         assert len(up.children()) == 4  # router, 2 workers, gateway
+        r = httpx.post(f"{up.url}/v1/completions", timeout=60,  # MLX has run in every process
+                       json={"model": "tiny-qwen3_moe", "prompt": [8, 9, 10], "max_tokens": 4})
+        assert r.status_code == 200
         assert up.stop(sig) == 0
         assert _gone(up)
+    log = up.log.read_text()  # every child stopped cleanly: no abort while tearing MLX down
+    assert "exited with" not in log and "terminate called" not in log, log[-2000:]
 
 
 @pytest.mark.slow
