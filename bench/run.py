@@ -66,8 +66,9 @@ def bus_figures(url: str, shape: dict) -> dict:
 
 
 def bench_model(path: Path, workers: list[int], concurrency: list[int], tokens: int, log: Path) -> dict:
-    # mlx-lm with the BLAS threads each moebus process gets here (the ratios use this), and
-    # with the whole machine, as a user running it alone would.
+    # mlx-lm with the BLAS threads each moebus process gets with 1 worker (the ratios use this;
+    # with 2-3 workers on more than 3 cores, moebus processes get fewer), and with the whole
+    # machine, as a user running it alone would.
     mlx_lm = baseline(path, tokens, blas_threads(os.cpu_count() or 1, 2))
     mlx_lm_all_cores = baseline(path, tokens, os.cpu_count() or 1)
     shape = models.describe(path)["shape"]

@@ -121,7 +121,8 @@ def _stop_all(procs: list[tuple[str, subprocess.Popen]], grace_s: float = 10.0) 
             code = p.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             p.kill()
-            code = p.wait()
+            p.wait()
             print(f"moebus: {name} did not stop within {grace_s:g}s and was killed", file=sys.stderr, flush=True)
+            continue
         if code not in (0, -signal.SIGTERM):
             print(f"moebus: {name} exited with {code} while stopping", file=sys.stderr, flush=True)

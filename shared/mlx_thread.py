@@ -28,11 +28,15 @@ class MLXThread:
     def __init__(self, name: str = "mlx") -> None:
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future] | None] = queue.SimpleQueue()
         self.background: Callable[[], bool] | None = None
+        self._stopped = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         fut: Future[T] = Future()
+        if self._stopped:  # nothing would ever run it: fail now rather than hang the caller
+            fut.set_exception(RuntimeError(f"{self._thread.name} has stopped"))
+            return fut
         self._jobs.put((lambda: fn(*args), fut))
         return fut
 
@@ -44,6 +48,7 @@ class MLXThread:
         return threading.current_thread() is self._thread
 
     def stop(self) -> None:
+        self._stopped = True
         self._jobs.put(None)
         self._thread.join(timeout=5)
 

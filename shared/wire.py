@@ -117,4 +117,6 @@ def _dtype(code: int) -> np.dtype:
 def _bytes(a: np.ndarray, dtype: np.dtype) -> bytes | memoryview:
     if a.dtype != dtype:
         raise WireError(f"array of {a.dtype} where the header says {dtype}")
+    if a.size == 0:
+        return b""  # memoryview cannot cast a zero-sized shape
     return memoryview(np.ascontiguousarray(a)).cast("B")

@@ -55,11 +55,12 @@ class Sequence:
 class Lane:
     """One micro-batch: a BatchGenerator and its sequences, driven from one thread."""
 
-    def __init__(self, make: Callable[[], BatchGenerator], thread: MLXThread | None) -> None:
+    def __init__(self, make: Callable[[int], BatchGenerator], cap: int, thread: MLXThread | None) -> None:
         self.thread = thread  # None: the caller's thread (the router's MLX thread)
+        self.cap = cap  # sequences it decodes at once
         self.seqs: dict[int, Sequence] = {}
-        self._make = make
-        self.gen = self.call(make)
+        self._make = lambda: make(cap)
+        self.gen = self.call(self._make)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self.thread is None or self.thread.owns():
@@ -70,13 +71,15 @@ class Lane:
         self.gen = self.call(self._make)  # its batch state is unknown after a failure
 
 
-def pick_lane(sizes: list[int], split_at: int) -> int:
-    """The lane a new sequence joins. Below `split_at` sequences in all, the fullest lane (one
-    batch: splitting a small batch doubles the per-layer messages and fixed costs for little
-    overlap); from there on, the emptiest. The first lane on a tie."""
-    if sum(sizes) + 1 < split_at:
-        return max(range(len(sizes)), key=lambda i: (sizes[i], -i))
-    return min(range(len(sizes)), key=lambda i: (sizes[i], i))
+def pick_lane(sizes: list[int], caps: list[int], split_at: int) -> int:
+    """The lane a new sequence joins. Below `split_at` sequences in all, the fullest lane that
+    still has room (one batch: splitting a small batch doubles the per-layer messages and fixed
+    costs for little overlap); from there on, or when no lane has room, the emptiest relative
+    to its size. The first lane on a tie."""
+    room = [i for i in range(len(sizes)) if sizes[i] < caps[i]]
+    if sum(sizes) + 1 < split_at and room:
+        return max(room, key=lambda i: (sizes[i], -i))
+    return min(range(len(sizes)), key=lambda i: (sizes[i] - caps[i], i))
 
 
 class Engine:
@@ -93,18 +96,19 @@ class Engine:
         self.cancelled: dict[str, None] = {}  # insertion-ordered: the oldest go first
         self.running = 0  # read by the event loop for status and admission
         self.waiting = 0
-        n = max(1, limits.micro_batches)
-        self._per_lane = -(-limits.max_running // n)
-        self.lanes = [Lane(self._generator, None if i == 0 else MLXThread(f"mlx-lane{i}")) for i in range(n)]
+        n = max(1, min(limits.micro_batches, limits.max_running))
+        caps = [limits.max_running // n + (i < limits.max_running % n) for i in range(n)]  # sum: max_running
+        self.lanes = [Lane(self._generator, caps[i], None if i == 0 else MLXThread(f"mlx-lane{i}"))
+                      for i in range(n)]
 
     @property
     def seqs(self) -> dict[tuple[int, int], Sequence]:
         return {(i, uid): s for i, lane in enumerate(self.lanes) for uid, s in lane.seqs.items()}
 
-    def _generator(self) -> BatchGenerator:
+    def _generator(self, cap: int) -> BatchGenerator:
         return BatchGenerator(
-            self.model, stop_tokens=[[e] for e in self.eos], completion_batch_size=self._per_lane,
-            prefill_batch_size=min(8, self._per_lane), prefill_step_size=self.limits.prefill_step,
+            self.model, stop_tokens=[[e] for e in self.eos], completion_batch_size=cap,
+            prefill_batch_size=min(8, cap), prefill_step_size=self.limits.prefill_step,
         )
 
     def add(self, req: GenerateRequest, prompt: list[int]) -> None:
@@ -115,7 +119,8 @@ class Engine:
             self._emit(seq, GenerateEvent(req.request_id, 0, finish_reason="error", error="cancelled"))
             self._flush()
             return
-        lane = self.lanes[pick_lane([len(lane.seqs) for lane in self.lanes], self.limits.split_at)]
+        sizes, caps = [len(lane.seqs) for lane in self.lanes], [lane.cap for lane in self.lanes]
+        lane = self.lanes[pick_lane(sizes, caps, self.limits.split_at)]
         try:
             sampler = request_sampler(req.temperature, req.top_p, req.top_k, req.min_p, req.seed)
             (uid,) = lane.call(lambda: lane.gen.insert([prompt], max_tokens=[req.max_tokens], samplers=[sampler]))
@@ -173,33 +178,34 @@ class Engine:
         # Lanes with threads first: they start at once and take turns with the last, run here.
         busy.sort(key=lambda lane: lane.thread is None)
         pending = [lane.thread.submit(self._lane_step, lane) for lane in busy if lane.thread is not None]
-        for lane in busy:
-            if lane.thread is None:
-                self._lane_step(lane)
-        for fut in pending:
-            fut.result()
+        try:
+            for lane in busy:
+                if lane.thread is None:
+                    self._lane_step(lane)
+        finally:  # never leave a lane running on its own past this step
+            for fut in pending:
+                fut.result()
         self._count()
         return any(lane.seqs for lane in self.lanes)
 
     def _lane_step(self, lane: Lane) -> None:
         """One step of one lane, on that lane's thread, holding the baton except on the bus."""
         with self.baton:
-            now = time.monotonic()
-            for uid, seq in list(lane.seqs.items()):
-                if now > seq.deadline:
-                    self._fail(lane, uid, f"request deadline of {seq.req.timeout_s:g}s exceeded")
-            if not lane.seqs:
-                return
             try:
+                now = time.monotonic()
+                for uid, seq in list(lane.seqs.items()):
+                    if now > seq.deadline:
+                        self._fail(lane, uid, f"request deadline of {seq.req.timeout_s:g}s exceeded")
+                if not lane.seqs:
+                    return
                 _, responses = lane.gen.next()
+                for r in responses:
+                    if r.uid in lane.seqs:
+                        self._on_token(lane, r.uid, lane.seqs[r.uid], r.token, r.logprobs, r.finish_reason)
             except Exception as e:  # noqa: BLE001 - every sequence of the lane hears of it
                 error = str(e) if isinstance(e, MoebusError) else f"internal error: {e!r}"
                 log.warning("decode step failed", error=error, sequences=len(lane.seqs))
                 self._fail_lane(lane, error)
-                return
-            for r in responses:
-                if r.uid in lane.seqs:
-                    self._on_token(lane, r.uid, lane.seqs[r.uid], r.token, r.logprobs, r.finish_reason)
 
     def _on_token(self, lane: Lane, uid: int, seq: Sequence, token: int, logprobs: mx.array, finish: str | None) -> None:
         seq.started = True

@@ -154,6 +154,7 @@ async def serve(cfg: RouterConfig) -> None:
     stop = stop_event()
     loop = asyncio.get_running_loop()
     mlx = MLXThread()
+    router: Router | None = None
     try:
         async with AsyncExitStack() as stack:
             nc = await connect(cfg.nats_url, name="moebus-router")
@@ -202,9 +203,11 @@ async def serve(cfg: RouterConfig) -> None:
                     await asyncio.wait_for(stop.wait(), cfg.heartbeat_s)
                 except asyncio.TimeoutError:
                     pass
+            await stop_service(svc)  # no new requests from here on
             # Nothing in flight ends silently: every running request hears why it stopped.
             await mlx.run(router.m.engine.fail_all, "the router is shutting down")
-            await mlx.run(router.m.engine.close)
             await asyncio.sleep(0.1)
     finally:
+        if router is not None and router.m is not None:
+            await mlx.run(router.m.engine.close)  # its lane thread frees its MLX streams
         mlx.stop()

@@ -70,9 +70,47 @@ def test_two_lanes_split_the_batch_and_give_the_same_greedy_tokens(checkpoints: 
 
 
 def test_small_batches_stay_whole_and_large_ones_split_evenly():
-    assert pick_lane([0, 0], split_at=8) == 0
-    assert pick_lane([5, 0], split_at=8) == 0  # 6 in all: still one batch
-    assert pick_lane([0, 3], split_at=8) == 1  # lane 0 emptied: join the running batch
-    assert pick_lane([7, 0], split_at=8) == 1  # the 8th opens the second lane
-    assert pick_lane([5, 4], split_at=8) == 1
-    assert pick_lane([4, 4], split_at=8) == 0
+    caps = [8, 8]
+    assert pick_lane([0, 0], caps, split_at=8) == 0
+    assert pick_lane([5, 0], caps, split_at=8) == 0  # 6 in all: still one batch
+    assert pick_lane([0, 3], caps, split_at=8) == 1  # lane 0 emptied: join the running batch
+    assert pick_lane([7, 0], caps, split_at=8) == 1  # the 8th opens the second lane
+    assert pick_lane([5, 4], caps, split_at=8) == 1
+    assert pick_lane([4, 4], caps, split_at=8) == 0
+
+
+def test_a_full_lane_never_leaves_the_other_idle():
+    assert pick_lane([4, 0], [4, 4], split_at=8) == 1  # --max-running 8: lane 0 decodes 4 at most
+    assert pick_lane([5, 4], [5, 4], split_at=16) == 0  # both full: queue where it is least behind
+    assert pick_lane([6, 4], [5, 4], split_at=16) == 1
+
+
+def test_lanes_share_max_running_exactly(checkpoints: dict[str, Path]):
+    model, tokenizer = load(str(checkpoints["mixtral"]))
+    for running, caps in ((1, [1]), (3, [2, 1]), (8, [4, 4])):
+        engine = Engine(model, tokenizer, EngineLimits(max_running=running), lambda out: None)
+        assert [lane.cap for lane in engine.lanes] == caps
+        engine.close()
+
+
+def test_a_failure_outside_the_model_ends_that_lanes_sequences_with_an_error(checkpoints: dict[str, Path]):
+    model, tokenizer = load(str(checkpoints["mixtral"]))
+    events: list[tuple[str, GenerateEvent]] = []
+    engine = Engine(model, tokenizer, EngineLimits(split_at=2), events.extend)
+    for i in range(4):
+        engine.add(_req(f"r{i}", max_tokens=6), [8 + i, 9])
+    broken = engine.lanes[1]
+    broken_ids = {s.req.request_id for s in broken.seqs.values()}
+
+    def explode(*_: object) -> None:
+        raise ValueError("detokenizer broke")
+
+    for seq in broken.seqs.values():
+        seq.detok.add_token = explode
+    _run(engine)
+    engine.close()
+    last = {e.request_id: e for _, e in events}
+    assert {r for r, e in last.items() if e.finish_reason == "error"} == broken_ids
+    assert all("detokenizer broke" in last[r].error for r in broken_ids)
+    assert all(last[r].finish_reason == "length" for r in last.keys() - broken_ids)
+    assert engine.running == engine.waiting == 0

@@ -67,3 +67,11 @@ def test_reply_length_must_match_header():
 def test_encode_refuses_mismatched_dtype():
     with pytest.raises(WireError):
         encode_reply(0, np.zeros((2, 4), np.float64))
+
+
+def test_empty_messages_round_trip():
+    got = decode_reply(encode_reply(0, np.zeros((0, 8), np.float32)))
+    assert got.y.shape == (0, 8)
+    req = decode_request(encode_request(1, 0, np.zeros((0, 8), np.float32), np.zeros(0, np.int32),
+                                        np.zeros(0, np.int32)))
+    assert req.x.shape == (0, 8) and len(req.rows) == 0
