@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import weakref
 from typing import Any
 
 import nats
@@ -64,15 +65,23 @@ async def close(nc: Client, timeout_s: float = 5.0) -> None:
         await asyncio.wait_for(nc.drain(), timeout_s)
     except Exception:  # noqa: BLE001 - shutting down either way
         try:
-            await nc.close()
+            await asyncio.wait_for(nc.close(), 2.0)
         except Exception:  # noqa: BLE001 - the server went first: nothing left to close
             pass
 
 
-async def stop_service(svc: Any) -> None:
-    """Stop a NATS micro service (unsubscribe, drain); with the server gone there is nothing to stop."""
+_stopping: weakref.WeakSet = weakref.WeakSet()
+
+
+async def stop_service(svc: Any, timeout_s: float = 2.0) -> None:
+    """Stop a NATS micro service (unsubscribe, drain), within `timeout_s`: with the server gone
+    (Ctrl-C reaches nats-server too) its drain would wait for a reconnect that never comes.
+    Only the first call stops it; later ones (an exit stack's) return at once."""
+    if svc in _stopping:
+        return
+    _stopping.add(svc)
     try:
-        await svc.stop()
+        await asyncio.wait_for(svc.stop(), timeout_s)
     except Exception as e:  # noqa: BLE001 - shutting down either way
         log.warning("stopping without the bus", error=repr(e))
 

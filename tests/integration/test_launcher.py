@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -10,11 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
 import httpx
+import mlx.core as mx
 import pytest
 
-from tests.cluster import ROOT, Up
+from shared.natsd import free_port
+from tests.cluster import ROOT, Up, wait_healthy
 
 
 def _gone(up: Up, timeout_s: float = 15) -> bool:
@@ -43,6 +45,32 @@ def test_a_signal_stops_every_child(checkpoints, tmp_path, sig):
         assert _gone(up)
     log = up.log.read_text()  # every child stopped cleanly: no abort while tearing MLX down
     assert "exited with" not in log and "terminate called" not in log, log[-2000:]
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_terminal_stops_everything_promptly(checkpoints, tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: nats-server goes at once, and the
+    services must still stop on their own, quickly, without being killed."""
+    port, nats_port, log = free_port(), free_port(), tmp_path / "up.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--model", str(checkpoints["mixtral"]),
+                                 "--workers", "2", "--port", str(port), "--nats-port", str(nats_port)],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, [proc], log)
+        r = httpx.post(f"{url}/v1/completions", timeout=60,
+                       json={"model": "tiny-mixtral", "prompt": [8, 9], "max_tokens": 3})
+        assert r.status_code == 200
+        start = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(30) == 0
+        assert time.monotonic() - start < 8  # the launcher kills what is left after 10 s
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "was killed" not in text and "exited with" not in text and "Traceback" not in text, text[-3000:]
 
 
 @pytest.mark.slow
