@@ -19,36 +19,41 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from openai import AsyncOpenAI
 
+from services.launcher import healthy
 from shared.natsd import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start(model: str | None, workers: int, log: Path, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
-    """`moebus up` on free ports; returns once /health is 200."""
+@contextmanager
+def cluster(model: str | None, workers: int, log: Path, extra: tuple[str, ...] = ()) -> Iterator[str]:
+    """`moebus up` on free ports: yields its URL once /health is 200, stops it after."""
     port, nats_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "services.cli", "up", "--workers", str(workers), "--port", str(port),
            "--nats-port", str(nats_port), *extra] + (["--model", model] if model else [])
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(1500):
-        if proc.poll() is not None:
-            raise SystemExit(f"moebus up exited:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            pass
-        time.sleep(0.2)
-    proc.terminate()
-    raise SystemExit("moebus up never became ready")
+    try:
+        for _ in range(1500):
+            if proc.poll() is not None:
+                raise SystemExit(f"moebus up exited:\n{log.read_text()[-3000:]}")
+            if healthy(url):
+                break
+            time.sleep(0.2)
+        else:
+            raise SystemExit("moebus up never became ready")
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
 
 
 async def stream_one(client: AsyncOpenAI, model: str, prompt: str, tokens: int) -> dict:
@@ -95,12 +100,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "load.json")
     a = ap.parse_args()
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    proc, url = start(a.model, a.workers, a.out.with_suffix(".log"))
-    try:
+    with cluster(a.model, a.workers, a.out.with_suffix(".log")) as url:
         runs = [asyncio.run(run(url, c, a.tokens)) for c in (1, a.concurrency)]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
     report = {"machine": {"cores": os.cpu_count(), "os": platform.platform(), "python": platform.python_version()},
               "workers": a.workers, "max_tokens": a.tokens, "runs": runs,
               "speedup": round(runs[1]["tok_s"] / runs[0]["tok_s"], 2)}

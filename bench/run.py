@@ -14,13 +14,10 @@ import json
 import os
 import platform
 import re
-import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from bench import bus, load, models
@@ -74,7 +71,7 @@ def bench_model(path: Path, workers: list[int], concurrency: list[int], tokens: 
     shape = models.describe(path)["shape"]
     runs, figures, memory = [], {}, {}
     for w in workers:
-        with cluster(path, w, log) as url:
+        with load.cluster(str(path), w, log) as url:
             for c in concurrency:
                 r = asyncio.run(load.run(url, c, tokens))
                 runs.append({"workers": w, **r})
@@ -88,7 +85,7 @@ def bench_model(path: Path, workers: list[int], concurrency: list[int], tokens: 
     # cluster with one batch shows what the overlap gains.
     overlap = []
     w2 = min(2, workers[-1])
-    with cluster(path, w2, log, ("--micro-batches", "1")) as url:
+    with load.cluster(str(path), w2, log, ("--micro-batches", "1")) as url:
         for c in concurrency[1:]:
             one = asyncio.run(load.run(url, c, tokens))
             two = next(r for r in runs if r["workers"] == w2 and r["concurrency"] == c)
@@ -106,16 +103,6 @@ def baseline(path: Path, tokens: int, threads: int) -> dict:
     out = subprocess.run([sys.executable, "-m", "bench.baseline", str(path), str(tokens)], cwd=ROOT,
                          capture_output=True, text=True, check=True, env=env)
     return {**json.loads(out.stdout.strip().splitlines()[-1]), "blas_threads": threads}
-
-
-@contextmanager
-def cluster(path: Path, workers: int, log: Path, extra: tuple[str, ...] = ()) -> Iterator[str]:
-    proc, url = load.start(str(path), workers, log, extra)
-    try:
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
 
 
 def ratios(runs: list[dict], mlx_lm: dict, figures: dict, workers: list[int], concurrency: list[int]) -> dict:

@@ -79,7 +79,7 @@ def up(cfg: UpConfig) -> int:
                     print(f"moebus: {name} exited with code {p.returncode}; stopping", file=sys.stderr, flush=True)
                     return 1
             if not announced:
-                if _healthy(http):
+                if healthy(http):
                     announced = True
                     print(_banner(http, cfg.model.name), flush=True)
                 elif time.monotonic() > deadline:
@@ -94,7 +94,8 @@ def up(cfg: UpConfig) -> int:
         tmp.cleanup()
 
 
-def _healthy(url: str) -> bool:
+def healthy(url: str) -> bool:
+    """Whether `url`/health answers 200 (moebus is ready), asked once with a 1 s timeout."""
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
             return r.status == 200

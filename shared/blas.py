@@ -43,7 +43,6 @@ def reexec_with_fast_blas(module: str) -> None:
         os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
 
 
-
 def blas_threads(cores: int, processes: int) -> int:
     """BLAS threads for each of `processes` MLX processes sharing one machine (`moebus up`).
 

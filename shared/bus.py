@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import weakref
+from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
@@ -84,6 +85,16 @@ async def stop_service(svc: Any, timeout_s: float = 2.0) -> None:
         await asyncio.wait_for(svc.stop(), timeout_s)
     except Exception as e:  # noqa: BLE001 - shutting down either way
         log.warning("stopping without the bus", error=repr(e))
+
+
+async def ticks(stop: asyncio.Event, period_s: float) -> AsyncIterator[None]:
+    """Yields at once, then every `period_s`, until `stop` is set (a heartbeat loop)."""
+    while not stop.is_set():
+        yield
+        try:
+            await asyncio.wait_for(stop.wait(), period_s)
+        except asyncio.TimeoutError:
+            pass
 
 
 def stop_event() -> asyncio.Event:

@@ -7,10 +7,9 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from services.launcher import healthy
 from shared.natsd import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,12 +27,8 @@ def wait_healthy(url: str, procs: list[subprocess.Popen], log: Path, timeout_s: 
         for p in procs:
             if p.poll() is not None:
                 raise RuntimeError(f"exited with {p.returncode}:\n{tail(log)}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
+        if healthy(url):
+            return
         time.sleep(0.2)
     raise RuntimeError(f"not healthy after {timeout_s}s:\n{tail(log)}")
 

@@ -97,13 +97,12 @@ class LocalExperts:
         if (local < 0).any():
             missing = sorted(set(req.experts[local < 0].tolist()))
             raise WireError(f"experts {missing} are not held by this worker")
-        x = to_mlx(req.x, req.dtype)  # (rows, D)
         if not len(local):
-            return encode_reply(req.dtype, np.zeros((0, x.shape[1]), req.x.dtype))
+            return encode_reply(req.dtype, req.x[:0])
+        x = to_mlx(req.x, req.dtype)  # (rows, D)
         y = self.layers[req.layer](x, req.rows, local).astype(x.dtype)  # (pairs, D)
         mx.eval(y)
-        y = to_numpy(y)
-        return encode_reply(req.dtype, y, int(1e6 * (time.perf_counter() - start)))
+        return encode_reply(req.dtype, to_numpy(y), int(1e6 * (time.perf_counter() - start)))
 
 
 def load_experts(path: Path, choose: Callable[[int], list[int]]) -> tuple[LocalExperts, ModelInfo]:

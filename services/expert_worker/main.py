@@ -14,7 +14,7 @@ from nats.micro.request import Request
 
 from services.expert_worker.experts import LocalExperts, load_experts
 from shared import subjects
-from shared.bus import close, connect, stop_event, stop_service
+from shared.bus import close, connect, stop_event, stop_service, ticks
 from shared.errors import ConfigError, WireError
 from shared.logs import get_logger
 from shared.messages import WorkerAnnounce, encode
@@ -110,18 +110,13 @@ async def serve(cfg: WorkerConfig) -> None:
 
             await nc.subscribe(subjects.WORKERS_DISCOVER, cb=on_discover)
             log.info("worker ready", worker=me, experts=experts.held, layers=info.moe_layers, subject=worker.subject)
-            while not stop.is_set():
+            async for _ in ticks(stop, cfg.heartbeat_s):
                 await nc.publish(subjects.WORKERS_ANNOUNCE, worker.announcement())
-                try:
-                    await asyncio.wait_for(stop.wait(), cfg.heartbeat_s)
-                except asyncio.TimeoutError:
-                    pass
-            try:  # every step bounded: Ctrl-C may have stopped nats-server first
+            try:  # every step bounded (Ctrl-C may have stopped nats-server first); close() flushes
                 await nc.publish(subjects.WORKERS_ANNOUNCE, worker.announcement(leaving=True))
                 await stop_service(svc)  # no new requests; answer those already taken
                 if worker.pending:
                     await asyncio.wait(list(worker.pending), timeout=10)
-                await asyncio.wait_for(nc.flush(), 2.0)
             except Exception as e:  # noqa: BLE001 - the server may have gone first
                 log.warning("stopping without the bus", error=repr(e))
     finally:

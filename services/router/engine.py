@@ -175,8 +175,7 @@ class Engine:
 
     def _step(self) -> bool:
         busy = [lane for lane in self.lanes if lane.seqs]
-        # Lanes with threads first: they start at once and take turns with the last, run here.
-        busy.sort(key=lambda lane: lane.thread is None)
+        # Lanes with threads start at once and take turns (the baton) with the one run here.
         pending = [lane.thread.submit(self._lane_step, lane) for lane in busy if lane.thread is not None]
         try:
             for lane in busy:

@@ -22,7 +22,7 @@ from services.router.metrics import ExchangeStats, registry
 from services.router.prompts import PromptEncoder
 from services.router.registry import WorkerRegistry
 from shared import subjects
-from shared.bus import close, connect, stop_event, stop_service
+from shared.bus import close, connect, stop_event, stop_service, ticks
 from shared.errors import BadRequest, WireError
 from shared.logs import get_logger
 from shared.messages import (
@@ -197,12 +197,8 @@ async def serve(cfg: RouterConfig) -> None:
             await nc.publish(subjects.WORKERS_DISCOVER, encode(Discover("router")))
             info = router.m.info
             log.info("router loaded", model=info.name, moe_layers=info.moe_layers, experts=info.num_experts)
-            while not stop.is_set():
+            async for _ in ticks(stop, cfg.heartbeat_s):
                 router.expire()
-                try:
-                    await asyncio.wait_for(stop.wait(), cfg.heartbeat_s)
-                except asyncio.TimeoutError:
-                    pass
             await stop_service(svc)  # no new requests from here on
             # Nothing in flight ends silently: every running request hears why it stopped.
             await mlx.run(router.m.engine.fail_all, "the router is shutting down")
