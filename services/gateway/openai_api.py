@@ -107,27 +107,35 @@ def routes(router: Callable[[], RouterClient], check_model: Callable[[str], Awai
 async def _chat_chunks(gen: Generation, head: dict, logprobs: bool, usage: bool) -> AsyncIterator[dict]:
     base = {**head, "object": "chat.completion.chunk"}
     yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-    async for e in gen.events():
-        if e.error:
-            yield error_body(502, f"generation failed: {e.error}", "upstream_error")
-            return
-        if e.text or e.finish_reason or e.logprob is not None:
-            choice = {"index": 0, "delta": {"content": e.text} if e.text else {}, "finish_reason": e.finish_reason}
-            if logprobs:
-                choice["logprobs"] = _chat_logprobs([e])
-            yield {**base, "choices": [choice]}
-        if e.finish_reason and usage:
-            yield {**base, "choices": [], "usage": _usage(e)}
+
+    def choice(e: GenerateEvent) -> dict:
+        out = {"index": 0, "delta": {"content": e.text} if e.text else {}, "finish_reason": e.finish_reason}
+        if logprobs:
+            out["logprobs"] = _chat_logprobs([e])
+        return out
+
+    async for chunk in _chunks(gen, base, usage, choice):
+        yield chunk
 
 
 async def _completion_chunks(gen: Generation, head: dict, logprobs: bool, usage: bool) -> AsyncIterator[dict]:
-    base = {**head, "object": "text_completion"}
+    def choice(e: GenerateEvent) -> dict:
+        return {"index": 0, "text": e.text, "finish_reason": e.finish_reason,
+                "logprobs": _completion_logprobs([e]) if logprobs else None}
+
+    async for chunk in _chunks(gen, {**head, "object": "text_completion"}, usage, choice):
+        yield chunk
+
+
+async def _chunks(gen: Generation, base: dict, usage: bool,
+                  choice: Callable[[GenerateEvent], dict]) -> AsyncIterator[dict]:
+    """The streamed chunks both endpoints share: one per event with something in it, the usage
+    chunk after the last when asked for, an error chunk if generation fails."""
     async for e in gen.events():
         if e.error:
             yield error_body(502, f"generation failed: {e.error}", "upstream_error")
             return
         if e.text or e.finish_reason or e.logprob is not None:
-            yield {**base, "choices": [{"index": 0, "text": e.text, "finish_reason": e.finish_reason,
-                                        "logprobs": _completion_logprobs([e]) if logprobs else None}]}
+            yield {**base, "choices": [choice(e)]}
         if e.finish_reason and usage:
             yield {**base, "choices": [], "usage": _usage(e)}
