@@ -57,7 +57,8 @@ class Worker:
         except WireError as e:
             await req.respond_error("400", str(e))
             return
-        task = asyncio.create_task(self._answer(req, self.mlx.run(self.experts.compute, expert_req)))
+        work = asyncio.wrap_future(self.mlx.submit(self.experts.compute, expert_req))  # queued now, not when awaited
+        task = asyncio.create_task(self._answer(req, work))
         self.pending.add(task)
         task.add_done_callback(self.pending.discard)
 
