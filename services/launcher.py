@@ -10,7 +10,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.blas import blas_threads
@@ -39,6 +40,52 @@ def check_model(path: Path) -> None:
     print(f"moebus: {info.name} ({info.model_type}, {info.moe_layers} MoE layers x {info.num_experts} experts)", flush=True)
 
 
+def restart_delay(failures: list[float], now: float, window_s: float = 60.0, give_up_after: int = 5) -> float | None:
+    """Seconds to wait before restarting a child that failed at the times in `failures` (this
+    one included), or None to give up: backoff doubles from 0.5 s, and a child failing
+    `give_up_after` times within `window_s` is not coming back by itself."""
+    recent = [t for t in failures if now - t <= window_s]
+    if len(recent) >= give_up_after:
+        return None
+    return min(0.5 * 2 ** (len(recent) - 1), 8.0)
+
+
+@dataclass
+class Child:
+    """One supervised process: restarted with backoff when it exits unasked."""
+
+    name: str
+    start: Callable[[], subprocess.Popen]
+    proc: subprocess.Popen | None = None
+    failures: list[float] = field(default_factory=list)
+    restart_at: float | None = None
+
+    def check(self, now: float) -> bool:
+        """Restart if due; False when the child keeps failing and moebus should stop."""
+        if self.proc is not None and self.proc.poll() is not None:
+            code = self.proc.returncode
+            self.proc = None
+            self.failures.append(now)
+            delay = restart_delay(self.failures, now)
+            if delay is None:
+                say(f"{self.name} exited with code {code} ({len(self.failures)} failures in a minute); stopping")
+                return False
+            say(f"{self.name} exited with code {code}; restarting it in {delay:g}s")
+            self.restart_at = now + delay
+        if self.proc is None and self.restart_at is not None and now >= self.restart_at:
+            self.restart_at = None
+            try:
+                self.proc = self.start()
+            except ConfigError as e:
+                say(f"{self.name} cannot be restarted: {e}; stopping")
+                return False
+        return True
+
+
+def say(line: str) -> None:
+    print(f"moebus: {line}", file=sys.stderr, flush=True)
+
+
 def up(cfg: UpConfig) -> int:
     if cfg.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {cfg.workers}")
@@ -51,46 +98,49 @@ def up(cfg: UpConfig) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    procs: list[tuple[str, subprocess.Popen]] = []
-    nats_proc = None
+    children: list[Child] = []
     tmp = tempfile.TemporaryDirectory(prefix="moebus-nats-")
     try:
         url = cfg.nats_url
-        if not url:
-            nats_proc = start_nats(cfg.nats_port, Path(tmp.name))
+        if not url:  # the embedded server restarts on the same port and store: services reconnect
+            nats = Child("nats-server", lambda: start_nats(cfg.nats_port, Path(tmp.name)))
+            nats.proc = nats.start()
+            children.append(nats)
             url = f"nats://127.0.0.1:{cfg.nats_port}"
             print(f"moebus: nats-server (JetStream) on {url}", flush=True)
         base = [sys.executable, "-m", "services.cli"]
         threads = str(blas_threads(os.cpu_count() or 1, cfg.workers + 1))  # the router and the workers
         env = {"OPENBLAS_NUM_THREADS": threads, **os.environ, "MOEBUS_PARENT_PID": str(os.getpid())}
         common = ["--nats", url, "--model", str(cfg.model)]
-        procs.append(("router", subprocess.Popen([*base, "router", *common, *cfg.router_args], env=env)))
-        for rank in range(cfg.workers):
-            cmd = [*base, "worker", *common, "--rank", str(rank), "--world", str(cfg.workers)]
-            procs.append((f"worker {rank}", subprocess.Popen(cmd, env=env)))
-        gw = [*base, "gateway", "--nats", url, "--host", cfg.host, "--port", str(cfg.port), *cfg.gateway_args]
-        procs.append(("gateway", subprocess.Popen(gw, env=env)))
+        commands = [("router", [*base, "router", *common, *cfg.router_args])]
+        commands += [(f"worker {rank}", [*base, "worker", *common, "--rank", str(rank), "--world", str(cfg.workers)])
+                     for rank in range(cfg.workers)]
+        commands.append(("gateway", [*base, "gateway", "--nats", url, "--host", cfg.host, "--port", str(cfg.port),
+                                     *cfg.gateway_args]))
+        for name, cmd in commands:
+            child = Child(name, lambda cmd=cmd: subprocess.Popen(cmd, env=env))
+            child.proc = child.start()
+            children.append(child)
         http = f"http://{cfg.host}:{cfg.port}"
         announced = False
         deadline = time.monotonic() + cfg.ready_timeout_s
         while not stopping:
-            for name, p in procs:
-                if p.poll() is not None:
-                    print(f"moebus: {name} exited with code {p.returncode}; stopping", file=sys.stderr, flush=True)
-                    return 1
+            now = time.monotonic()
+            if not all(child.check(now) for child in children):
+                return 1
             if not announced:
                 if healthy(http):
                     announced = True
                     print(_banner(http, cfg.model.name), flush=True)
-                elif time.monotonic() > deadline:
-                    print(f"moebus: not ready after {cfg.ready_timeout_s:g}s; stopping", file=sys.stderr, flush=True)
+                elif now > deadline:
+                    say(f"not ready after {cfg.ready_timeout_s:g}s; stopping")
                     return 1
             time.sleep(0.2)
         return 0
     finally:
-        _stop_all(procs)
-        if nats_proc is not None:
-            _stop_all([("nats-server", nats_proc)])
+        services = [(c.name, c.proc) for c in children if c.proc is not None and c.name != "nats-server"]
+        _stop_all(services)  # the services first, while they can still drain
+        _stop_all([(c.name, c.proc) for c in children if c.proc is not None and c.name == "nats-server"])
         tmp.cleanup()
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import nats
@@ -22,26 +23,52 @@ from shared.logs import get_logger
 log = get_logger("bus")
 
 
-async def connect(url: str, name: str) -> Client:
-    async def on_error(e: Exception) -> None:
-        log.warning("nats error", error=repr(e))
+class Throttled:
+    """A warning logged at most once per `period_s`, with how many were held back: a service
+    reconnecting to a dead server must not write several lines a second."""
 
-    async def on_disconnect() -> None:
-        log.warning("nats disconnected", url=url)
+    def __init__(self, period_s: float = 10.0) -> None:
+        self.period_s = period_s
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
 
-    async def on_reconnect() -> None:
+    def warning(self, event: str, **kw: Any) -> None:
+        now = time.monotonic()
+        if now - self._last.get(event, -self.period_s) < self.period_s:
+            self._held[event] = self._held.get(event, 0) + 1
+            return
+        self._last[event] = now
+        held = self._held.pop(event, 0)
+        log.warning(event, **kw, **({"repeats_held_back": held} if held else {}))
+
+
+async def connect(url: str, name: str, on_disconnect: Callable[[], None] | None = None) -> Client:
+    throttled = Throttled()
+
+    async def error_cb(e: Exception) -> None:
+        throttled.warning("nats error", error=repr(e))
+
+    async def disconnected_cb() -> None:
+        if nc.is_closed or nc.is_draining:
+            return  # our own shutdown
+        throttled.warning("nats disconnected, reconnecting", url=url)
+        if on_disconnect is not None:
+            on_disconnect()
+
+    async def reconnected_cb() -> None:
         log.info("nats reconnected", url=url)
 
-    return await nats.connect(
+    nc = await nats.connect(
         url,
         name=name,
         connect_timeout=5,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
-        error_cb=on_error,
-        disconnected_cb=on_disconnect,
-        reconnected_cb=on_reconnect,
+        error_cb=error_cb,
+        disconnected_cb=disconnected_cb,
+        reconnected_cb=reconnected_cb,
     )
+    return nc
 
 
 async def request(nc: Client, subject: str, payload: bytes, timeout: float) -> bytes:

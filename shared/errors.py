@@ -33,6 +33,10 @@ class ModelError(MoebusError):
 class WireError(MoebusError):
     code = "bad_message"
 
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
 
 class BadRequest(MoebusError):
     code = "invalid_request_error"

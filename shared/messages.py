@@ -1,122 +1,112 @@
-"""JSON control messages: small frozen dataclasses, encoded with orjson.
+"""JSON control messages: frozen pydantic models, validated on decode, encoded with orjson.
 
-Arrays never travel here; they use the binary format in `shared.wire`.
+Arrays never travel here; they use the binary format in `shared.wire`. Every message from the
+bus is untrusted: the models bound every field (subjects without wildcards, finite numbers,
+limits the HTTP API also applies), so a forged message is refused with a clear error.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from typing import Any, TypeVar, Union
+import re
+from typing import Annotated, TypeVar
 
 import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from shared import subjects
 from shared.errors import WireError
 
-M = TypeVar("M")
+M = TypeVar("M", bound=BaseModel)
 
-_SIMPLE = {int: (int,), float: (int, float), str: (str,), bool: (bool,), list: (list,), dict: (dict,)}
+MAX_STOPS, MAX_STOP_CHARS = 16, 256
+MAX_TOKENS = 1 << 31
+MAX_TIMEOUT_S = 24 * 3600.0  # the longest request deadline the router accepts
+MAX_TOP_LOGPROBS = 20
+
+_ID = r"[A-Za-z0-9_-]{1,64}"
+Name = Annotated[str, Field(pattern=rf"^{_ID}$")]
+# A subject a peer may give us to publish to: plain tokens, no wildcards, no spaces.
+Subject = Annotated[str, Field(pattern=rf"^{_ID}(\.{_ID}){{1,15}}$")]
+StreamSubject = Annotated[str, Field(pattern=rf"^{re.escape(subjects.STREAM_PREFIX)}\.{_ID}$")]
+Count = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
+TokenId = Annotated[int, Field(ge=0, lt=MAX_TOKENS)]
 
 
-def encode(msg: Any) -> bytes:
-    return orjson.dumps(dataclasses.asdict(msg))
+class Message(BaseModel):
+    model_config = ConfigDict(frozen=True, strict=True, extra="ignore", allow_inf_nan=False)
+
+
+def encode(msg: BaseModel) -> bytes:
+    return orjson.dumps(msg.model_dump())
 
 
 def decode(cls: type[M], data: bytes) -> M:
-    """Decode `data` into `cls`, checking that each simple field has its declared type."""
+    """Decode and validate `data` as `cls`; WireError names the first bad field."""
     try:
-        raw = orjson.loads(data)
-    except orjson.JSONDecodeError as e:
-        raise WireError(f"{cls.__name__}: not JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise WireError(f"{cls.__name__}: expected a JSON object")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise WireError(f"{cls.__name__}: missing field {f.name!r}")
-            continue
-        value = raw[f.name]
-        if not _fits(value, hints[f.name]):
-            raise WireError(f"{cls.__name__}: field {f.name!r} has the wrong type")
-        kwargs[f.name] = value
-    return cls(**kwargs)
+        return cls.model_validate_json(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise WireError(f"{cls.__name__}: {where + ': ' if where else ''}{first['msg']}",
+                        param=str(first["loc"][0]) if first["loc"] else None) from None
 
 
-def _fits(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        return any(_fits(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is Any:
-        return True
-    base = origin or hint
-    allowed = _SIMPLE.get(base)
-    if allowed is None:
-        return True
-    if base in (int, float) and isinstance(value, bool):
-        return False
-    return isinstance(value, allowed)
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerAnnounce:
+class WorkerAnnounce(Message):
     """A worker says which experts it holds; sent at start, on discover, as heartbeat."""
 
-    worker: str
-    subject: str
-    model: str  # fingerprint of the checkpoint, so a worker of another model is ignored
-    layers: int
-    experts: list  # expert ids held, the same in every MoE layer
+    worker: Name
+    subject: Subject  # unique to this worker process
+    model: str = Field(max_length=64)  # fingerprint of the checkpoint: a worker of another model is ignored
+    layers: Count
+    experts: list[Annotated[int, Field(ge=0, lt=1 << 16)]] = Field(max_length=1 << 16)  # held in every MoE layer
+    world: int = Field(default=0, ge=0, le=1 << 16)  # the cluster size it was started for (0: unknown)
     leaving: bool = False
-    memory: dict = dataclasses.field(default_factory=dict)  # MLX's counters: active, peak, cache (bytes)
+    memory: dict[str, int] = Field(default_factory=dict, max_length=16)  # MLX's counters (bytes)
 
 
-@dataclasses.dataclass(frozen=True)
-class Discover:
-    """The router asks every worker to announce itself now."""
+class Discover(Message):
+    """Anyone asks every worker to announce itself now."""
 
-    router: str = ""
+    router: str = Field(default="", max_length=64)
 
 
-@dataclasses.dataclass(frozen=True)
-class GenerateRequest:
+class ChatTurn(Message):
+    role: str = Field(max_length=64)
+    content: str
+
+
+class GenerateRequest(Message):
     """Gateway -> router: one completion. Events stream to `stream`."""
 
-    request_id: str
-    stream: str
-    max_tokens: int
-    prompt: str | list | None = None  # text or token ids (completions)
-    messages: list | None = None  # chat messages (chat completions)
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    stop: list = dataclasses.field(default_factory=list)  # stop strings
+    request_id: Name
+    stream: StreamSubject
+    max_tokens: int = Field(ge=1, le=MAX_TOKENS)  # the context bounds it further
+    prompt: str | list[TokenId] | None = None  # text or token ids (completions)
+    messages: list[ChatTurn] | None = None  # chat messages (chat completions)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0, le=MAX_TOKENS)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, lt=1 << 32)
+    stop: list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]] = Field(default_factory=list, max_length=MAX_STOPS)
     logprobs: bool = False
-    top_logprobs: int = 0
-    timeout_s: float = 600.0  # the request's deadline, from acceptance
+    top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
+    timeout_s: float = Field(default=600.0, gt=0.0, le=MAX_TIMEOUT_S)  # the deadline, from acceptance
 
 
-@dataclasses.dataclass(frozen=True)
-class GenerateAccepted:
+class GenerateAccepted(Message):
     request_id: str
     prompt_tokens: int
+    router: str = ""  # the accepting router process: a stream outlives it only if it is still there
 
 
-@dataclasses.dataclass(frozen=True)
-class Cancel:
+class Cancel(Message):
     """Gateway -> router: the client is gone; drop the sequence and free its cache."""
 
-    request_id: str
+    request_id: Name
 
 
-@dataclasses.dataclass(frozen=True)
-class GenerateEvent:
+class GenerateEvent(Message):
     """Router -> gateway, on the request's stream subject, in order (`index` counts from 0)."""
 
     request_id: str
@@ -130,16 +120,17 @@ class GenerateEvent:
     stop_sequence: str | None = None  # the stop string that ended the text
     logprob: float | None = None  # of `token`, when the request asked for logprobs
     token_text: str | None = None
-    top_logprobs: list | None = None  # [[token text, logprob], ...]
+    top_logprobs: list[tuple[str, float | None]] | None = None  # [[token text, logprob], ...]
 
 
-@dataclasses.dataclass(frozen=True)
-class RouterStatus:
+class RouterStatus(Message):
     ready: bool
     model: str
     max_context: int
-    workers: list
+    workers: list[str]
     experts_covered: int
     experts_total: int
     running: int = 0
     waiting: int = 0
+    router: str = ""  # this router process's id (GenerateAccepted.router)
+    unready_reason: str = ""

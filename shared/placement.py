@@ -33,3 +33,18 @@ def route_table(num_experts: int, holdings: Iterable[tuple[str, Iterable[int]]])
             if 0 <= e < num_experts:
                 owners[e] = worker
     return owners
+
+
+def cluster_conflict(worker: str, world: int, peers: Iterable[tuple[str, int]]) -> str | None:
+    """Why a worker (`worker` of a `world`-worker cluster) must not join the live `peers`
+    ((id, world) of each), or None. Two processes with one id, or workers that disagree on the
+    cluster size, would each serve experts the router expects elsewhere."""
+    peers = sorted(set(peers))
+    ids = [w for w, _ in peers]
+    if worker in ids:
+        return f"worker {worker} is already running; each worker needs its own --rank"
+    others = sorted({n for _, n in peers if n != world})
+    if others:
+        return (f"the running workers ({', '.join(ids)}) were started with --world {others[0]}, this one with "
+                f"--world {world}; start it with --world {others[0]}, or restart every worker with the new world")
+    return None

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.micro import add_service
 from nats.micro.request import Request
@@ -17,11 +19,11 @@ from shared import subjects
 from shared.bus import close, connect, stop_event, stop_service, ticks
 from shared.errors import ConfigError, WireError
 from shared.logs import get_logger
-from shared.messages import WorkerAnnounce, encode
+from shared.messages import Discover, WorkerAnnounce, decode, encode
 from shared.mlx_thread import MLXThread
-from shared.model import ModelInfo
-from shared.placement import experts_of, worker_ids
-from shared.wire import decode_request
+from shared.model import ModelInfo, fingerprint
+from shared.placement import cluster_conflict, experts_of, worker_ids
+from shared.wire import DTYPES, decode_request, reply_size
 
 VERSION = "0.1.0"
 log = get_logger("worker")
@@ -34,6 +36,7 @@ class WorkerConfig:
     rank: int
     world: int
     heartbeat_s: float = 1.0
+    peers_window_s: float = 1.0  # how long to listen for the live workers before joining
 
     @property
     def worker_id(self) -> str:
@@ -41,12 +44,16 @@ class WorkerConfig:
 
 
 class Worker:
-    def __init__(self, cfg: WorkerConfig, experts: LocalExperts, info: ModelInfo, mlx: MLXThread) -> None:
+    def __init__(self, cfg: WorkerConfig, experts: LocalExperts, info: ModelInfo, mlx: MLXThread,
+                 max_payload: int) -> None:
         self.cfg = cfg
         self.experts = experts
         self.info = info
         self.mlx = mlx
-        self.subject = subjects.experts_subject(cfg.worker_id)
+        self.max_payload = max_payload
+        # Unique to this process: a second process with the same id never shares its subject,
+        # and the router tells a restarted worker from the one it replaced.
+        self.subject = subjects.experts_subject(f"{cfg.worker_id}-{uuid.uuid4().hex[:8]}")
         self.pending: set[asyncio.Task] = set()
 
     async def handle(self, req: Request) -> None:
@@ -56,6 +63,11 @@ class Worker:
             expert_req = decode_request(req.data)
         except WireError as e:
             await req.respond_error("400", str(e))
+            return
+        size = reply_size(len(expert_req.experts), expert_req.x.shape[1], DTYPES[expert_req.dtype].itemsize)
+        if size > self.max_payload:  # refused before any compute: the reply could not be sent
+            await req.respond_error("413", f"the reply would be {size} bytes, over the server's maximum message "
+                                           f"of {self.max_payload}: send fewer pairs per request")
             return
         work = asyncio.wrap_future(self.mlx.submit(self.experts.compute, expert_req))  # queued now, not when awaited
         task = asyncio.create_task(self._answer(req, work))
@@ -74,7 +86,7 @@ class Worker:
     def announcement(self, leaving: bool = False) -> bytes:
         return encode(WorkerAnnounce(
             worker=self.cfg.worker_id, subject=self.subject, model=self.info.fingerprint,
-            layers=self.info.moe_layers, experts=self.experts.held, leaving=leaving,
+            layers=self.info.moe_layers, experts=self.experts.held, world=self.cfg.world, leaving=leaving,
             memory=mlx_memory(),
         ))
 
@@ -85,20 +97,43 @@ def mlx_memory() -> dict[str, int]:
     return {"active": mx.get_active_memory(), "peak": mx.get_peak_memory(), "cache": mx.get_cache_memory()}
 
 
+async def check_peers(nc: Client, cfg: WorkerConfig) -> None:
+    """Refuse to join a cluster this worker disagrees with (ConfigError), before loading."""
+    model = fingerprint(cfg.model)
+    peers: set[tuple[str, int]] = set()
+
+    async def on_announce(msg: Msg) -> None:
+        try:
+            a = decode(WorkerAnnounce, msg.data)
+        except WireError:
+            return
+        if a.model == model and not a.leaving:
+            peers.add((a.worker, a.world))
+
+    sub = await nc.subscribe(subjects.WORKERS_ANNOUNCE, cb=on_announce)
+    await nc.publish(subjects.WORKERS_DISCOVER, encode(Discover(router=cfg.worker_id)))
+    await asyncio.sleep(cfg.peers_window_s)
+    await sub.unsubscribe()
+    why = cluster_conflict(cfg.worker_id, cfg.world, peers)
+    if why is not None:
+        raise ConfigError(why)
+
+
 async def serve(cfg: WorkerConfig) -> None:
     if not 0 <= cfg.rank < cfg.world:
         raise ConfigError(f"--rank {cfg.rank} is outside --world {cfg.world}")
     stop = stop_event()
     mlx = MLXThread()
     try:
-        me, world = cfg.worker_id, worker_ids(cfg.world)
-        experts, info = await mlx.run(load_experts, cfg.model, lambda n: experts_of(n, world, me))
-        if not experts.held:
-            raise ConfigError(f"worker {me} holds no experts: --world {cfg.world} exceeds {info.num_experts} experts")
-        worker = Worker(cfg, experts, info, mlx)
         async with AsyncExitStack() as stack:
+            me, world = cfg.worker_id, worker_ids(cfg.world)
             nc = await connect(cfg.nats_url, name=f"moebus-worker-{me}")
             stack.push_async_callback(close, nc)
+            await check_peers(nc, cfg)
+            experts, info = await mlx.run(load_experts, cfg.model, lambda n: experts_of(n, world, me))
+            if not experts.held:
+                raise ConfigError(f"worker {me} holds no experts: --world {cfg.world} exceeds {info.num_experts} experts")
+            worker = Worker(cfg, experts, info, mlx, nc.max_payload)
             svc = await add_service(
                 nc, name=subjects.SERVICE_WORKER, version=VERSION,
                 description="moebus expert worker: a share of the experts of every MoE layer",

@@ -13,7 +13,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from shared import subjects
 from shared.bus import request
-from shared.errors import BusTimeout
+from shared.errors import BusError, BusTimeout, NoResponders
 from shared.messages import Cancel, GenerateAccepted, GenerateEvent, GenerateRequest, RouterStatus, decode, encode
 
 
@@ -24,6 +24,7 @@ class Generation:
     sub: Subscription
     client: RouterClient
     started: float
+    connection: int  # the client's connection count when it started
     done: bool = False
 
     async def events(self) -> AsyncIterator[GenerateEvent]:
@@ -31,12 +32,18 @@ class Generation:
         cancels the sequence on the router, so its cache is freed at once."""
         m = self.client.metrics
         last = None
+        quiet = 0.0  # seconds since the last event
         try:
             while True:
                 try:
-                    msg = await self.sub.next_msg(timeout=self.client.event_timeout_s)
+                    msg = await self.sub.next_msg(timeout=self.client.check_every_s)
                 except NatsTimeout:
-                    raise BusTimeout(f"no token from the router within {self.client.event_timeout_s:g}s") from None
+                    quiet += self.client.check_every_s
+                    if quiet >= self.client.event_timeout_s:
+                        raise BusTimeout(f"no token from the router within {self.client.event_timeout_s:g}s") from None
+                    await self.client.check_alive(self)
+                    continue
+                quiet = 0.0
                 event = decode(GenerateEvent, msg.data)
                 now = time.perf_counter()
                 if event.token is not None and m is not None:
@@ -63,7 +70,27 @@ class RouterClient:
         self.event_timeout_s = event_timeout_s
         self.deadline_s = deadline_s
         self.metrics = metrics
+        self.check_every_s = 1.0  # a stream quiet this long asks whether its router is still there
+        self.connections = 0  # bumped when the bus connection drops: events sent meanwhile are lost
+        self.generate_failed: str | None = None  # why the last generate request got no answer
         self._model: tuple[str, float] = ("", 0.0)
+
+    def on_disconnect(self) -> None:
+        self.connections += 1
+
+    async def check_alive(self, gen: Generation) -> None:
+        """BusError when `gen` can no longer finish: the bus dropped (its events are lost), or
+        the router that accepted it is gone or was restarted. A busy router still answers."""
+        if self.connections != gen.connection:
+            raise BusError("the bus connection was lost during generation; its tokens cannot be recovered")
+        try:
+            router = (await self.status()).router
+        except NoResponders:
+            raise BusError("the router went away during generation") from None
+        except BusError:
+            return  # no answer in time: maybe only slow; the event timeout still bounds the wait
+        if router != gen.accepted.router:
+            raise BusError("the router restarted during generation; this request was lost")
 
     async def model(self, max_age_s: float = 5.0) -> str:
         """The served model's name, asked of the router at most every few seconds, not per request."""
@@ -80,7 +107,7 @@ class RouterClient:
         return await request(self.nc, subjects.ROUTER_METRICS, b"{}", timeout_s)
 
     async def cancel(self, request_id: str) -> None:
-        await self.nc.publish(subjects.ROUTER_CANCEL, encode(Cancel(request_id)))
+        await self.nc.publish(subjects.ROUTER_CANCEL, encode(Cancel(request_id=request_id)))
 
     async def start(self, **fields) -> Generation:
         request_id = uuid.uuid4().hex
@@ -90,8 +117,14 @@ class RouterClient:
         sub = await self.nc.subscribe(stream)
         try:
             g = GenerateRequest(request_id=request_id, stream=stream, timeout_s=self.deadline_s, **fields)
-            reply = await request(self.nc, subjects.ROUTER_GENERATE, encode(g), self.request_timeout_s)
-            return Generation(request_id, decode(GenerateAccepted, reply), sub, self, started)
+            connection = self.connections
+            try:
+                reply = await request(self.nc, subjects.ROUTER_GENERATE, encode(g), self.request_timeout_s)
+            except (NoResponders, BusTimeout) as e:
+                self.generate_failed = str(e)  # /health says so until a request gets through
+                raise
+            self.generate_failed = None
+            return Generation(request_id, decode(GenerateAccepted, reply), sub, self, started, connection)
         except BaseException as e:
             await sub.unsubscribe()
             if isinstance(e, BusTimeout):  # the router may still take it up later: it need not

@@ -12,6 +12,7 @@ everything a lane does (insert, step, remove) runs on that lane's own thread.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -84,8 +85,9 @@ def pick_lane(sizes: list[int], caps: list[int], split_at: int) -> int:
 
 class Engine:
     def __init__(self, model: nn.Module, tokenizer: Any, limits: EngineLimits, publish: Publish,
-                 baton: Baton | None = None) -> None:
+                 baton: Baton | None = None, max_context: int = 1 << 31) -> None:
         self.model = model
+        self.max_context = max_context
         self.publish = publish
         self._out: list[tuple[str, GenerateEvent]] = []
         self.tokenizer = tokenizer
@@ -93,6 +95,10 @@ class Engine:
         self.eos = sorted(tokenizer.eos_token_ids)
         self.baton = baton or Baton()
         self.uids: dict[str, tuple[Lane, int]] = {}
+        # Accepted, not yet in a lane: a lane takes a sequence only when it has room, so no
+        # generator ever decodes more than its share of max_running (mlx-lm's BatchGenerator
+        # can move more prompts into its decode batch than completion_batch_size).
+        self.queue: deque[Sequence] = deque()
         self.cancelled: dict[str, None] = {}  # insertion-ordered: the oldest go first
         self.running = 0  # read by the event loop for status and admission
         self.waiting = 0
@@ -116,26 +122,42 @@ class Engine:
                        time.monotonic() + req.timeout_s)
         if req.request_id in self.cancelled:  # the gateway gave up before we got to it
             self.cancelled.pop(req.request_id)
-            self._emit(seq, GenerateEvent(req.request_id, 0, finish_reason="error", error="cancelled"))
-            self._flush()
-            return
-        sizes, caps = [len(lane.seqs) for lane in self.lanes], [lane.cap for lane in self.lanes]
-        lane = self.lanes[pick_lane(sizes, caps, self.limits.split_at)]
+            self._emit(seq, GenerateEvent(request_id=req.request_id, index=0, finish_reason="error", error="cancelled"))
+        else:
+            self.queue.append(seq)
+            self._admit()
+        self._count()
+        self._flush()
+
+    def _admit(self) -> None:
+        """Queued sequences join lanes that have room, oldest first."""
+        while self.queue:
+            sizes, caps = [len(lane.seqs) for lane in self.lanes], [lane.cap for lane in self.lanes]
+            if all(n >= c for n, c in zip(sizes, caps)):
+                return
+            seq = self.queue.popleft()
+            self._insert(self.lanes[pick_lane(sizes, caps, self.limits.split_at)], seq)
+
+    def _insert(self, lane: Lane, seq: Sequence) -> None:
+        req = seq.req
+        # The context bounds the completion: a sequence that reaches it ends with "length".
+        max_tokens = min(req.max_tokens, self.max_context - len(seq.prompt))
         try:
             sampler = request_sampler(req.temperature, req.top_p, req.top_k, req.min_p, req.seed)
-            (uid,) = lane.call(lambda: lane.gen.insert([prompt], max_tokens=[req.max_tokens], samplers=[sampler]))
+            (uid,) = lane.call(lambda: lane.gen.insert([seq.prompt], max_tokens=[max_tokens], samplers=[sampler]))
         except Exception as e:  # noqa: BLE001 - the request was accepted: it must hear why it ends
-            self._emit(seq, GenerateEvent(req.request_id, 0, finish_reason="error", error=f"cannot start: {e!r}"))
-            self._flush()
+            self._emit(seq, GenerateEvent(request_id=req.request_id, index=0, finish_reason="error",
+                                          error=f"cannot start: {e!r}"))
             return
         lane.seqs[uid] = seq
         self.uids[req.request_id] = (lane, uid)
-        self._count()
 
     def fail_all(self, error: str) -> None:
         """Every sequence ends with `error` (shutdown); the batches start afresh."""
         for lane in self.lanes:
             self._fail_lane(lane, error)
+        while self.queue:
+            self._end_queued(self.queue.popleft(), error)
         self._count()
         self._flush()
 
@@ -145,6 +167,13 @@ class Engine:
             self._fail(lane, uid, error, in_batch=False)
 
     def cancel(self, request_id: str) -> None:
+        queued = next((s for s in self.queue if s.req.request_id == request_id), None)
+        if queued is not None:
+            self.queue.remove(queued)
+            self._end_queued(queued, "cancelled: the client went away")
+            self._count()
+            self._flush()
+            return
         found = self.uids.get(request_id)
         if found is None:  # not added yet: remember, a few hundred at most
             self.cancelled[request_id] = None
@@ -184,6 +213,11 @@ class Engine:
         finally:  # never leave a lane running on its own past this step
             for fut in pending:
                 fut.result()
+        now = time.monotonic()
+        for seq in [s for s in self.queue if now > s.deadline]:
+            self.queue.remove(seq)
+            self._end_queued(seq, f"request deadline of {seq.req.timeout_s:g}s exceeded")
+        self._admit()  # into the room the finished sequences left
         self._count()
         return any(lane.seqs for lane in self.lanes)
 
@@ -225,9 +259,10 @@ class Engine:
             tail, stop_sequence = seq.stops.feed(seq.detok.last_segment)
             text += tail + ("" if stop_sequence else seq.stops.flush())
         done = finish is not None
-        self._emit(seq, GenerateEvent(seq.req.request_id, seq.index, text, token, finish,
-                               len(seq.prompt) if done else 0, seq.n if done else 0,
-                               stop_sequence=stop_sequence, **extra))
+        self._emit(seq, GenerateEvent(
+            request_id=seq.req.request_id, index=seq.index, text=text, token=token, finish_reason=finish,
+            prompt_tokens=len(seq.prompt) if done else 0, completion_tokens=seq.n if done else 0,
+            stop_sequence=stop_sequence, **extra))
         seq.index += 1
         if done:
             self._drop(lane, uid, still_in_batch=in_batch)
@@ -237,16 +272,20 @@ class Engine:
         if top > 0:
             ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
             pairs = sorted(zip(ids.tolist(), logprobs[ids].tolist()), key=lambda p: -p[1])
-            out["top_logprobs"] = [[self.tokenizer.decode([i]), lp] for i, lp in pairs]
+            out["top_logprobs"] = [(self.tokenizer.decode([i]), lp) for i, lp in pairs]
         return out
 
     def _fail(self, lane: Lane, uid: int, error: str, in_batch: bool = True) -> None:
         seq = lane.seqs.get(uid)
         if seq is None:  # finished meanwhile
             return
-        self._emit(seq, GenerateEvent(seq.req.request_id, seq.index, finish_reason="error", error=error,
-                               prompt_tokens=len(seq.prompt), completion_tokens=seq.n))
+        self._emit(seq, GenerateEvent(request_id=seq.req.request_id, index=seq.index, finish_reason="error",
+                                      error=error, prompt_tokens=len(seq.prompt), completion_tokens=seq.n))
         self._drop(lane, uid, still_in_batch=in_batch)
+
+    def _end_queued(self, seq: Sequence, error: str) -> None:
+        self._emit(seq, GenerateEvent(request_id=seq.req.request_id, index=0, finish_reason="error", error=error,
+                                      prompt_tokens=len(seq.prompt)))
 
     def _emit(self, seq: Sequence, event: GenerateEvent) -> None:
         self._out.append((seq.req.stream, event))
@@ -261,4 +300,4 @@ class Engine:
     def _count(self) -> None:
         seqs = [s for lane in self.lanes for s in lane.seqs.values()]
         self.running = sum(s.started for s in seqs)
-        self.waiting = len(seqs) - self.running
+        self.waiting = len(seqs) - self.running + len(self.queue)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -18,7 +19,7 @@ from nats.aio.client import Client
 from services.router.metrics import ExchangeStats
 from shared.arrays import to_mlx, to_numpy, wire_dtype
 from shared.bus import request
-from shared.errors import BusError, BusTimeout, NotReady, WireError
+from shared.errors import BusError, BusTimeout, NoResponders, NotReady, WireError
 from shared.mlx_thread import Baton
 from shared.wire import decode_reply, encode_request
 
@@ -71,6 +72,10 @@ class ExpertClient:
         self.table: tuple[list[str], np.ndarray] = ([], np.zeros(0, np.int32))
         self.baton = Baton()  # handed to the other micro-batch while this one waits on the bus
         self._y = np.empty(0, np.float32)  # replies are gathered here, reused while big enough
+        # Calls waiting on each subject (event loop only): a worker found dead fails them at once.
+        self._waiting: dict[str, set[asyncio.Task]] = {}
+        self._lost: dict[asyncio.Task, str] = {}
+        self.on_failure: Callable[[str, BusError], None] = lambda subject, error: None
 
     def set_table(self, subjects: list[str], owner: np.ndarray) -> None:
         # One attribute, swapped whole by the event loop: the MLX thread never sees half of it.
@@ -117,11 +122,39 @@ class ExpertClient:
             self._y = np.empty(size, dtype)
         return self._y[:size]
 
+    def fail_calls(self, subject: str | None, why: str) -> None:
+        """Every call waiting on `subject` (None: on any) ends now with `why`: its worker is gone
+        (dropped, replaced, or the bus itself went), so no reply will come."""
+        for s in [subject] if subject is not None else list(self._waiting):
+            for task in self._waiting.get(s, ()):
+                self._lost[task] = why
+                task.cancel()
+
     async def _fan_out(self, trips: list[Trip]) -> list[bytes]:
-        tasks = [asyncio.ensure_future(request(self.nc, t.subject, t.payload, self.timeout_s)) for t in trips]
+        tasks = [asyncio.ensure_future(self._call(t)) for t in trips]
         try:
             return await asyncio.gather(*tasks)
         except BusError:
             for task in tasks:
                 task.cancel()
             raise
+
+    async def _call(self, trip: Trip) -> bytes:
+        task = asyncio.current_task()
+        waiting = self._waiting.setdefault(trip.subject, set())
+        waiting.add(task)
+        try:
+            return await request(self.nc, trip.subject, trip.payload, self.timeout_s)
+        except asyncio.CancelledError:
+            why = self._lost.get(task)
+            if why is None:
+                raise
+            raise BusError(f"{trip.subject}: {why}") from None
+        except (NoResponders, BusTimeout) as e:
+            self.on_failure(trip.subject, e)  # readiness follows real failures, not only heartbeats
+            raise
+        finally:
+            self._lost.pop(task, None)
+            waiting.discard(task)
+            if not waiting:
+                self._waiting.pop(trip.subject, None)

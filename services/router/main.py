@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from services.router.prompts import PromptEncoder
 from services.router.registry import WorkerRegistry
 from shared import subjects
 from shared.bus import close, connect, stop_event, stop_service, ticks
-from shared.errors import BadRequest, WireError
+from shared.errors import BadRequest, BusError, WireError
 from shared.logs import get_logger
 from shared.messages import (
     Cancel, Discover, GenerateAccepted, GenerateEvent, GenerateRequest, RouterStatus, WorkerAnnounce, decode, encode,
@@ -63,7 +64,7 @@ def load_router_model(cfg: RouterConfig, client: ExpertClient, publish: Publish)
     tokenizer = load_tokenizer(cfg.model)
     client.stats = ExchangeStats(info.moe_layers, info.num_experts)
     return Loaded(
-        Engine(model, tokenizer, cfg.limits, publish, client.baton),
+        Engine(model, tokenizer, cfg.limits, publish, client.baton, info.max_context),
         PromptEncoder(tokenizer, info.max_context, cfg.max_prompt_tokens),
         info,
         WorkerRegistry(info.num_experts, info.moe_layers, info.fingerprint, 4 * cfg.heartbeat_s),
@@ -81,13 +82,19 @@ class Router:
         self.mlx = mlx
         self.m: Loaded | None = None
         self.active = 0  # accepted and not finished: what admission counts (event loop only)
+        self.id = uuid.uuid4().hex[:12]  # this process: a gateway's stream outlives it only if it is still here
+        client.on_failure = self.on_call_failure
 
     def status(self) -> RouterStatus:
         if self.m is None:
-            return RouterStatus(False, self.cfg.model.name, 0, [], 0, 0)
+            return RouterStatus(ready=False, model=self.cfg.model.name, max_context=0, workers=[], experts_covered=0,
+                                experts_total=0, router=self.id, unready_reason="the router is loading the model")
         reg, info, eng = self.m.registry, self.m.info, self.m.engine
-        return RouterStatus(reg.covered == info.num_experts, info.name, info.max_context, reg.workers,
-                            reg.covered, info.num_experts, eng.running, eng.waiting)
+        unowned = reg.unowned()
+        return RouterStatus(ready=not unowned, model=info.name, max_context=info.max_context, workers=reg.workers,
+                            experts_covered=info.num_experts - len(unowned), experts_total=info.num_experts,
+                            running=eng.running, waiting=eng.waiting, router=self.id,
+                            unready_reason=f"experts {unowned} have no live worker" if unowned else "")
 
     def gauges(self) -> dict[str, float]:
         s = self.status()
@@ -102,12 +109,28 @@ class Router:
         except WireError as e:
             log.warning("bad announcement", error=str(e))
             return
-        if not self.m.registry.announce(a, time.monotonic()):
-            log.warning("worker of another model ignored", worker=a.worker, model=a.model)
+        gone = self.m.registry.announce(a, time.monotonic())
+        if gone is None:
+            log.warning("worker ignored: another model or cluster size", worker=a.worker, model=a.model, world=a.world)
+            return
+        self._lost(gone, f"worker {a.worker} left" if a.leaving else f"worker {a.worker} was replaced")
         self.client.set_table(*self.m.registry.table())
 
     def expire(self) -> None:
-        if self.m and self.m.registry.expire(time.monotonic()):
+        if self.m is not None:
+            self._lost(self.m.registry.expire(time.monotonic()), "its worker stopped sending heartbeats")
+
+    def on_call_failure(self, subject: str, error: BusError) -> None:
+        """A worker that does not answer is out until it announces itself again (within a
+        heartbeat if it is alive): readiness drops now, not when its heartbeats go stale."""
+        if self.m is not None and (worker := self.m.registry.drop_subject(subject)) is not None:
+            log.warning("worker dropped", worker=worker, error=str(error))
+            self._lost([subject], f"worker {worker} failed: {error}")
+
+    def _lost(self, gone: list[str], why: str) -> None:
+        for subject in gone:
+            self.client.fail_calls(subject, why)  # their calls end now, not at the expert timeout
+        if gone:
             self.client.set_table(*self.m.registry.table())
 
     async def on_status(self, req: Request) -> None:
@@ -117,11 +140,11 @@ class Router:
         try:
             g = decode(GenerateRequest, req.data)
         except WireError as e:
-            await req.respond_error("400", _error(BadRequest(str(e))))
+            await req.respond_error("400", _error(BadRequest(str(e), e.param)))
             return
         status = self.status()
         if not status.ready or self.m is None:
-            await req.respond_error("503", f"not ready: {status.experts_covered}/{status.experts_total} experts have a worker")
+            await req.respond_error("503", f"not ready: {status.unready_reason}")
             return
         limits = self.cfg.limits
         if self.active >= limits.max_running + limits.max_waiting:
@@ -135,7 +158,7 @@ class Router:
             return
         self.active += 1
         self.mlx.submit(self.m.engine.add, g, ids)  # queued before any cancel of it can be
-        await req.respond(encode(GenerateAccepted(g.request_id, len(ids))))
+        await req.respond(encode(GenerateAccepted(request_id=g.request_id, prompt_tokens=len(ids), router=self.id)))
 
     def finished(self) -> None:
         self.active -= 1
@@ -157,9 +180,11 @@ async def serve(cfg: RouterConfig) -> None:
     router: Router | None = None
     try:
         async with AsyncExitStack() as stack:
-            nc = await connect(cfg.nats_url, name="moebus-router")
-            stack.push_async_callback(close, nc)
+            # With the bus gone, no reply to a call in flight will come: fail them now.
+            nc = await connect(cfg.nats_url, name="moebus-router",
+                               on_disconnect=lambda: client.fail_calls(None, "the bus connection was lost"))
             client = ExpertClient(nc, loop, cfg.expert_timeout_s)
+            stack.push_async_callback(close, nc)
             router = Router(cfg, client, mlx)
 
             async def send(events: list[tuple[str, GenerateEvent]]) -> None:
@@ -194,7 +219,7 @@ async def serve(cfg: RouterConfig) -> None:
             await nc.subscribe(subjects.ROUTER_CANCEL, cb=router.on_cancel)
             await svc.add_endpoint(name="generate", subject=subjects.ROUTER_GENERATE, handler=router.on_generate)
             await svc.add_endpoint(name="metrics", subject=subjects.ROUTER_METRICS, handler=on_metrics)
-            await nc.publish(subjects.WORKERS_DISCOVER, encode(Discover("router")))
+            await nc.publish(subjects.WORKERS_DISCOVER, encode(Discover(router="router")))
             info = router.m.info
             log.info("router loaded", model=info.name, moe_layers=info.moe_layers, experts=info.num_experts)
             async for _ in ticks(stop, cfg.heartbeat_s):

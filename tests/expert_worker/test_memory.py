@@ -26,7 +26,7 @@ async def _counters(nc: nats.NATS, worker: str) -> dict[str, int]:
     """The worker's next announcement after everything it was sent has been answered."""
     sub = await nc.subscribe(subjects.WORKERS_ANNOUNCE)
     try:
-        await nc.publish(subjects.WORKERS_DISCOVER, encode(Discover("test")))
+        await nc.publish(subjects.WORKERS_DISCOVER, encode(Discover(router="test")))
         while True:
             a = decode(WorkerAnnounce, (await sub.next_msg(timeout=10)).data)
             if a.worker == worker:

@@ -114,3 +114,35 @@ def test_a_failure_outside_the_model_ends_that_lanes_sequences_with_an_error(che
     assert all("detokenizer broke" in last[r].error for r in broken_ids)
     assert all(last[r].finish_reason == "length" for r in last.keys() - broken_ids)
     assert engine.running == engine.waiting == 0
+
+
+def test_running_never_exceeds_max_running(checkpoints: dict[str, Path]):
+    """Long prompts prefilled a few tokens per step keep mlx-lm's prompt batch busy; a lane
+    must still never decode more than its share of --max-running."""
+    model, tokenizer = load(str(checkpoints["mixtral"]))
+    events: list[tuple[str, GenerateEvent]] = []
+    engine = Engine(model, tokenizer, EngineLimits(max_running=4, prefill_step=2, split_at=2), events.extend)
+    for i in range(12):
+        engine.add(_req(f"r{i}", max_tokens=3 + i % 4), [8 + i % 5] * (3 + 2 * (i % 4)))
+    peak = 0
+    for _ in range(200):
+        busy = engine.step()
+        peak = max(peak, engine.running)
+        assert all(len(lane.seqs) <= lane.cap for lane in engine.lanes)
+        if not busy:
+            break
+    engine.close()
+    assert 2 <= peak <= 4  # busy, never over
+    finished = [e for _, e in events if e.finish_reason]
+    assert len(finished) == 12 and all(e.finish_reason == "length" for e in finished)
+
+
+def test_the_context_ends_a_sequence_with_length(checkpoints: dict[str, Path]):
+    model, tokenizer = load(str(checkpoints["mixtral"]))
+    events: list[tuple[str, GenerateEvent]] = []
+    engine = Engine(model, tokenizer, EngineLimits(), events.extend, max_context=9)
+    engine.add(_req("long", max_tokens=300), [8, 9, 10, 11, 12, 13])
+    _run(engine)
+    engine.close()
+    last = events[-1][1]
+    assert last.finish_reason == "length" and last.completion_tokens == 3

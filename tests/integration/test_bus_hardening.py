@@ -1,0 +1,157 @@
+"""A forged or careless peer on the bus, and workers that vanish: against real services on a
+real nats-server, with the default 30 s expert timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import nats
+import numpy as np
+import orjson
+import pytest
+
+from shared import subjects
+from shared.bus import request
+from shared.errors import RemoteError
+from shared.messages import GenerateRequest, encode
+from shared.wire import encode_request
+from tests.checkpoints import HIDDEN, MAX_POS
+from tests.cluster import cli, tail, wait_healthy
+from tests.integration.test_failures import BODY, Rogue, Services, _until
+
+pytestmark = pytest.mark.slow
+
+
+class Cluster(Services):
+    """Router (default expert timeout, --max-running 2, 2-token prefill steps), gateway, one worker."""
+
+    def __init__(self, model: Path, tmp: Path) -> None:
+        super().__init__(model, tmp, router_args=("--max-running", "2", "--prefill-step", "2"))
+        self.first = self.worker()
+        wait_healthy(self.url, self.procs, self.log)
+
+
+@pytest.fixture(scope="module")
+def cluster(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(checkpoints["mixtral"], tmp_path_factory.mktemp("bus-hardening"))
+    yield c
+    c.stop()
+
+
+def _generate(**fields) -> bytes:
+    """A GenerateRequest as a forger writes it: valid JSON, any values."""
+    base = GenerateRequest(request_id="forged", stream="moebus.v1.stream.forged", max_tokens=3, prompt=[8, 9])
+    return orjson.dumps({**base.model_dump(), **fields})
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"stream": "moebus.v1.stream.>"}, "stream"),
+    ({"stream": "moebus.v1.stream.*"}, "stream"),
+    ({"stream": "moebus.v1.router.generate"}, "stream"),
+    ({"timeout_s": 1e308}, "timeout_s"),
+    ({"max_tokens": 2 ** 62}, "max_tokens"),
+    ({"temperature": -1}, "temperature"),
+])
+async def test_a_forged_generate_request_is_refused(cluster: Cluster, fields: dict, param: str):
+    nc = await nats.connect(cluster.nats_url)
+    try:
+        with pytest.raises(RemoteError) as e:
+            await request(nc, subjects.ROUTER_GENERATE, _generate(**fields), 5)
+    finally:
+        await nc.close()
+    assert e.value.status == "400" and f'"param":"{param}"' in e.value.description
+
+
+async def test_an_expert_request_whose_reply_is_too_large_is_refused_before_compute(cluster: Cluster):
+    nc = await nats.connect(cluster.nats_url)
+    try:
+        pairs = nc.max_payload // (HIDDEN * 4) + 1  # one row, used by every pair: a small request
+        payload = encode_request(0, 0, np.ones((1, HIDDEN), np.float32), np.zeros(pairs, np.int32),
+                                 np.zeros(pairs, np.int32))
+        assert len(payload) < nc.max_payload
+        worker = await _worker_subject(nc)
+        with pytest.raises(RemoteError) as e:
+            await request(nc, worker, payload, 30)
+    finally:
+        await nc.close()
+    assert e.value.status == "413" and "maximum message" in e.value.description
+
+
+async def _worker_subject(nc: nats.NATS) -> str:
+    """The worker's subject, from its heartbeat (unique to its process)."""
+    sub = await nc.subscribe(subjects.WORKERS_ANNOUNCE)
+    msg = await sub.next_msg(timeout=5)
+    await sub.unsubscribe()
+    return orjson.loads(msg.data)["subject"]
+
+
+def test_a_worker_started_for_another_cluster_is_refused(cluster: Cluster):
+    for rank, world, needle in ((0, 1, "already running"), (1, 2, "--world 1")):
+        p = cli("worker", "--nats", cluster.nats_url, "--model", str(cluster.model), "--rank", str(rank),
+                "--world", str(world), log=cluster.log)
+        try:
+            code = p.wait(60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            pytest.fail(f"worker --rank {rank} --world {world} was not refused:\n{tail(cluster.log)}")
+        assert code == 2 and needle in tail(cluster.log, 3000)
+    r = httpx.post(f"{cluster.url}/v1/completions", json=BODY, timeout=30)
+    assert r.status_code == 200, r.text  # the running cluster was never disturbed
+
+
+def test_the_context_bounds_max_tokens(cluster: Cluster):
+    prompt = [8 + i % 50 for i in range(MAX_POS - 3)]
+    r = httpx.post(f"{cluster.url}/v1/completions", timeout=60,
+                   json={**BODY, "prompt": prompt, "max_tokens": 300})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 3 and r.json()["choices"][0]["finish_reason"] == "length"
+
+
+async def test_running_never_exceeds_max_running(cluster: Cluster):
+    seen: list[int] = []
+    async with httpx.AsyncClient(base_url=cluster.url, timeout=120) as http:
+        async def poll() -> None:
+            while True:
+                seen.append((await http.get("/health")).json()["running"])
+                await asyncio.sleep(0.01)
+
+        poller = asyncio.create_task(poll())
+        bodies = [{**BODY, "prompt": [8 + i] * (3 + 2 * (i % 4)), "max_tokens": 6 + i % 5} for i in range(12)]
+        replies = await asyncio.gather(*(http.post("/v1/completions", json=b) for b in bodies))
+        poller.cancel()
+        assert all(r.status_code == 200 for r in replies)
+        health = (await http.get("/health")).json()
+    assert max(seen) <= 2 and health["running"] == health["waiting"] == 0
+
+
+async def test_a_worker_gone_silent_fails_its_calls_when_dropped_not_at_the_timeout(cluster: Cluster):
+    """The only worker is a peer that takes calls and never answers, then stops sending
+    heartbeats (as a killed worker does): the request fails when it is dropped (~4 s), not
+    after the 30 s expert timeout."""
+    cluster.first.terminate()
+    cluster.first.wait(20)
+    nc = await nats.connect(cluster.nats_url)
+    rogue = Rogue(nc, cluster.model)
+    rogue.reply = None
+    await nc.subscribe(rogue.announce.subject, cb=rogue.handle)
+    beat = asyncio.create_task(rogue.heartbeat())
+    try:
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=25) as http:
+            await _until(http, 200)
+            req = asyncio.create_task(http.post("/v1/completions", json=BODY))
+            await asyncio.sleep(0.5)
+            beat.cancel()
+            start = time.monotonic()
+            r = await req
+            elapsed = time.monotonic() - start
+            assert r.status_code == 502 and "heartbeats" in r.json()["error"]["message"], r.text
+            assert elapsed < 10, elapsed
+            assert (await http.get("/health")).status_code == 503
+    finally:
+        beat.cancel()
+        await nc.close()
