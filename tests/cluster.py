@@ -68,3 +68,19 @@ class Up:
         """Processes still running that were started for this cluster's bus."""
         out = subprocess.run(["pgrep", "-f", f"127.0.0.1:{self.nats_port}"], capture_output=True, text=True)
         return [int(p) for p in out.stdout.split()]
+
+
+async def worker_subject(nc, worker: str | None = None) -> str:
+    """Where a worker (the first to announce itself, or `worker`) answers: its subject is
+    unique to its process, so tests learn it from the worker's heartbeat."""
+    import orjson
+
+    from shared import subjects
+    sub = await nc.subscribe(subjects.WORKERS_ANNOUNCE)
+    try:
+        while True:
+            a = orjson.loads((await sub.next_msg(timeout=10)).data)
+            if worker is None or a["worker"] == worker:
+                return a["subject"]
+    finally:
+        await sub.unsubscribe()

@@ -22,7 +22,7 @@ from tests.cluster import cli, tail
 pytestmark = pytest.mark.slow
 
 
-async def _counters(nc: nats.NATS, worker: str) -> dict[str, int]:
+async def _announcement(nc: nats.NATS, worker: str) -> WorkerAnnounce:
     """The worker's next announcement after everything it was sent has been answered."""
     sub = await nc.subscribe(subjects.WORKERS_ANNOUNCE)
     try:
@@ -30,18 +30,18 @@ async def _counters(nc: nats.NATS, worker: str) -> dict[str, int]:
         while True:
             a = decode(WorkerAnnounce, (await sub.next_msg(timeout=10)).data)
             if a.worker == worker:
-                return a.memory
+                return a
     finally:
         await sub.unsubscribe()
 
 
-async def _wait_ready(nc: nats.NATS, worker: str, proc, log: Path) -> None:
+async def _wait_ready(nc: nats.NATS, worker: str, proc, log: Path) -> str:
+    """The worker's subject, once it announces itself."""
     for _ in range(120):
         if proc.poll() is not None:
             raise RuntimeError(f"worker exited with {proc.returncode}:\n{tail(log)}")
         try:
-            await _counters(nc, worker)
-            return
+            return (await _announcement(nc, worker)).subject
         except nats.errors.TimeoutError:
             continue
     raise RuntimeError(f"worker never announced itself:\n{tail(log)}")
@@ -57,7 +57,6 @@ async def test_mlx_memory_is_flat_over_1000_requests(nats_url: str, checkpoints:
     proc = cli("worker", "--nats", nats_url, "--model", str(model), "--rank", "0", "--world", "1", log=log)
     nc = await nats.connect(nats_url)
     rng = np.random.default_rng(0)
-    subject = subjects.experts_subject(me)
 
     async def ask(pairs: int) -> None:
         x = rng.standard_normal((pairs, dim)).astype(np.float32)
@@ -68,16 +67,16 @@ async def test_mlx_memory_is_flat_over_1000_requests(nats_url: str, checkpoints:
         assert reply.y.shape == (pairs, dim)
 
     try:
-        await _wait_ready(nc, me, proc, log)
+        subject = await _wait_ready(nc, me, proc, log)
         # Warm-up: every batch size the test sends, then enough mixes of experts for MLX's
         # allocator to have pooled a buffer of each size it needs (grouped compute splits
         # a request by expert, so buffer sizes vary with the mix, not just the batch).
         for pairs in [*range(1, 33), *rng.integers(1, 33, 1000).tolist()]:
             await ask(pairs)
-        before = await _counters(nc, me)
+        before = (await _announcement(nc, me)).memory
         for _ in range(1000):
             await ask(int(rng.integers(1, 33)))
-        after = await _counters(nc, me)
+        after = (await _announcement(nc, me)).memory
     finally:
         await nc.close()
         proc.terminate()

@@ -134,7 +134,14 @@ async def test_greedy_output_is_the_same_alone_and_among_16(up: Up):
     assert together == alone
 
 
+def _layer_calls(up: Up) -> float:
+    text = httpx.get(f"{up.url}/metrics", headers={"x-api-key": KEY}).text
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("moebus_expert_layer_calls"))
+
+
 def test_a_client_that_goes_away_is_dropped(up: Up, client: OpenAI):
+    """The sequence stops generating: it does not run on to its 400 tokens (802 layer calls)."""
+    before = _layer_calls(up)
     stream = client.completions.create(model=MODEL, prompt="w1", max_tokens=400, temperature=0, stream=True)
     for i, _ in enumerate(stream):
         if i == 2:
@@ -147,6 +154,9 @@ def test_a_client_that_goes_away_is_dropped(up: Up, client: OpenAI):
             break
         time.sleep(0.05)
     assert (h["running"], h["waiting"]) == (0, 0)
+    used = _layer_calls(up) - before
+    time.sleep(0.5)
+    assert _layer_calls(up) - before == used < 200, used
 
 
 def test_metrics_show_requests_latency_and_expert_load(up: Up, client: OpenAI):

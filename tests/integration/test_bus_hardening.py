@@ -18,10 +18,10 @@ import pytest
 from shared import subjects
 from shared.bus import request
 from shared.errors import RemoteError
-from shared.messages import GenerateRequest, encode
+from shared.messages import GenerateRequest
 from shared.wire import encode_request
 from tests.checkpoints import HIDDEN, MAX_POS
-from tests.cluster import cli, tail, wait_healthy
+from tests.cluster import cli, tail, wait_healthy, worker_subject
 from tests.integration.test_failures import BODY, Rogue, Services, _until
 
 pytestmark = pytest.mark.slow
@@ -74,20 +74,12 @@ async def test_an_expert_request_whose_reply_is_too_large_is_refused_before_comp
         payload = encode_request(0, 0, np.ones((1, HIDDEN), np.float32), np.zeros(pairs, np.int32),
                                  np.zeros(pairs, np.int32))
         assert len(payload) < nc.max_payload
-        worker = await _worker_subject(nc)
+        worker = await worker_subject(nc)
         with pytest.raises(RemoteError) as e:
             await request(nc, worker, payload, 30)
     finally:
         await nc.close()
     assert e.value.status == "413" and "maximum message" in e.value.description
-
-
-async def _worker_subject(nc: nats.NATS) -> str:
-    """The worker's subject, from its heartbeat (unique to its process)."""
-    sub = await nc.subscribe(subjects.WORKERS_ANNOUNCE)
-    msg = await sub.next_msg(timeout=5)
-    await sub.unsubscribe()
-    return orjson.loads(msg.data)["subject"]
 
 
 def test_a_worker_started_for_another_cluster_is_refused(cluster: Cluster):
