@@ -9,13 +9,17 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from services import defaults as D
 from shared.config import DEFAULT_NATS_URL, home, positive, setting
 from shared.errors import ConfigError, MoebusError
 from shared.logs import configure
 
 # Flags `moebus up` passes on to the service that owns them.
-ROUTER_FLAGS = ("expert_timeout", "max_running", "max_waiting", "max_prompt_tokens", "prefill_step", "micro_batches")
-GATEWAY_FLAGS = ("api_key", "max_body_bytes", "request_timeout")
+ROUTER_FLAGS = ("expert_timeout", "max_running", "max_waiting", "max_prompt_tokens", "prefill_step", "micro_batches",
+                "replicas")
+WORKER_FLAGS = ("memory_budget",)
+GATEWAY_FLAGS = ("api_key", "max_body_bytes", "request_timeout", "header_timeout", "body_timeout", "keep_alive",
+                 "max_connections")
 
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:
@@ -48,17 +52,20 @@ def cmd_router(a: argparse.Namespace) -> None:
     from services.router.engine import EngineLimits
     from services.router.main import RouterConfig, serve
     limits = EngineLimits(
-        max_running=int(positive(setting(a.max_running, "MOEBUS_MAX_RUNNING", 16, int), "max running")),
-        max_waiting=setting(a.max_waiting, "MOEBUS_MAX_WAITING", 64, int),
-        prefill_step=int(positive(setting(a.prefill_step, "MOEBUS_PREFILL_STEP", 512, int), "prefill step")),
-        micro_batches=setting(a.micro_batches, "MOEBUS_MICRO_BATCHES", 2, int),
+        max_running=int(positive(setting(a.max_running, "MOEBUS_MAX_RUNNING", D.MAX_RUNNING, int), "max running")),
+        max_waiting=setting(a.max_waiting, "MOEBUS_MAX_WAITING", D.MAX_WAITING, int),
+        prefill_step=int(positive(setting(a.prefill_step, "MOEBUS_PREFILL_STEP", D.PREFILL_STEP, int), "prefill step")),
+        micro_batches=setting(a.micro_batches, "MOEBUS_MICRO_BATCHES", D.MICRO_BATCHES, int),
     )
+    replicas = setting(a.replicas, "MOEBUS_REPLICAS", D.REPLICAS, int)
+    if not 1 <= replicas <= 16:
+        raise ConfigError(f"--replicas must be 1..16, not {replicas}")
     if limits.micro_batches not in (1, 2):
         raise ConfigError(f"--micro-batches must be 1 or 2, not {limits.micro_batches}")
     cfg = RouterConfig(
-        nats_url=_nats(a), model=_model(a.model), limits=limits,
-        expert_timeout_s=positive(setting(a.expert_timeout, "MOEBUS_EXPERT_TIMEOUT", 30.0, float), "expert timeout"),
-        max_prompt_tokens=int(positive(setting(a.max_prompt_tokens, "MOEBUS_MAX_PROMPT_TOKENS", 1 << 30, int),
+        nats_url=_nats(a), model=_model(a.model), limits=limits, replicas=replicas,
+        expert_timeout_s=positive(setting(a.expert_timeout, "MOEBUS_EXPERT_TIMEOUT", D.EXPERT_TIMEOUT_S, float), "expert timeout"),
+        max_prompt_tokens=int(positive(setting(a.max_prompt_tokens, "MOEBUS_MAX_PROMPT_TOKENS", D.MAX_PROMPT_TOKENS, int),
                                        "max prompt tokens")),
     )
     _run(serve(cfg))
@@ -66,23 +73,48 @@ def cmd_router(a: argparse.Namespace) -> None:
 
 def cmd_worker(a: argparse.Namespace) -> None:
     from services.expert_worker.main import WorkerConfig, serve
-    cfg = WorkerConfig(
-        nats_url=_nats(a), model=_model(a.model),
-        rank=setting(a.rank, "MOEBUS_WORKER_RANK", 0, int), world=setting(a.world, "MOEBUS_WORKERS", 1, int),
-    )
+    budget = setting(a.memory_budget, "MOEBUS_MEMORY_BUDGET", "", str)
+    cfg = WorkerConfig(nats_url=_nats(a), model=_model(a.model), memory_budget=parse_size(budget) if budget else None)
     _run(serve(cfg))
 
 
+def parse_size(text: str) -> int:
+    """Bytes from "2G", "512M", "1.5GB" or a plain number."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        size = int(float(number) * units[unit])
+    except ValueError:
+        raise ConfigError(f"--memory-budget {text!r}: give bytes, or a size such as 2G or 512M") from None
+    if size <= 0:
+        raise ConfigError(f"--memory-budget {text!r} must be positive")
+    return size
+
+
+def cmd_status(a: argparse.Namespace) -> None:
+    from services.status import show
+    sys.exit(asyncio.run(show(_nats(a), a.json)))
+
+
 def cmd_gateway(a: argparse.Namespace) -> None:
-    from services.gateway.app import HttpSettings
+    from services.gateway.connections import ConnectionLimits
     from services.gateway.main import GatewayConfig, serve
+    from services.gateway.middleware import HttpSettings
     keys = a.api_key or [k for k in setting(None, "MOEBUS_API_KEYS", "", str).split(",") if k]
     http = HttpSettings(api_keys=tuple(keys), max_body_bytes=int(positive(
-        setting(a.max_body_bytes, "MOEBUS_MAX_BODY_BYTES", 4 << 20, int), "max body bytes")))
+        setting(a.max_body_bytes, "MOEBUS_MAX_BODY_BYTES", D.MAX_BODY_BYTES, int), "max body bytes")))
+    connections = ConnectionLimits(
+        header_timeout_s=positive(setting(a.header_timeout, "MOEBUS_HEADER_TIMEOUT", D.HEADER_TIMEOUT_S, float), "header timeout"),
+        body_timeout_s=positive(setting(a.body_timeout, "MOEBUS_BODY_TIMEOUT", D.BODY_TIMEOUT_S, float), "body timeout"),
+        keep_alive_s=positive(setting(a.keep_alive, "MOEBUS_KEEP_ALIVE", D.KEEP_ALIVE_S, float), "keep-alive"),
+        max_connections=int(positive(setting(a.max_connections, "MOEBUS_MAX_CONNECTIONS", D.MAX_CONNECTIONS, int),
+                                     "max connections")),
+    )
     cfg = GatewayConfig(
-        nats_url=_nats(a), http=http,
-        host=setting(a.host, "MOEBUS_HOST", "127.0.0.1", str), port=setting(a.port, "MOEBUS_PORT", 8000, int),
-        deadline_s=positive(setting(a.request_timeout, "MOEBUS_REQUEST_TIMEOUT", 600.0, float), "request timeout"),
+        nats_url=_nats(a), http=http, connections=connections,
+        host=setting(a.host, "MOEBUS_HOST", D.HOST, str), port=setting(a.port, "MOEBUS_PORT", D.PORT, int),
+        deadline_s=positive(setting(a.request_timeout, "MOEBUS_REQUEST_TIMEOUT", D.REQUEST_TIMEOUT_S, float), "request timeout"),
     )
     _run(serve(cfg))
 
@@ -90,11 +122,12 @@ def cmd_gateway(a: argparse.Namespace) -> None:
 def cmd_up(a: argparse.Namespace) -> None:
     from services.launcher import UpConfig, up
     cfg = UpConfig(
-        model=_model(a.model), workers=setting(a.workers, "MOEBUS_WORKERS", 2, int),
-        host=setting(a.host, "MOEBUS_HOST", "127.0.0.1", str), port=setting(a.port, "MOEBUS_PORT", 8000, int),
+        model=_model(a.model), workers=setting(a.workers, "MOEBUS_WORKERS", D.WORKERS, int),
+        host=setting(a.host, "MOEBUS_HOST", D.HOST, str), port=setting(a.port, "MOEBUS_PORT", D.PORT, int),
         nats_url=setting(a.nats, "MOEBUS_NATS_URL", "", str),
-        nats_port=setting(a.nats_port, "MOEBUS_NATS_PORT", 4222, int),
+        nats_port=setting(a.nats_port, "MOEBUS_NATS_PORT", D.NATS_PORT, int),
         router_args=_forward(a, ROUTER_FLAGS), gateway_args=_forward(a, GATEWAY_FLAGS),
+        worker_args=_forward(a, WORKER_FLAGS),
     )
     sys.exit(up(cfg))
 
@@ -109,22 +142,36 @@ def _forward(a: argparse.Namespace, names: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _router_flags(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--expert-timeout", type=float, help="seconds to wait for a worker (MOEBUS_EXPERT_TIMEOUT, 30)")
-    sp.add_argument("--max-running", type=int, help="sequences decoded together (MOEBUS_MAX_RUNNING, 16)")
-    sp.add_argument("--max-waiting", type=int, help="queued requests beyond those; then 429 (MOEBUS_MAX_WAITING, 64)")
+    sp.add_argument("--expert-timeout", type=float, help=f"seconds to wait for a worker (MOEBUS_EXPERT_TIMEOUT, {D.EXPERT_TIMEOUT_S:g})")
+    sp.add_argument("--max-running", type=int, help=f"sequences decoded together (MOEBUS_MAX_RUNNING, {D.MAX_RUNNING})")
+    sp.add_argument("--max-waiting", type=int, help=f"queued requests beyond those; then 429 (MOEBUS_MAX_WAITING, {D.MAX_WAITING})")
     sp.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (MOEBUS_MAX_PROMPT_TOKENS)")
-    sp.add_argument("--prefill-step", type=int, help="prompt tokens per step (MOEBUS_PREFILL_STEP, 512)")
+    sp.add_argument("--prefill-step", type=int, help=f"prompt tokens per step (MOEBUS_PREFILL_STEP, {D.PREFILL_STEP})")
     sp.add_argument("--micro-batches", type=int, help="2: from 8 running sequences on, decode two halves that "
-                                                      "overlap compute and bus waits; 1: one batch (MOEBUS_MICRO_BATCHES, 2)")
+                                                      f"overlap compute and bus waits; 1: one batch (MOEBUS_MICRO_BATCHES, {D.MICRO_BATCHES})")
+    sp.add_argument("--replicas", type=int, help="owners of every expert where capacity allows: with 2, a worker "
+                                                 f"lost is taken over at once (MOEBUS_REPLICAS, {D.REPLICAS})")
+
+
+def _worker_flags(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--memory-budget", help="memory for experts, e.g. 8G (MOEBUS_MEMORY_BUDGET; default: 80%% of "
+                                            "what the machine has free)")
 
 
 def _gateway_flags(sp: argparse.ArgumentParser, listen: bool) -> None:
     if listen:
-        sp.add_argument("--host", help="listen host (MOEBUS_HOST, default 127.0.0.1)")
-        sp.add_argument("--port", type=int, help="listen port (MOEBUS_PORT, default 8000)")
+        sp.add_argument("--host", help=f"listen host (MOEBUS_HOST, default {D.HOST})")
+        sp.add_argument("--port", type=int, help=f"listen port (MOEBUS_PORT, default {D.PORT})")
     sp.add_argument("--api-key", action="append", help="accepted API key, repeatable (MOEBUS_API_KEYS, comma-separated)")
-    sp.add_argument("--max-body-bytes", type=int, help="largest request body (MOEBUS_MAX_BODY_BYTES, 4 MiB)")
-    sp.add_argument("--request-timeout", type=float, help="deadline of one request in s (MOEBUS_REQUEST_TIMEOUT, 600)")
+    sp.add_argument("--max-body-bytes", type=int, help=f"largest request body in bytes (MOEBUS_MAX_BODY_BYTES, {D.MAX_BODY_BYTES})")
+    sp.add_argument("--request-timeout", type=float, help=f"deadline of one request in s (MOEBUS_REQUEST_TIMEOUT, {D.REQUEST_TIMEOUT_S:g})")
+    sp.add_argument("--header-timeout", type=float,
+                    help=f"s to receive a request's headers, then the connection closes (MOEBUS_HEADER_TIMEOUT, {D.HEADER_TIMEOUT_S:g})")
+    sp.add_argument("--body-timeout", type=float,
+                    help=f"s to receive a request's whole body, then 408 (MOEBUS_BODY_TIMEOUT, {D.BODY_TIMEOUT_S:g})")
+    sp.add_argument("--keep-alive", type=float, help=f"s an idle connection stays open (MOEBUS_KEEP_ALIVE, {D.KEEP_ALIVE_S:g})")
+    sp.add_argument("--max-connections", type=int, help="open connections at most, also kept below the file "
+                                                         f"descriptor limit (MOEBUS_MAX_CONNECTIONS, {D.MAX_CONNECTIONS})")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -141,14 +188,15 @@ def parser() -> argparse.ArgumentParser:
         return sp
 
     up = service("up", cmd_up, "the whole system: nats-server, router, workers, gateway")
-    up.add_argument("--workers", type=int, help="expert-worker processes (MOEBUS_WORKERS, default 2)")
-    up.add_argument("--nats-port", type=int, help="embedded nats-server port when --nats is not given (default 4222)")
+    up.add_argument("--workers", type=int, help=f"expert-worker processes (MOEBUS_WORKERS, default {D.WORKERS})")
+    up.add_argument("--nats-port", type=int, help=f"embedded nats-server port when --nats is not given (default {D.NATS_PORT})")
     _router_flags(up)
+    _worker_flags(up)
     _gateway_flags(up, listen=True)
     _router_flags(service("router", cmd_router, "the router: everything but the experts"))
-    w = service("worker", cmd_worker, "an expert worker: experts e with e mod world == rank")
-    w.add_argument("--rank", type=int, help="this worker's rank, 0..world-1 (MOEBUS_WORKER_RANK)")
-    w.add_argument("--world", type=int, help="how many workers share the experts (MOEBUS_WORKERS)")
+    _worker_flags(service("worker", cmd_worker, "an expert worker: joins the cluster and holds the experts placed on it"))
+    st = service("status", cmd_status, "workers, placement and expert load of a running cluster", model=False)
+    st.add_argument("--json", action="store_true", help="machine-readable output")
     _gateway_flags(service("gateway", cmd_gateway, "the HTTP API", model=False), listen=True)
     return p
 

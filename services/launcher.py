@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services import defaults
 from shared.blas import blas_threads
 from shared.errors import ConfigError
 from shared.model import describe, find_experts, load_lazy
@@ -23,14 +24,15 @@ from shared.natsd import start_nats
 @dataclass(frozen=True)
 class UpConfig:
     model: Path
-    workers: int = 2
-    host: str = "127.0.0.1"
-    port: int = 8000
+    workers: int = defaults.WORKERS
+    host: str = defaults.HOST
+    port: int = defaults.PORT
     nats_url: str = ""  # empty: start an embedded nats-server on nats_port
-    nats_port: int = 4222
+    nats_port: int = defaults.NATS_PORT
     ready_timeout_s: float = 300.0
     router_args: tuple[str, ...] = ()
     gateway_args: tuple[str, ...] = ()
+    worker_args: tuple[str, ...] = ()
 
 
 def check_model(path: Path) -> None:
@@ -113,8 +115,7 @@ def up(cfg: UpConfig) -> int:
         env = {"OPENBLAS_NUM_THREADS": threads, **os.environ, "MOEBUS_PARENT_PID": str(os.getpid())}
         common = ["--nats", url, "--model", str(cfg.model)]
         commands = [("router", [*base, "router", *common, *cfg.router_args])]
-        commands += [(f"worker {rank}", [*base, "worker", *common, "--rank", str(rank), "--world", str(cfg.workers)])
-                     for rank in range(cfg.workers)]
+        commands += [(f"worker {i}", [*base, "worker", *common, *cfg.worker_args]) for i in range(cfg.workers)]
         commands.append(("gateway", [*base, "gateway", "--nats", url, "--host", cfg.host, "--port", str(cfg.port),
                                      *cfg.gateway_args]))
         for name, cmd in commands:

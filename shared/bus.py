@@ -78,7 +78,7 @@ async def request(nc: Client, subject: str, payload: bytes, timeout: float) -> b
     except NoRespondersError:
         raise NoResponders(f"nobody answers on {subject}") from None
     except (NatsTimeout, asyncio.TimeoutError):
-        raise BusTimeout(f"no reply on {subject} within {timeout:g}s") from None
+        raise BusTimeout(f"no reply on {subject} within {timeout:.3g}s") from None
     except NatsError as e:  # closed, draining, buffer full: the bus failed, say how
         raise BusError(f"{subject}: {e!r}") from None
     headers = msg.headers or {}

@@ -22,6 +22,7 @@ MAX_STOPS, MAX_STOP_CHARS = 16, 256
 MAX_TOKENS = 1 << 31
 MAX_TIMEOUT_S = 24 * 3600.0  # the longest request deadline the router accepts
 MAX_TOP_LOGPROBS = 20
+DEFAULT_DEADLINE_S = 600.0  # a request's deadline unless the gateway says otherwise
 
 _ID = r"[A-Za-z0-9_-]{1,64}"
 Name = Annotated[str, Field(pattern=rf"^{_ID}$")]
@@ -52,15 +53,21 @@ def decode(cls: type[M], data: bytes) -> M:
 
 
 class WorkerAnnounce(Message):
-    """A worker says which experts it holds; sent at start, on discover, as heartbeat."""
+    """A worker's heartbeat: who it is, what it can hold, what it holds; sent every second, at
+    once when it has loaded a placement's share, and on discover."""
 
-    worker: Name
-    subject: Subject  # unique to this worker process
+    worker: Name  # unique to the process (host and a random suffix)
+    subject: Subject  # where it answers expert requests
     model: str = Field(max_length=64)  # fingerprint of the checkpoint: a worker of another model is ignored
     layers: Count
     experts: list[Annotated[int, Field(ge=0, lt=1 << 16)]] = Field(max_length=1 << 16)  # held in every MoE layer
-    world: int = Field(default=0, ge=0, le=1 << 16)  # the cluster size it was started for (0: unknown)
-    leaving: bool = False
+    host: str = Field(default="", max_length=64)
+    capacity: int = Field(default=0, ge=0, le=1 << 16)  # experts it may hold (its memory budget)
+    speed: float = Field(default=0.0, ge=0.0, le=1e9)  # measured GFLOP/s
+    loaded: int = Field(default=0, ge=0)  # the newest placement version whose share it holds
+    draining: bool = False  # leaving: place its experts elsewhere
+    leaving: bool = False  # gone now
+    tokens: int = Field(default=0, ge=0)  # (token, expert) pairs served
     memory: dict[str, int] = Field(default_factory=dict, max_length=16)  # MLX's counters (bytes)
 
 
@@ -83,7 +90,7 @@ class GenerateRequest(Message):
     max_tokens: int = Field(ge=1, le=MAX_TOKENS)  # the context bounds it further
     prompt: str | list[TokenId] | None = None  # text or token ids (completions)
     messages: list[ChatTurn] | None = None  # chat messages (chat completions)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)  # as the HTTP API: 0 is greedy
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, le=MAX_TOKENS)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
@@ -91,7 +98,7 @@ class GenerateRequest(Message):
     stop: list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]] = Field(default_factory=list, max_length=MAX_STOPS)
     logprobs: bool = False
     top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
-    timeout_s: float = Field(default=600.0, gt=0.0, le=MAX_TIMEOUT_S)  # the deadline, from acceptance
+    timeout_s: float = Field(default=DEFAULT_DEADLINE_S, gt=0.0, le=MAX_TIMEOUT_S)  # the deadline, from acceptance
 
 
 class GenerateAccepted(Message):
@@ -134,3 +141,30 @@ class RouterStatus(Message):
     waiting: int = 0
     router: str = ""  # this router process's id (GenerateAccepted.router)
     unready_reason: str = ""
+    unowned_experts: list[int] = Field(default_factory=list)
+
+
+class WorkerStatus(Message):
+    worker: str
+    host: str
+    capacity: int
+    experts: list[int]  # held now
+    tokens: int  # (token, expert) pairs served
+    last_heartbeat_s: float  # seconds ago
+    loaded: int
+    draining: bool
+    speed: float
+
+
+class ClusterStatus(Message):
+    """Router -> `moebus status`: the workers, the placement and where the load goes."""
+
+    model: str
+    ready: bool
+    placement_version: int
+    pending_version: int | None
+    replicas: int
+    workers: list[WorkerStatus]
+    unowned_experts: list[int]
+    expert_load: list[int]  # tokens routed to each expert so far
+    owners: list[list[str]]  # the active placement: expert -> workers

@@ -2,55 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-
-
-def worker_ids(world: int) -> list[str]:
-    """The ids of a cluster of `world` workers started by rank."""
-    return [f"w{rank}" for rank in range(world)]
-
-
-def place_experts(num_experts: int, workers: Sequence[str]) -> list[str]:
-    """Owner of each expert: expert e of every MoE layer -> workers[e mod W]."""
-    if not workers:
-        raise ValueError("no workers to place experts on")
-    return [workers[e % len(workers)] for e in range(num_experts)]
-
-
-def experts_of(num_experts: int, workers: Sequence[str], worker: str) -> list[int]:
-    return [e for e, w in enumerate(place_experts(num_experts, workers)) if w == worker]
-
-
-def route_table(num_experts: int, holdings: Iterable[tuple[str, Iterable[int]]]) -> list[str | None]:
-    """Expert -> the worker to ask, from what live workers hold.
-
-    When two workers hold an expert (a restart with another world size), the smallest
-    worker id wins, so every router picks the same one. None: nobody holds it.
-    """
-    owners: list[str | None] = [None] * num_experts
-    for worker, experts in sorted(holdings, key=lambda h: h[0], reverse=True):
-        for e in experts:
-            if 0 <= e < num_experts:
-                owners[e] = worker
-    return owners
-
-
-def cluster_conflict(worker: str, world: int, peers: Iterable[tuple[str, int]]) -> str | None:
-    """Why a worker (`worker` of a `world`-worker cluster) must not join the live `peers`
-    ((id, world) of each), or None. Two processes with one id, or workers that disagree on the
-    cluster size, would each serve experts the router expects elsewhere."""
-    peers = sorted(set(peers))
-    ids = [w for w, _ in peers]
-    if worker in ids:
-        return f"worker {worker} is already running; each worker needs its own --rank"
-    others = sorted({n for _, n in peers if n != world})
-    if others:
-        return (f"the running workers ({', '.join(ids)}) were started with --world {others[0]}, this one with "
-                f"--world {world}; start it with --world {others[0]}, or restart every worker with the new world")
-    return None
-
+from collections.abc import Mapping, Sequence
 
 Placement = list[list[str]]  # expert -> the workers holding it (all MoE layers alike)
+HOT = 2.0  # an expert with this many times the mean load is hot: it gets an extra replica
 
 
 def place(capacity: Mapping[str, int], num_experts: int, current: Placement | None = None,
@@ -58,7 +13,7 @@ def place(capacity: Mapping[str, int], num_experts: int, current: Placement | No
     """Owners of each expert for the live workers (`capacity`: id -> experts it may hold).
 
     Every expert gets `replicas` owners where capacity allows, spread in proportion to capacity;
-    then the hottest experts (by measured `load`) get extra replicas from what capacity is left.
+    then hot experts (measured `load` over HOT x the mean) get one more owner from what is left.
     Starting from `current`, an expert moves only when its owner left or holds more than its
     share: a join takes a share from the fullest workers, a leave moves only the leaver's.
     An expert no one can hold has no owners (the caller reports it unowned)."""
@@ -76,9 +31,10 @@ def place(capacity: Mapping[str, int], num_experts: int, current: Placement | No
         for e in range(num_experts):
             if len(owners[e]) <= rank:
                 _give(owners, e, live, capacity, target)
-    if load is not None:  # hot experts take what capacity is left, hottest first
+    if load is not None and sum(load) > 0:  # hot experts: one more owner each, from what is left
+        hot_at = HOT * sum(load) / num_experts
         for e in sorted(range(num_experts), key=lambda e: (-load[e], e)):
-            if load[e] > 0:
+            if load[e] > hot_at:
                 _give(owners, e, live, capacity, {w: capacity[w] for w in live})
     return [sorted(o) for o in owners]
 

@@ -10,6 +10,7 @@
 | moebus.v1.router.cancel          | gateway -> router (pub)   | messages.Cancel                |
 | moebus.v1.router.status          | any -> router (req)       | {} -> RouterStatus             |
 | moebus.v1.router.metrics         | gateway -> router (req)   | {} -> Prometheus text          |
+| moebus.v1.router.cluster         | any -> router (req)       | {} -> ClusterStatus            |
 | moebus.v1.gateway.health         | any -> gateway (req)      | {} -> health JSON              |
 """
 
@@ -23,6 +24,7 @@ ROUTER_GENERATE = f"{PREFIX}.router.generate"
 ROUTER_CANCEL = f"{PREFIX}.router.cancel"
 ROUTER_STATUS = f"{PREFIX}.router.status"
 ROUTER_METRICS = f"{PREFIX}.router.metrics"
+ROUTER_CLUSTER = f"{PREFIX}.router.cluster"
 GATEWAY_HEALTH = f"{PREFIX}.gateway.health"
 STREAM_PREFIX = f"{PREFIX}.stream"  # GenerateRequest.stream = STREAM_PREFIX.<request id>
 

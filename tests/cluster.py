@@ -84,3 +84,13 @@ async def worker_subject(nc, worker: str | None = None) -> str:
                 return a["subject"]
     finally:
         await sub.unsubscribe()
+
+
+async def place_all(nc, worker, num_experts: int, version: int = 1) -> None:
+    """Act as the router: place every expert on `worker` (a WorkerAnnounce) in the bucket."""
+    from shared import cluster
+    record = cluster.PlacementRecord(version=version, owners=[[worker.worker]] * num_experts,
+                                     subjects={worker.worker: worker.subject})
+    kv = await cluster.bucket(nc.jetstream())
+    await cluster.write(kv, cluster.NEXT, record)
+    await cluster.write(kv, cluster.ACTIVE, record)

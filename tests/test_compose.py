@@ -11,7 +11,7 @@ from services.cli import parser
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_compose_starts_nats_router_workers_and_gateway():
+def test_compose_starts_nats_router_scalable_workers_and_gateway():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
     assert (ROOT / services["router"]["build"]["dockerfile"]).is_file()
@@ -22,9 +22,12 @@ def test_compose_starts_nats_router_workers_and_gateway():
         assert services[name]["environment"]["MOEBUS_NATS_URL"] == "nats://nats:4222"
         assert "nats" in services[name]["depends_on"]
         assert args.command in ("router", "worker", "gateway")
-    workers = [parser().parse_args(c) for c in commands.values() if c[0] == "worker"]
-    assert sorted(w.rank for w in workers) == list(range(len(workers)))
-    assert {w.world for w in workers} == {len(workers)}
+    # One worker service that scales (`--scale expert-worker=N`): nothing per instance in it.
+    assert [name for name, c in commands.items() if c[0] == "worker"] == ["expert-worker"]
+    worker = services["expert-worker"]
+    assert worker["deploy"]["replicas"] >= 1
+    assert not {"container_name", "ports", "hostname"} & worker.keys()
+    assert worker["stop_grace_period"]
     gateway = parser().parse_args(commands["gateway"])
     assert gateway.host == "0.0.0.0" and f"{gateway.port}:{gateway.port}" in services["gateway"]["ports"]
 

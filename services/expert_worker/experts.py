@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
@@ -18,6 +17,10 @@ from shared.arrays import to_mlx, to_numpy
 from shared.errors import WireError
 from shared.model import ExpertSlot, ModelInfo, describe, find_experts, load_lazy
 from shared.wire import ExpertRequest, encode_reply
+
+class NotHeld(WireError):
+    """A request for experts this worker does not hold (any more): the router re-plans it."""
+
 
 # DBRX's expert MLP names -> SwitchGLU's: swiglu(w1 x, v1 x) == silu(gate) * up.
 _DBRX_NAMES = {"w1": "gate_proj", "v1": "up_proj", "w2": "down_proj"}
@@ -78,10 +81,11 @@ def groupable(module: nn.Module) -> bool:
 
 
 class LocalExperts:
-    def __init__(self, layers: list, held: list[int], num_experts: int) -> None:
-        self.layers = layers
+    def __init__(self, layers: list, held: list[int], num_experts: int, moe_layers: int) -> None:
+        self.layers = layers  # empty while nothing is held
         self.held = held
         self.num_experts = num_experts
+        self.moe_layers = moe_layers
         # Global expert id -> index in this worker's stacked arrays; -1 where not held.
         self.local = np.full(num_experts, -1, np.int32)
         self.local[held] = np.arange(len(held), dtype=np.int32)
@@ -89,14 +93,14 @@ class LocalExperts:
     def compute(self, req: ExpertRequest) -> bytes:
         """expert(x[row]) for every pair of the request; runs on the MLX thread."""
         start = time.perf_counter()
-        if not 0 <= req.layer < len(self.layers):
-            raise WireError(f"layer {req.layer} out of range (0..{len(self.layers) - 1})")
+        if not 0 <= req.layer < self.moe_layers:
+            raise WireError(f"layer {req.layer} out of range (0..{self.moe_layers - 1})")
         if len(req.experts) and (req.experts.min() < 0 or req.experts.max() >= self.num_experts):
             raise WireError(f"expert id out of range (0..{self.num_experts - 1})")
         local = self.local[req.experts]
         if (local < 0).any():
             missing = sorted(set(req.experts[local < 0].tolist()))
-            raise WireError(f"experts {missing} are not held by this worker")
+            raise NotHeld(f"experts {missing} are not held by this worker")
         if not len(local):
             return encode_reply(req.dtype, req.x[:0])
         x = to_mlx(req.x, req.dtype)  # (rows, D)
@@ -105,14 +109,14 @@ class LocalExperts:
         return encode_reply(req.dtype, to_numpy(y), int(1e6 * (time.perf_counter() - start)))
 
 
-def load_experts(path: Path, choose: Callable[[int], list[int]]) -> tuple[LocalExperts, ModelInfo]:
-    """Load only the experts `choose(num_experts)` picks, from every MoE layer."""
+def load_experts(path: Path, held: list[int]) -> tuple[LocalExperts, ModelInfo]:
+    """Load only the experts `held`, from every MoE layer."""
     model, config = load_lazy(path)
     slots = find_experts(model)
     info = describe(path, config, slots)
-    held = choose(info.num_experts)
+    held = sorted(set(held))
     layers = []
-    for slot in slots:
+    for slot in slots if held else []:
         module = _stack_held(slot, held)
         layer = GroupedExperts(module) if groupable(module) else StackedExperts(module)
         mx.eval(module.parameters())  # reads this layer's held experts, nothing else
@@ -124,7 +128,21 @@ def load_experts(path: Path, choose: Callable[[int], list[int]]) -> tuple[LocalE
     # resident instead of being re-wired on use (the hidden cost NOTES.md describes).
     # The CPU build reports no working set and this does nothing.
     maybe_set_recommended_wired_limit()
-    return LocalExperts(layers, held, info.num_experts), info
+    return LocalExperts(layers, held, info.num_experts, info.moe_layers), info
+
+
+def expert_bytes(path: Path) -> tuple[int, ModelInfo]:
+    """Bytes one expert takes over every MoE layer (what a worker's capacity is counted in),
+    from the checkpoint's shapes alone: nothing is read."""
+    model, config = load_lazy(path)
+    slots = find_experts(model)
+    info = describe(path, config, slots)
+    total = 0
+    for slot in slots:
+        params = [slot.module[0].parameters()] if isinstance(slot.module, list) else [slot.module.parameters()]
+        per = sum(a.nbytes for p in params for _, a in tree_flatten(p))
+        total += per if isinstance(slot.module, list) else per // slot.num_experts
+    return total, info
 
 
 def _stack_held(slot: ExpertSlot, held: list[int]) -> nn.Module:

@@ -1,31 +1,39 @@
-"""expert-worker service: `moebus worker --nats URL --model PATH --rank R --world W`."""
+"""expert-worker service: `moebus worker --nats URL [--model PATH] [--memory-budget SIZE]`.
+
+A worker joins by announcing itself (id, host, capacity, speed); the router places experts on
+it through the cluster bucket (`shared.cluster`): the worker loads what `next` gives it, says
+so, and lets go of what `active` no longer gives it. SIGTERM drains: it asks to hold nothing,
+waits until its experts live elsewhere, answers what it took, then exits.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
 from nats.micro import add_service
-from nats.micro.request import Request
+from nats.micro.request import Request, ServiceError
 
-from services.expert_worker.experts import LocalExperts, load_experts
-from shared import subjects
-from shared.bus import close, connect, stop_event, stop_service, ticks
+from services.expert_worker.experts import LocalExperts, NotHeld, expert_bytes, load_experts
+from shared import cluster, subjects
+from shared.bus import close, connect, stop_event, stop_service
+from shared.cluster import PlacementRecord
 from shared.errors import ConfigError, WireError
 from shared.logs import get_logger
-from shared.messages import Discover, WorkerAnnounce, decode, encode
+from shared.messages import WorkerAnnounce, encode
 from shared.mlx_thread import MLXThread
-from shared.model import ModelInfo, fingerprint
-from shared.placement import cluster_conflict, experts_of, worker_ids
+from shared.model import ModelInfo
 from shared.wire import DTYPES, decode_request, reply_size
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 log = get_logger("worker")
 
 
@@ -33,62 +41,130 @@ log = get_logger("worker")
 class WorkerConfig:
     nats_url: str
     model: Path
-    rank: int
-    world: int
+    memory_budget: int | None = None  # bytes for experts; None: what the machine can spare
     heartbeat_s: float = 1.0
-    peers_window_s: float = 1.0  # how long to listen for the live workers before joining
+    drain_timeout_s: float = 60.0  # a leaving worker waits this long for its experts to move
+    release_after_s: float = 1.0  # keeps experts it lost this long, for calls already on their way
 
-    @property
-    def worker_id(self) -> str:
-        return worker_ids(self.world)[self.rank]
+
+def worker_id() -> str:
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:40] or "worker"
+    return f"{host}-{uuid.uuid4().hex[:6]}"
+
+
+def spare_memory() -> int:
+    """Bytes this machine can give experts: most of what is free now (Metal: of the GPU's
+    recommended working set)."""
+    if mx.metal.is_available():
+        return int(0.8 * mx.device_info().get("max_recommended_working_set_size", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(0.8 * int(fields["MemAvailable"].split()[0]) * 1024)
+    except (OSError, KeyError, ValueError):
+        import os
+        return int(0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def measure_speed() -> float:
+    """GFLOP/s of one fp32 matmul the size of a small expert's: a speed figure for status."""
+    a, b = mx.ones((256, 1024)), mx.ones((1024, 1024))
+    mx.eval(a @ b)
+    start = time.perf_counter()
+    for _ in range(4):
+        mx.eval(a @ b)
+    return round(4 * 2 * 256 * 1024 * 1024 / (time.perf_counter() - start) / 1e9, 1)
 
 
 class Worker:
-    def __init__(self, cfg: WorkerConfig, experts: LocalExperts, info: ModelInfo, mlx: MLXThread,
+    def __init__(self, cfg: WorkerConfig, me: str, info: ModelInfo, capacity: int, mlx: MLXThread,
                  max_payload: int) -> None:
-        self.cfg = cfg
-        self.experts = experts
-        self.info = info
-        self.mlx = mlx
+        self.cfg, self.me, self.info, self.capacity, self.mlx = cfg, me, info, capacity, mlx
         self.max_payload = max_payload
-        # Unique to this process: a second process with the same id never shares its subject,
-        # and the router tells a restarted worker from the one it replaced.
-        self.subject = subjects.experts_subject(f"{cfg.worker_id}-{uuid.uuid4().hex[:8]}")
-        self.pending: set[asyncio.Task] = set()
+        # Unique to this process: the router tells a restarted worker from the one it replaced.
+        self.subject = subjects.experts_subject(me)
+        self.experts = LocalExperts([], [], info.num_experts, info.moe_layers)
+        self.loaded = 0  # the newest placement version whose share this worker holds
+        self.active: PlacementRecord | None = None
+        self.draining = False
+        self.tokens = 0
+        self.speed = 0.0
+        self._loading = asyncio.Lock()
+        self.changed = asyncio.Event()  # announce now: something the router waits on happened
 
     async def handle(self, req: Request) -> None:
-        # Decode here (cheap, and a bad message is answered at once); compute on the MLX
-        # thread and return, so the next request of this subject is not held up.
+        """One expert request: decoded here (a bad one is answered at once), computed on the MLX
+        thread. Failures are service errors, so `$SRV.STATS` counts them with the work."""
         try:
             expert_req = decode_request(req.data)
         except WireError as e:
-            await req.respond_error("400", str(e))
-            return
+            raise ServiceError("400", str(e)) from None
         size = reply_size(len(expert_req.experts), expert_req.x.shape[1], DTYPES[expert_req.dtype].itemsize)
         if size > self.max_payload:  # refused before any compute: the reply could not be sent
-            await req.respond_error("413", f"the reply would be {size} bytes, over the server's maximum message "
-                                           f"of {self.max_payload}: send fewer pairs per request")
-            return
-        work = asyncio.wrap_future(self.mlx.submit(self.experts.compute, expert_req))  # queued now, not when awaited
-        task = asyncio.create_task(self._answer(req, work))
-        self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
-
-    async def _answer(self, req: Request, work: asyncio.Future) -> None:
+            raise ServiceError("413", f"the reply would be {size} bytes, over the server's maximum message "
+                                      f"of {self.max_payload}: send fewer pairs per request")
         try:
-            await req.respond(await work)
+            reply = await self.mlx.run(self.experts.compute, expert_req)
+        except NotHeld as e:  # placement moved on: the router asks the new owner
+            raise ServiceError("409", str(e)) from None
         except WireError as e:
-            await req.respond_error("400", str(e))
-        except Exception as e:  # noqa: BLE001 - a bad request must never kill the worker
+            raise ServiceError("400", str(e)) from None
+        except Exception as e:
             log.exception("expert compute failed")
-            await req.respond_error("500", f"expert compute failed: {e!r}")
+            raise ServiceError("500", f"expert compute failed: {e!r}") from None
+        self.tokens += len(expert_req.experts)
+        await req.respond(reply)
 
     def announcement(self, leaving: bool = False) -> bytes:
         return encode(WorkerAnnounce(
-            worker=self.cfg.worker_id, subject=self.subject, model=self.info.fingerprint,
-            layers=self.info.moe_layers, experts=self.experts.held, world=self.cfg.world, leaving=leaving,
+            worker=self.me, host=socket.gethostname()[:64], subject=self.subject, model=self.info.fingerprint,
+            layers=self.info.moe_layers, experts=self.experts.held, capacity=self.capacity, speed=self.speed,
+            loaded=self.loaded, draining=self.draining, leaving=leaving, tokens=self.tokens,
             memory=mlx_memory(),
         ))
+
+    async def on_next(self, rec: PlacementRecord) -> None:
+        """Load this worker's share of a coming placement, keeping what it holds now."""
+        if rec.version <= self.loaded or len(rec.owners) != self.info.num_experts:
+            return
+        async with self._loading:
+            want = set(rec.held_by(self.me))
+            if not want <= set(self.experts.held):
+                keep = sorted(want | set(self.experts.held))
+                log.info("loading experts", version=rec.version, experts=sorted(want - set(self.experts.held)))
+                self.experts = (await self.mlx.run(load_experts, self.cfg.model, keep))[0]
+            self.loaded = max(self.loaded, rec.version)
+        self.changed.set()
+
+    async def on_active(self, rec: PlacementRecord, upcoming: PlacementRecord | None) -> None:
+        """Let go of experts the active placement (and any coming one) no longer gives us."""
+        if self.active is not None and rec.version <= self.active.version:
+            return
+        self.active = rec
+        await asyncio.sleep(self.cfg.release_after_s)  # calls routed by the old placement still arrive
+        async with self._loading:
+            if self.active is not rec:
+                return
+            keep = set(rec.held_by(self.me))
+            if upcoming is not None and upcoming.version > rec.version:
+                keep |= set(upcoming.held_by(self.me))
+            if set(self.experts.held) > keep and not self.draining:
+                log.info("releasing experts", version=rec.version, experts=sorted(set(self.experts.held) - keep))
+                self.experts = (await self.mlx.run(load_experts, self.cfg.model, sorted(keep)))[0]
+                self.changed.set()
+
+    async def sync(self, kv: KeyValue) -> None:
+        """Read both placements and act on them (the watch's safety net, and the first look)."""
+        nxt, _ = await cluster.read(kv, cluster.NEXT)
+        active, _ = await cluster.read(kv, cluster.ACTIVE)
+        if nxt is not None:
+            await self.on_next(nxt)
+        if active is not None and (self.active is None or active.version > self.active.version):
+            asyncio.create_task(self.on_active(active, nxt))
+
+    def released(self) -> bool:
+        """Draining and no longer in the active placement: safe to leave."""
+        return self.active is not None and not self.active.held_by(self.me) and self.active.version >= self.loaded
 
 
 def mlx_memory() -> dict[str, int]:
@@ -97,47 +173,51 @@ def mlx_memory() -> dict[str, int]:
     return {"active": mx.get_active_memory(), "peak": mx.get_peak_memory(), "cache": mx.get_cache_memory()}
 
 
-async def check_peers(nc: Client, cfg: WorkerConfig) -> None:
-    """Refuse to join a cluster this worker disagrees with (ConfigError), before loading."""
-    model = fingerprint(cfg.model)
-    peers: set[tuple[str, int]] = set()
-
-    async def on_announce(msg: Msg) -> None:
+async def _watch(kv: KeyValue, worker: Worker, stop: asyncio.Event) -> None:
+    """React to placement changes as they are written; re-watch after a bus restart."""
+    while not stop.is_set():
         try:
-            a = decode(WorkerAnnounce, msg.data)
-        except WireError:
-            return
-        if a.model == model and not a.leaving:
-            peers.add((a.worker, a.world))
+            watcher = await kv.watch(">")
+            async for entry in watcher:
+                if entry is not None and entry.key in (cluster.NEXT, cluster.ACTIVE):
+                    await worker.sync(kv)
+        except Exception as e:  # noqa: BLE001 - the heartbeat's sync covers the gap
+            log.debug("placement watch restarts", error=repr(e))
+        await asyncio.sleep(1.0)
 
-    sub = await nc.subscribe(subjects.WORKERS_ANNOUNCE, cb=on_announce)
-    await nc.publish(subjects.WORKERS_DISCOVER, encode(Discover(router=cfg.worker_id)))
-    await asyncio.sleep(cfg.peers_window_s)
-    await sub.unsubscribe()
-    why = cluster_conflict(cfg.worker_id, cfg.world, peers)
-    if why is not None:
-        raise ConfigError(why)
+
+async def _may_leave(worker: Worker, kv: KeyValue, connected: bool, left_at: float) -> bool:
+    """A draining worker leaves once its experts live elsewhere; or at once when it holds
+    nothing, the bus is gone, or no router is there to move them; or at its drain timeout."""
+    if worker.released() or not worker.experts.held or not connected or time.monotonic() > left_at:
+        return True
+    try:
+        return not await cluster.leader_alive(kv)
+    except Exception:  # noqa: BLE001 - cannot tell: the timeout still bounds the wait
+        return False
 
 
 async def serve(cfg: WorkerConfig) -> None:
-    if not 0 <= cfg.rank < cfg.world:
-        raise ConfigError(f"--rank {cfg.rank} is outside --world {cfg.world}")
     stop = stop_event()
     mlx = MLXThread()
     try:
         async with AsyncExitStack() as stack:
-            me, world = cfg.worker_id, worker_ids(cfg.world)
-            nc = await connect(cfg.nats_url, name=f"moebus-worker-{me}")
+            nc = await connect(cfg.nats_url, name="moebus-worker")
             stack.push_async_callback(close, nc)
-            await check_peers(nc, cfg)
-            experts, info = await mlx.run(load_experts, cfg.model, lambda n: experts_of(n, world, me))
-            if not experts.held:
-                raise ConfigError(f"worker {me} holds no experts: --world {cfg.world} exceeds {info.num_experts} experts")
-            worker = Worker(cfg, experts, info, mlx, nc.max_payload)
+            kv = await cluster.bucket(nc.jetstream())
+            per_expert, info = await mlx.run(expert_bytes, cfg.model)
+            budget = cfg.memory_budget if cfg.memory_budget is not None else spare_memory()
+            capacity = min(info.num_experts, budget // max(1, per_expert))
+            if capacity < 1:
+                raise ConfigError(f"--memory-budget {budget} bytes holds no expert of {info.name} "
+                                  f"({per_expert} bytes each)")
+            me = worker_id()
+            worker = Worker(cfg, me, info, capacity, mlx, nc.max_payload)
+            worker.speed = await mlx.run(measure_speed)
             svc = await add_service(
                 nc, name=subjects.SERVICE_WORKER, version=VERSION,
-                description="moebus expert worker: a share of the experts of every MoE layer",
-                metadata={"worker": me, "model": info.name, "experts": ",".join(map(str, experts.held))},
+                description="moebus expert worker: the experts the placement gives it, in every MoE layer",
+                metadata={"worker": me, "model": info.name, "capacity": str(capacity)},
             )
             await svc.add_endpoint(name="experts", subject=worker.subject, handler=worker.handle)
 
@@ -145,14 +225,28 @@ async def serve(cfg: WorkerConfig) -> None:
                 await nc.publish(subjects.WORKERS_ANNOUNCE, worker.announcement())
 
             await nc.subscribe(subjects.WORKERS_DISCOVER, cb=on_discover)
-            log.info("worker ready", worker=me, experts=experts.held, layers=info.moe_layers, subject=worker.subject)
-            async for _ in ticks(stop, cfg.heartbeat_s):
+            watch = asyncio.create_task(_watch(kv, worker, stop))
+            log.info("worker joined", worker=me, capacity=capacity, expert_bytes=per_expert, speed_gflops=worker.speed)
+            left_at = float("inf")
+            while not (worker.draining and await _may_leave(worker, kv, nc.is_connected, left_at)):
                 await nc.publish(subjects.WORKERS_ANNOUNCE, worker.announcement())
+                try:
+                    await worker.sync(kv)
+                except Exception as e:  # noqa: BLE001 - the bus may be restarting
+                    log.debug("placement not read", error=repr(e))
+                worker.changed.clear()
+                waits = [asyncio.ensure_future(e.wait()) for e in (worker.changed, stop)]
+                await asyncio.wait(waits, timeout=cfg.heartbeat_s, return_when=asyncio.FIRST_COMPLETED)
+                for w in waits:
+                    w.cancel()
+                if stop.is_set() and not worker.draining:
+                    worker.draining = True  # ask to hold nothing; leave once the experts moved
+                    left_at = time.monotonic() + cfg.drain_timeout_s
+                    log.info("draining", worker=me, experts=worker.experts.held)
+            watch.cancel()
             try:  # every step bounded (Ctrl-C may have stopped nats-server first); close() flushes
                 await nc.publish(subjects.WORKERS_ANNOUNCE, worker.announcement(leaving=True))
-                await stop_service(svc)  # no new requests; answer those already taken
-                if worker.pending:
-                    await asyncio.wait(list(worker.pending), timeout=10)
+                await stop_service(svc, timeout_s=10)  # no new requests; answer those already taken
             except Exception as e:  # noqa: BLE001 - the server may have gone first
                 log.warning("stopping without the bus", error=repr(e))
     finally:

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from services.gateway.errors import ApiError
 from services.gateway.schemas import MessagesRequest, text_of
 from services.gateway.sse import collect, sse
 from services.gateway.upstream import Generation, RouterClient
@@ -27,8 +26,6 @@ def routes(router: Callable[[], RouterClient], check_model: Callable[[str], Awai
     @api.post("/v1/messages")
     async def messages(body: MessagesRequest) -> Response:
         await check_model(body.model)
-        if body.max_tokens < 1:
-            raise ApiError(400, f"max_tokens must be at least 1, got {body.max_tokens}", None, "max_tokens")
         chat = [{"role": "system", "content": text_of(body.system)}] if body.system else []
         chat += [{"role": m.role, "content": text_of(m.content)} for m in body.messages]
         gen = await router().start(messages=chat, max_tokens=body.max_tokens, temperature=body.temperature,

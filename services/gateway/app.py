@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway import anthropic_api, openai_api
-from services.gateway.errors import ApiError, error_response, install_handlers
+from services.gateway.errors import ApiError, install_handlers
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.middleware import CountRequests, HttpSettings, Limits
 from services.gateway.upstream import RouterClient
 from shared.errors import MoebusError
-
-OPEN_PATHS = ("/health", "/openapi.json")  # probes and the public schema need no key
-
-
-@dataclass(frozen=True)
-class HttpSettings:
-    api_keys: tuple[str, ...] = ()
-    max_body_bytes: int = 4 << 20
 
 
 def create_app(router: Callable[[], RouterClient], settings: HttpSettings, metrics: GatewayMetrics,
@@ -40,13 +30,21 @@ def create_app(router: Callable[[], RouterClient], settings: HttpSettings, metri
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        client = router()
         try:
-            s = await router().status()
+            s = await client.status()
         except MoebusError as e:
             return JSONResponse({"ready": False, "error": str(e)}, status_code=503)
-        body = {"ready": s.ready, "model": s.model, "workers": s.workers, "experts_covered": s.experts_covered,
-                "experts_total": s.experts_total, "running": s.running, "waiting": s.waiting}
-        return JSONResponse(body, status_code=200 if s.ready else 503)
+        # Ready only if requests get through too: a router that answers its status but not
+        # generate requests (stuck, or a forged status) is not serving.
+        failing = client.generate_failing()
+        ready = s.ready and failing is None
+        body = {"ready": ready, "model": s.model, "workers": s.workers, "experts_covered": s.experts_covered,
+                "experts_total": s.experts_total, "unowned_experts": s.unowned_experts,
+                "running": s.running, "waiting": s.waiting}
+        if not ready:
+            body["error"] = s.unready_reason or f"generate requests fail: {failing}"
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -65,58 +63,6 @@ def create_app(router: Callable[[], RouterClient], settings: HttpSettings, metri
     app.include_router(openai_api.routes(router, check_model))
     app.include_router(anthropic_api.routes(router, check_model))
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
-        return response
-
-    app.add_middleware(Limits, settings=settings)
+    app.add_middleware(CountRequests, metrics=metrics)
+    app.add_middleware(Limits, settings=settings)  # outermost: keys and body before anything runs
     return app
-
-
-class Limits:
-    """API keys (Bearer or x-api-key; /health stays open) and the request body size limit."""
-
-    def __init__(self, app: ASGIApp, settings: HttpSettings) -> None:
-        self.app = app
-        self.keys = [k.encode() for k in settings.api_keys]
-        self.max_body = settings.max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        request = Request(scope)
-        if self.keys and scope["path"] not in OPEN_PATHS and not self._authorized(request):
-            return await error_response(request, ApiError(401, "missing or invalid API key", "invalid_api_key"))(
-                scope, receive, send)
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_body:
-            return await self._too_large(request, scope, receive, send)
-        # Read the body here, up to the limit, so a chunked upload cannot pass it either.
-        body, more = [], True
-        seen = 0
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return await self.app(scope, receive, send)  # the client left; let the app see it
-            body.append(message.get("body", b""))
-            seen += len(body[-1])
-            more = message.get("more_body", False)
-            if seen > self.max_body:
-                return await self._too_large(request, scope, receive, send)
-        whole: list[Message] = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
-
-        async def replay() -> Message:
-            return whole.pop() if whole else await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _too_large(self, request: Request, scope: Scope, receive: Receive, send: Send) -> None:
-        await error_response(request, ApiError(413, f"request body over {self.max_body} bytes"))(scope, receive, send)
-
-    def _authorized(self, request: Request) -> bool:
-        auth = request.headers.get("authorization", "")
-        given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-        return any(hmac.compare_digest(given.encode(), k) for k in self.keys)

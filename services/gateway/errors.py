@@ -13,7 +13,7 @@ from shared.errors import BusTimeout, MoebusError, NoResponders, NotReady, Remot
 
 RETRY_AFTER_S = 1
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error",
+          405: "invalid_request_error", 408: "timeout_error", 413: "request_too_large", 429: "rate_limit_error",
           503: "overloaded_error", 504: "timeout_error"}
 
 
@@ -31,8 +31,12 @@ def error_body(status: int, message: str, code: str | None = None, param: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def is_anthropic(path: str) -> bool:
+    return path.startswith("/v1/messages")
+
+
 def error_response(request: Request | None, e: ApiError) -> JSONResponse:
-    anthropic = request is not None and request.url.path.startswith("/v1/messages")
+    anthropic = request is not None and is_anthropic(request.url.path)
     headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status in (429, 503) else None
     return JSONResponse(error_body(e.status, e.message, e.code, e.param, anthropic), status_code=e.status,
                         headers=headers)
@@ -72,9 +76,15 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(r: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
+        # Of a union's failed branches, the one that got deepest is most likely what the client meant.
+        chosen = max(e.errors(), key=lambda err: len(err.get("loc", ())), default={})
+        if chosen.get("type") == "json_invalid":  # its loc holds a character offset, not a field
+            where = chosen.get("loc", ("body", "?"))[-1]
+            reason = chosen.get("ctx", {}).get("error", "")
+            return error_response(r, ApiError(400, f"the body is not valid JSON: {reason} at character {where}",
+                                               "invalid_json"))
+        loc = [str(p) for p in chosen.get("loc", ()) if p != "body"]
+        message = f"{'.'.join(loc) or 'body'}: {chosen.get('msg', 'invalid request')}"
         return error_response(r, ApiError(400, message, "invalid_request_error", ".".join(loc) or None))
 
     @app.exception_handler(Exception)

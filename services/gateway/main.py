@@ -11,27 +11,31 @@ import uvicorn
 from nats.micro import add_service
 from nats.micro.request import Request
 
-from services.gateway.app import HttpSettings, create_app
+from services import defaults
+from services.gateway.app import create_app
+from services.gateway.connections import ConnectionLimits, connection_cap, guarded_protocol, raise_fd_limit
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.middleware import HttpSettings
 from services.gateway.upstream import RouterClient
 from shared import subjects
 from shared.bus import close, connect, stop_event, stop_service
 from shared.errors import MoebusError
 from shared.logs import get_logger
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 log = get_logger("gateway")
 
 
 @dataclass(frozen=True)
 class GatewayConfig:
     nats_url: str
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = defaults.HOST
+    port: int = defaults.PORT
     request_timeout_s: float = 10.0
     event_timeout_s: float = 120.0
-    deadline_s: float = 600.0  # a whole request, queueing included
+    deadline_s: float = defaults.REQUEST_TIMEOUT_S  # a whole request, queueing included
     http: HttpSettings = HttpSettings()
+    connections: ConnectionLimits = ConnectionLimits()
 
 
 async def serve(cfg: GatewayConfig) -> None:
@@ -42,14 +46,15 @@ async def serve(cfg: GatewayConfig) -> None:
     @asynccontextmanager
     async def lifespan(_app):
         async with AsyncExitStack() as stack:
-            nc = await connect(cfg.nats_url, name="moebus-gateway")
+            # A dropped connection loses the events sent meanwhile: open streams end with an error.
+            nc = await connect(cfg.nats_url, name="moebus-gateway", on_disconnect=lambda: holder["router"].on_disconnect())
             stack.push_async_callback(close, nc)
             holder["router"] = RouterClient(nc, cfg.request_timeout_s, cfg.event_timeout_s, cfg.deadline_s, metrics)
 
             async def on_health(req: Request) -> None:
                 try:
                     status = await holder["router"].status()
-                    await req.respond(orjson.dumps({"gateway": "ok", "router": status.__dict__}))
+                    await req.respond(orjson.dumps({"gateway": "ok", "router": status.model_dump()}))
                 except MoebusError as e:
                     await req.respond(orjson.dumps({"gateway": "ok", "router": None, "error": str(e)}))
 
@@ -62,8 +67,14 @@ async def serve(cfg: GatewayConfig) -> None:
             yield
 
     app = create_app(lambda: holder["router"], cfg.http, metrics, lifespan=lifespan)
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
-                                           lifespan="on", timeout_graceful_shutdown=5))
+    limits = cfg.connections
+    cap = connection_cap(limits.max_connections, raise_fd_limit())
+    protocol = guarded_protocol(limits, cap, lambda reason: metrics.connections_closed.labels(reason).inc())
+    log.info("gateway connection limits", max_connections=cap, header_timeout_s=limits.header_timeout_s,
+             body_timeout_s=limits.body_timeout_s, keep_alive_s=limits.keep_alive_s)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=cfg.host, port=cfg.port, log_level="warning", lifespan="on", timeout_graceful_shutdown=5,
+        http=protocol, timeout_keep_alive=limits.keep_alive_s))  # type: ignore[arg-type]  # a float works
 
     async def exit_on_stop() -> None:  # uvicorn handles SIGINT/SIGTERM; this covers the rest
         await stop.wait()

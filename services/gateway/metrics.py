@@ -19,6 +19,10 @@ class GatewayMetrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("moebus_inter_token_latency_seconds", "Between two tokens of one request",
                              buckets=LATENCY_BUCKETS, registry=r)
+        self.connections_closed = Counter(
+            "moebus_http_connections_closed", "Connections the gateway closed, by reason: header_timeout, "
+            "body_timeout, evicted (at the cap, for a newer one), refused (at the cap, all busy), shutdown",
+            ["reason"], registry=r)
 
     def count_tokens(self, prompt: int, generated: int) -> None:
         self.prompt_tokens.inc(prompt)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -72,8 +73,15 @@ class RouterClient:
         self.metrics = metrics
         self.check_every_s = 1.0  # a stream quiet this long asks whether its router is still there
         self.connections = 0  # bumped when the bus connection drops: events sent meanwhile are lost
-        self.generate_failed: str | None = None  # why the last generate request got no answer
+        self._generate_failed: tuple[str, float] | None = None  # why the last generate got no answer, when
         self._model: tuple[str, float] = ("", 0.0)
+
+    def generate_failing(self, within_s: float = 5.0) -> str | None:
+        """Why generate requests fail, if the last one failed within `within_s` and none has
+        succeeded since (a router that answers its status but not generate is not serving)."""
+        if self._generate_failed is None or time.monotonic() - self._generate_failed[1] > within_s:
+            return None
+        return self._generate_failed[0]
 
     def on_disconnect(self) -> None:
         self.connections += 1
@@ -121,12 +129,13 @@ class RouterClient:
             try:
                 reply = await request(self.nc, subjects.ROUTER_GENERATE, encode(g), self.request_timeout_s)
             except (NoResponders, BusTimeout) as e:
-                self.generate_failed = str(e)  # /health says so until a request gets through
+                self._generate_failed = (str(e), time.monotonic())  # /health says so for a while
                 raise
-            self.generate_failed = None
+            self._generate_failed = None
             return Generation(request_id, decode(GenerateAccepted, reply), sub, self, started, connection)
         except BaseException as e:
             await sub.unsubscribe()
-            if isinstance(e, BusTimeout):  # the router may still take it up later: it need not
+            # The router may have taken it (or still take it up) though we gave up: it need not.
+            if isinstance(e, (BusTimeout, asyncio.CancelledError)):
                 await self.cancel(request_id)
             raise

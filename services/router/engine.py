@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
 
+from services import defaults
 from services.router.sampling import StopText, request_sampler
 from shared.errors import MoebusError
 from shared.logs import get_logger
@@ -34,10 +35,10 @@ Publish = Callable[[list[tuple[str, GenerateEvent]]], None]
 
 @dataclass(frozen=True)
 class EngineLimits:
-    max_running: int = 16  # sequences decoded together
-    max_waiting: int = 64  # accepted but not yet decoding; beyond that, 429
-    prefill_step: int = 512  # prompt tokens per step, so long prompts do not stall streams
-    micro_batches: int = 2  # 2: two lanes overlap one's compute with the other's bus wait
+    max_running: int = defaults.MAX_RUNNING  # sequences decoded together
+    max_waiting: int = defaults.MAX_WAITING  # accepted but not yet decoding; beyond that, 429
+    prefill_step: int = defaults.PREFILL_STEP  # prompt tokens per step, so long prompts do not stall streams
+    micro_batches: int = defaults.MICRO_BATCHES  # 2: two lanes overlap one's compute with the other's bus wait
     split_at: int = 8  # ...once this many sequences run; below it one batch costs less
 
 
@@ -60,6 +61,7 @@ class Lane:
         self.thread = thread  # None: the caller's thread (the router's MLX thread)
         self.cap = cap  # sequences it decodes at once
         self.seqs: dict[int, Sequence] = {}
+        self.steps = 0  # decode steps it ran: both lanes busy shows in the metrics
         self._make = lambda: make(cap)
         self.gen = self.call(self._make)
 
@@ -85,8 +87,10 @@ def pick_lane(sizes: list[int], caps: list[int], split_at: int) -> int:
 
 class Engine:
     def __init__(self, model: nn.Module, tokenizer: Any, limits: EngineLimits, publish: Publish,
-                 baton: Baton | None = None, max_context: int = 1 << 31) -> None:
+                 baton: Baton | None = None, max_context: int = 1 << 31,
+                 before_step: Callable[[], None] = lambda: None) -> None:
         self.model = model
+        self.before_step = before_step  # e.g. switch to a new placement: never inside a step
         self.max_context = max_context
         self.publish = publish
         self._out: list[tuple[str, GenerateEvent]] = []
@@ -203,6 +207,7 @@ class Engine:
             self.publish(out)
 
     def _step(self) -> bool:
+        self.before_step()
         busy = [lane for lane in self.lanes if lane.seqs]
         # Lanes with threads start at once and take turns (the baton) with the one run here.
         pending = [lane.thread.submit(self._lane_step, lane) for lane in busy if lane.thread is not None]
@@ -232,6 +237,7 @@ class Engine:
                 if not lane.seqs:
                     return
                 _, responses = lane.gen.next()
+                lane.steps += 1
                 for r in responses:
                     if r.uid in lane.seqs:
                         self._on_token(lane, r.uid, lane.seqs[r.uid], r.token, r.logprobs, r.finish_reason)

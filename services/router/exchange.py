@@ -19,16 +19,18 @@ from nats.aio.client import Client
 from services.router.metrics import ExchangeStats
 from shared.arrays import to_mlx, to_numpy, wire_dtype
 from shared.bus import request
-from shared.errors import BusError, BusTimeout, NoResponders, NotReady, WireError
+from services.router.registry import Table
+from shared.errors import BusError, BusTimeout, MoebusError, NoResponders, NotReady, RemoteError, WireError
 from shared.mlx_thread import Baton
-from shared.wire import decode_reply, encode_request
+from shared.wire import decode_reply, decode_request, encode_reply, encode_request
 
 _HEADER_ROOM = 64
 
 
 @dataclass(frozen=True)
 class Trip:
-    """The pairs one message carries: tokens `t`, top-k slots `s`, to `subject`."""
+    """The pairs one message carries: tokens `t`, top-k slots `s`, to `subject` ("": no live
+    owner yet; the call waits for the placement that gives them one)."""
 
     subject: str
     t: np.ndarray
@@ -36,17 +38,14 @@ class Trip:
     payload: bytes
 
 
-def plan_trips(
-    layer: int, dtype: int, x: np.ndarray, inds: np.ndarray,
-    subjects: list[str], owner: np.ndarray, max_payload: int,
-) -> list[Trip]:
-    """Split (token, slot) pairs by owning worker: one message per worker, more only when
-    a long prefill would pass the server's maximum message size."""
+def plan_trips(layer: int, dtype: int, x: np.ndarray, inds: np.ndarray, table: Table, max_payload: int) -> list[Trip]:
+    """Split (token, slot) pairs by the worker to ask: one message per worker, more only when a
+    long prefill would pass the server's maximum message size. An expert with several owners
+    has its tokens spread over them."""
     n, dim = x.shape
-    holder = owner[inds]  # (N, k) worker index of each pair
-    if (holder < 0).any():
-        e = int(inds[holder < 0][0])
-        raise NotReady(f"expert {e} of layer {layer} has no worker")
+    count = table.count[inds]  # (N, k) live owners of each pair's expert
+    pick = np.arange(n)[:, None] % np.maximum(count, 1)
+    holder = np.where(count > 0, table.owners[inds, pick], -1)  # (N, k) index into subjects
     per_msg = max(1, (max_payload - _HEADER_ROOM) // (dim * x.itemsize + 8))
     trips = []
     for w in np.unique(holder):
@@ -57,29 +56,51 @@ def plan_trips(
             payload = encode_request(
                 layer, dtype, x[rows], row_of_pair.astype(np.int32), inds[tc, sc].astype(np.int32)
             )
-            trips.append(Trip(subjects[w], tc, sc, payload))
+            trips.append(Trip(table.subjects[w] if w >= 0 else "", tc, sc, payload))
     return trips
 
 
+class Resend(Exception):
+    """A call whose worker is gone or no longer holds its experts: ask their new owners."""
+
+
 class ExpertClient:
-    """The `Exchange` the router's BusExperts call; routes with the registry's table."""
+    """The `Exchange` the router's BusExperts call; routes by the active placement's table."""
 
     def __init__(self, nc: Client, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
         self.stats: ExchangeStats | None = None  # set once the model is known
         self.nc = nc
         self.loop = loop
         self.timeout_s = timeout_s
-        self.table: tuple[list[str], np.ndarray] = ([], np.zeros(0, np.int32))
+        self.table = Table.empty()  # what this decode step routes by (MLX threads read it)
+        self.latest = Table.empty()  # the newest: adopted at the next step, used by re-sends now
+        self._changed = asyncio.Event()  # set when `latest` changes (event loop only)
+        self.unplaceable: frozenset[int] = frozenset()
         self.baton = Baton()  # handed to the other micro-batch while this one waits on the bus
         self._y = np.empty(0, np.float32)  # replies are gathered here, reused while big enough
-        # Calls waiting on each subject (event loop only): a worker found dead fails them at once.
-        self._waiting: dict[str, set[asyncio.Task]] = {}
+        # Calls waiting on each subject (event loop only): a worker found dead ends them at once.
+        self._waiting: dict[str, dict[asyncio.Task, float]] = {}
         self._lost: dict[asyncio.Task, str] = {}
         self.on_failure: Callable[[str, BusError], None] = lambda subject, error: None
 
-    def set_table(self, subjects: list[str], owner: np.ndarray) -> None:
-        # One attribute, swapped whole by the event loop: the MLX thread never sees half of it.
-        self.table = (subjects, owner)
+    def set_table(self, table: Table) -> None:
+        """A new placement or membership (event loop). Whole objects are swapped, so a thread
+        never sees half of one."""
+        self.latest = table
+        self._pulse()
+
+    def set_unplaceable(self, experts: frozenset[int]) -> None:
+        """Experts the live workers cannot hold: calls waiting for an owner of one end now."""
+        self.unplaceable = experts
+        self._pulse()
+
+    def _pulse(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def adopt(self) -> None:
+        """Between decode steps (MLX thread): route by the newest table from now on."""
+        self.table = self.latest
 
     def __call__(self, layer: int, x: mx.array, indices: mx.array) -> mx.array:
         *lead, dim = x.shape
@@ -89,8 +110,7 @@ class ExpertClient:
         mx.eval(xf, idx)
         code = wire_dtype(xf)
         xn, inds = to_numpy(xf), np.asarray(idx)
-        subjects, owner = self.table
-        trips = plan_trips(layer, code, xn, inds, subjects, owner, self.nc.max_payload)
+        trips = plan_trips(layer, code, xn, inds, self.table, self.nc.max_payload)
         start = time.perf_counter()
         gather = asyncio.run_coroutine_threadsafe(self._fan_out(trips), self.loop)
         try:
@@ -122,39 +142,90 @@ class ExpertClient:
             self._y = np.empty(size, dtype)
         return self._y[:size]
 
-    def fail_calls(self, subject: str | None, why: str) -> None:
-        """Every call waiting on `subject` (None: on any) ends now with `why`: its worker is gone
-        (dropped, replaced, or the bus itself went), so no reply will come."""
+    def fail_calls(self, subject: str | None, why: str, resend: bool = True) -> None:
+        """Every call waiting on `subject` (None: on any) ends now: its worker is gone (dropped,
+        or the bus itself went), so no reply will come. With `resend` its pairs go to their
+        experts' other or new owners."""
         for s in [subject] if subject is not None else list(self._waiting):
             for task in self._waiting.get(s, ()):
-                self._lost[task] = why
+                self._lost[task] = why if not resend else ""
                 task.cancel()
 
+    def stuck(self, after_s: float) -> list[str]:
+        """Subjects with a call waiting longer than `after_s`: is their worker still there?"""
+        now = time.monotonic()
+        return [s for s, calls in self._waiting.items() if any(now - t > after_s for t in calls.values())]
+
     async def _fan_out(self, trips: list[Trip]) -> list[bytes]:
-        tasks = [asyncio.ensure_future(self._call(t)) for t in trips]
+        deadline = time.monotonic() + self.timeout_s
+        tasks = [asyncio.ensure_future(self._call(t, deadline)) for t in trips]
         try:
             return await asyncio.gather(*tasks)
-        except BusError:
+        except MoebusError:
             for task in tasks:
                 task.cancel()
             raise
 
-    async def _call(self, trip: Trip) -> bytes:
-        task = asyncio.current_task()
-        waiting = self._waiting.setdefault(trip.subject, set())
-        waiting.add(task)
+    async def _call(self, trip: Trip, deadline: float, avoid: frozenset[str] = frozenset(), cause: str = "") -> bytes:
+        if not trip.subject:
+            return await self._resend(trip, deadline, avoid, cause)
         try:
-            return await request(self.nc, trip.subject, trip.payload, self.timeout_s)
+            return await self._request(trip, deadline)
+        except Resend as e:
+            return await self._resend(trip, deadline, avoid | {trip.subject}, str(e))
+
+    async def _request(self, trip: Trip, deadline: float) -> bytes:
+        task = asyncio.current_task()
+        waiting = self._waiting.setdefault(trip.subject, {})
+        waiting[task] = time.monotonic()
+        try:
+            return await request(self.nc, trip.subject, trip.payload, max(0.01, deadline - time.monotonic()))
         except asyncio.CancelledError:
             why = self._lost.get(task)
             if why is None:
                 raise
-            raise BusError(f"{trip.subject}: {why}") from None
+            if why:
+                raise BusError(f"{trip.subject}: {why}") from None
+            raise Resend(f"{trip.subject}: its worker left") from None
         except (NoResponders, BusTimeout) as e:
+            waiting.pop(task, None)  # not among the calls its drop ends: this one re-sends itself
             self.on_failure(trip.subject, e)  # readiness follows real failures, not only heartbeats
+            raise Resend(str(e)) from None
+        except RemoteError as e:
+            if e.status == "409":  # the placement moved on since this step began
+                raise Resend(str(e)) from None
             raise
         finally:
             self._lost.pop(task, None)
-            waiting.discard(task)
+            waiting.pop(task, None)
             if not waiting:
                 self._waiting.pop(trip.subject, None)
+
+    async def _resend(self, trip: Trip, deadline: float, avoid: frozenset[str], cause: str) -> bytes:
+        """Ask the trip's experts of their current owners, once the placement gives every one of
+        them a live owner other than those that failed; until the call's deadline."""
+        req = decode_request(trip.payload)
+        x, inds = req.x[req.rows], req.experts[:, None]
+        while True:
+            table = self.latest.without(set(avoid))
+            missing = sorted({int(e) for e in req.experts if table.count[e] == 0})
+            if not missing:
+                break
+            hopeless = time.monotonic() >= deadline or self.unplaceable.intersection(missing)
+            if hopeless:
+                raise NotReady(f"experts {missing} of layer {req.layer} have no live worker"
+                               f"{f' ({cause})' if cause else ''}: the workers left cannot hold every expert") from None
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                pass
+        trips = plan_trips(req.layer, req.dtype, x, inds, table, self.nc.max_payload)
+        replies = await asyncio.gather(*(self._call(t, deadline, avoid, cause) for t in trips))
+        y = np.empty((len(req.experts), x.shape[1]), x.dtype)
+        compute_us = 0
+        for sub, data in zip(trips, replies):
+            reply = decode_reply(data)
+            y[sub.t] = reply.y
+            compute_us = max(compute_us, reply.compute_us)
+        return encode_reply(req.dtype, y, compute_us)

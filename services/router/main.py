@@ -1,4 +1,4 @@
-"""router service: `moebus router --nats URL --model PATH`."""
+"""router service: `moebus router --nats URL --model PATH [--replicas K]`."""
 
 from __future__ import annotations
 
@@ -10,29 +10,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import orjson
 from mlx_lm.utils import load_tokenizer
 from nats.aio.msg import Msg
+from nats.aio.client import Client
 from nats.micro import add_service
-from nats.micro.request import Request
+from nats.micro.request import Request, ServiceError
 
+from services import defaults
 from services.router.bus_experts import install
 from services.router.engine import Engine, EngineLimits, Publish
 from services.router.exchange import ExpertClient
 from services.router.metrics import ExchangeStats, registry
 from services.router.prompts import PromptEncoder
-from services.router.registry import WorkerRegistry
-from shared import subjects
-from shared.bus import close, connect, stop_event, stop_service, ticks
-from shared.errors import BadRequest, BusError, WireError
+from services.router.placer import Placer
+from services.router.registry import Table, WorkerRegistry
+from shared import cluster, subjects
+from shared.bus import close, connect, request, stop_event, stop_service, ticks
+from shared.errors import BadRequest, BusError, MoebusError, NoResponders, WireError
 from shared.logs import get_logger
 from shared.messages import (
-    Cancel, Discover, GenerateAccepted, GenerateEvent, GenerateRequest, RouterStatus, WorkerAnnounce, decode, encode,
+    Cancel, ClusterStatus, Discover, GenerateAccepted, GenerateEvent, GenerateRequest, RouterStatus, WorkerAnnounce,
+    WorkerStatus, decode, encode,
 )
 from shared.mlx_thread import MLXThread
 from shared.model import ModelInfo, describe, find_experts, load_lazy
+from shared.wire import encode_request
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 log = get_logger("router")
 
 
@@ -40,9 +46,12 @@ log = get_logger("router")
 class RouterConfig:
     nats_url: str
     model: Path
-    expert_timeout_s: float = 30.0
-    heartbeat_s: float = 1.0
-    max_prompt_tokens: int = 1 << 30
+    expert_timeout_s: float = defaults.EXPERT_TIMEOUT_S
+    heartbeat_s: float = 1.0  # workers' heartbeat: one silent for 4 of them is dropped
+    tick_s: float = 0.25  # how often placement advances and stuck calls are checked
+    probe_after_s: float = 0.5  # a call waiting this long asks whether its worker is still there
+    replicas: int = defaults.REPLICAS
+    max_prompt_tokens: int = defaults.MAX_PROMPT_TOKENS
     limits: EngineLimits = field(default_factory=EngineLimits)
 
 
@@ -63,8 +72,9 @@ def load_router_model(cfg: RouterConfig, client: ExpertClient, publish: Publish)
     mx.eval(model.parameters())
     tokenizer = load_tokenizer(cfg.model)
     client.stats = ExchangeStats(info.moe_layers, info.num_experts)
+    client.table = client.latest = Table.empty(info.num_experts)
     return Loaded(
-        Engine(model, tokenizer, cfg.limits, publish, client.baton, info.max_context),
+        Engine(model, tokenizer, cfg.limits, publish, client.baton, info.max_context, before_step=client.adopt),
         PromptEncoder(tokenizer, info.max_context, cfg.max_prompt_tokens),
         info,
         WorkerRegistry(info.num_experts, info.moe_layers, info.fingerprint, 4 * cfg.heartbeat_s),
@@ -81,81 +91,129 @@ class Router:
         self.client = client
         self.mlx = mlx
         self.m: Loaded | None = None
+        self.placer: Placer | None = None
         self.active = 0  # accepted and not finished: what admission counts (event loop only)
         self.id = uuid.uuid4().hex[:12]  # this process: a gateway's stream outlives it only if it is still here
         client.on_failure = self.on_call_failure
+        self._advancing: asyncio.Task | None = None
 
     def status(self) -> RouterStatus:
-        if self.m is None:
+        if self.m is None or self.placer is None:
             return RouterStatus(ready=False, model=self.cfg.model.name, max_context=0, workers=[], experts_covered=0,
                                 experts_total=0, router=self.id, unready_reason="the router is loading the model")
         reg, info, eng = self.m.registry, self.m.info, self.m.engine
-        unowned = reg.unowned()
+        unowned = self.placer.unowned()
+        if not reg.workers:
+            reason = "no expert worker has joined"
+        elif self.placer.active is None:
+            reason = "placing experts on the workers"
+        else:
+            reason = f"experts {unowned} have no live worker: the workers cannot hold every expert" if unowned else ""
         return RouterStatus(ready=not unowned, model=info.name, max_context=info.max_context, workers=reg.workers,
                             experts_covered=info.num_experts - len(unowned), experts_total=info.num_experts,
-                            running=eng.running, waiting=eng.waiting, router=self.id,
-                            unready_reason=f"experts {unowned} have no live worker" if unowned else "")
+                            running=eng.running, waiting=eng.waiting, router=self.id, unready_reason=reason,
+                            unowned_experts=unowned)
+
+    def cluster(self) -> ClusterStatus:
+        assert self.m is not None and self.placer is not None
+        reg, placer, now = self.m.registry, self.placer, time.monotonic()
+        ages = reg.heartbeats(now)
+        workers = [WorkerStatus(worker=w, host=a.host, capacity=a.capacity, experts=a.experts, tokens=a.tokens,
+                                last_heartbeat_s=round(ages[w], 2), loaded=a.loaded, draining=a.draining,
+                                speed=a.speed)
+                   for w in reg.workers if (a := reg.get(w)) is not None]
+        stats = self.client.stats
+        return ClusterStatus(
+            model=self.m.info.name, ready=not placer.unowned(), replicas=self.cfg.replicas, workers=workers,
+            placement_version=placer.active.version if placer.active else 0,
+            pending_version=placer.next.version if placer.next else None, unowned_experts=placer.unowned(),
+            expert_load=stats.expert_tokens.tolist() if stats is not None else [],
+            owners=placer.active.owners if placer.active else [])
 
     def gauges(self) -> dict[str, float]:
         s = self.status()
         return {"sequences_running": s.running, "sequences_waiting": s.waiting, "workers_connected": len(s.workers),
-                "experts_covered": s.experts_covered, "ready": float(s.ready)}
+                "experts_covered": s.experts_covered, "ready": float(s.ready),
+                "placement_version": float(self.placer.active.version if self.placer and self.placer.active else 0)}
 
     def on_announce(self, data: bytes) -> None:
-        if self.m is None:
+        if self.m is None or self.placer is None:
             return
         try:
             a = decode(WorkerAnnounce, data)
         except WireError as e:
             log.warning("bad announcement", error=str(e))
             return
+        known = a.worker in self.m.registry.live()
         gone = self.m.registry.announce(a, time.monotonic())
         if gone is None:
-            log.warning("worker ignored: another model or cluster size", worker=a.worker, model=a.model, world=a.world)
+            log.warning("worker of another model ignored", worker=a.worker, model=a.model)
             return
-        self._lost(gone, f"worker {a.worker} left" if a.leaving else f"worker {a.worker} was replaced")
-        self.client.set_table(*self.m.registry.table())
+        if not known and not a.leaving:
+            log.info("worker joined", worker=a.worker, host=a.host, capacity=a.capacity)
+            self.placer.refresh()  # a restarted router routes to the workers it finds holding the placement
+        self._lost(gone)
+        self.advance()
 
     def expire(self) -> None:
         if self.m is not None:
-            self._lost(self.m.registry.expire(time.monotonic()), "its worker stopped sending heartbeats")
+            self._lost(self.m.registry.expire(time.monotonic()))
 
     def on_call_failure(self, subject: str, error: BusError) -> None:
         """A worker that does not answer is out until it announces itself again (within a
-        heartbeat if it is alive): readiness drops now, not when its heartbeats go stale."""
+        heartbeat if it is alive): readiness drops and its experts are placed elsewhere now."""
         if self.m is not None and (worker := self.m.registry.drop_subject(subject)) is not None:
             log.warning("worker dropped", worker=worker, error=str(error))
-            self._lost([subject], f"worker {worker} failed: {error}")
+            self._lost([subject])
 
-    def _lost(self, gone: list[str], why: str) -> None:
+    def _lost(self, gone: list[str]) -> None:
         for subject in gone:
-            self.client.fail_calls(subject, why)  # their calls end now, not at the expert timeout
-        if gone:
-            self.client.set_table(*self.m.registry.table())
+            self.client.fail_calls(subject, "its worker left")  # re-sent to the experts' other owners
+        if gone and self.placer is not None:
+            self.placer.refresh()
+            self.advance()
+
+    def advance(self) -> None:
+        """Move placement on, one step at a time, without blocking the caller."""
+        if self.placer is not None and (self._advancing is None or self._advancing.done()):
+            self._advancing = asyncio.create_task(self.placer.advance())
+
+    async def probe(self, nc: Client) -> None:
+        """Calls waiting unusually long: ask their workers with an empty request. Nobody
+        listening means the process died (a killed worker's subscription goes with it at
+        once), long before its heartbeats go stale."""
+        for subject in self.client.stuck(self.cfg.probe_after_s):
+            try:
+                await request(nc, subject, EMPTY_REQUEST, 0.5)
+            except NoResponders as e:
+                self.on_call_failure(subject, e)
+            except MoebusError:
+                pass  # busy, not gone: its calls keep their own deadline
 
     async def on_status(self, req: Request) -> None:
         await req.respond(encode(self.status()))
+
+    async def on_cluster(self, req: Request) -> None:
+        if self.m is None or self.placer is None:
+            raise ServiceError("503", "the router is loading the model")
+        await req.respond(encode(self.cluster()))
 
     async def on_generate(self, req: Request) -> None:
         try:
             g = decode(GenerateRequest, req.data)
         except WireError as e:
-            await req.respond_error("400", _error(BadRequest(str(e), e.param)))
-            return
+            raise ServiceError("400", _error(BadRequest(str(e), e.param))) from None
         status = self.status()
         if not status.ready or self.m is None:
-            await req.respond_error("503", f"not ready: {status.unready_reason}")
-            return
+            raise ServiceError("503", f"not ready: {status.unready_reason}")
         limits = self.cfg.limits
         if self.active >= limits.max_running + limits.max_waiting:
-            await req.respond_error("429", f"{self.active} requests are in progress, the most this server "
-                                           "queues; try again shortly")
-            return
+            raise ServiceError("429", f"{self.active} requests are in progress, the most this server queues; "
+                                      "try again shortly")
         try:
             ids = await asyncio.to_thread(self.m.prompts.encode, g)
         except BadRequest as e:
-            await req.respond_error("400", _error(e))
-            return
+            raise ServiceError("400", _error(e)) from None
         self.active += 1
         self.mlx.submit(self.m.engine.add, g, ids)  # queued before any cancel of it can be
         await req.respond(encode(GenerateAccepted(request_id=g.request_id, prompt_tokens=len(ids), router=self.id)))
@@ -173,6 +231,9 @@ class Router:
         self.mlx.submit(self.m.engine.cancel, rid)
 
 
+EMPTY_REQUEST = encode_request(0, 0, np.zeros((0, 1), np.float32), np.zeros(0, np.int32), np.zeros(0, np.int32))
+
+
 async def serve(cfg: RouterConfig) -> None:
     stop = stop_event()
     loop = asyncio.get_running_loop()
@@ -182,7 +243,8 @@ async def serve(cfg: RouterConfig) -> None:
         async with AsyncExitStack() as stack:
             # With the bus gone, no reply to a call in flight will come: fail them now.
             nc = await connect(cfg.nats_url, name="moebus-router",
-                               on_disconnect=lambda: client.fail_calls(None, "the bus connection was lost"))
+                               on_disconnect=lambda: client.fail_calls(None, "the bus connection was lost",
+                                                                       resend=False))
             client = ExpertClient(nc, loop, cfg.expert_timeout_s)
             stack.push_async_callback(close, nc)
             router = Router(cfg, client, mlx)
@@ -205,28 +267,38 @@ async def serve(cfg: RouterConfig) -> None:
 
             svc = await add_service(nc, name=subjects.SERVICE_ROUTER, version=VERSION,
                                     description="moebus router: attention, gates, sampling; experts over the bus",
-                                    metadata={"model": cfg.model.name})
+                                    metadata={"model": cfg.model.name, "router": router.id})
             stack.push_async_callback(stop_service, svc)
             await svc.add_endpoint(name="status", subject=subjects.ROUTER_STATUS, handler=router.on_status)
-            router.m = await mlx.run(load_router_model, cfg, client, publish)
-            metrics = registry(client.stats, router.gauges, router.m.registry.memory)
+            kv = await cluster.bucket(nc.jetstream())
+            router.m = m = await mlx.run(load_router_model, cfg, client, publish)
+            router.placer = placer = Placer(kv, m.registry, router.id, cfg.replicas, client.set_table,
+                                            lambda: client.stats.expert_tokens if client.stats else None,
+                                            client.set_unplaceable)
+            await placer.start()
+            stack.push_async_callback(placer.resign)
+            metrics = registry(client.stats, router.gauges, m.registry.memory,
+                               lambda: [lane.steps for lane in m.engine.lanes])
 
             async def on_metrics(req: Request) -> None:
                 await req.respond(metrics())
 
-            mlx.background = router.m.engine.step
+            mlx.background = m.engine.step
             await nc.subscribe(subjects.WORKERS_ANNOUNCE, cb=on_announce)
             await nc.subscribe(subjects.ROUTER_CANCEL, cb=router.on_cancel)
             await svc.add_endpoint(name="generate", subject=subjects.ROUTER_GENERATE, handler=router.on_generate)
             await svc.add_endpoint(name="metrics", subject=subjects.ROUTER_METRICS, handler=on_metrics)
+            await svc.add_endpoint(name="cluster", subject=subjects.ROUTER_CLUSTER, handler=router.on_cluster)
             await nc.publish(subjects.WORKERS_DISCOVER, encode(Discover(router="router")))
-            info = router.m.info
-            log.info("router loaded", model=info.name, moe_layers=info.moe_layers, experts=info.num_experts)
-            async for _ in ticks(stop, cfg.heartbeat_s):
+            log.info("router loaded", model=m.info.name, moe_layers=m.info.moe_layers, experts=m.info.num_experts,
+                     replicas=cfg.replicas)
+            async for _ in ticks(stop, cfg.tick_s):
                 router.expire()
+                await router.probe(nc)
+                router.advance()
             await stop_service(svc)  # no new requests from here on
             # Nothing in flight ends silently: every running request hears why it stopped.
-            await mlx.run(router.m.engine.fail_all, "the router is shutting down")
+            await mlx.run(m.engine.fail_all, "the router is shutting down")
             await asyncio.sleep(0.1)
     finally:
         if router is not None and router.m is not None:

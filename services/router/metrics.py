@@ -40,10 +40,11 @@ class ExchangeStats:
 
 class RouterCollector:
     def __init__(self, stats: ExchangeStats, gauges: Callable[[], dict[str, float]],
-                 memory: Callable[[], dict[str, dict]]) -> None:
+                 memory: Callable[[], dict[str, dict]], lanes: Callable[[], list[int]]) -> None:
         self.stats = stats
         self.gauges = gauges
         self.memory = memory
+        self.lanes = lanes
 
     def collect(self) -> Iterator:
         s = self.stats
@@ -80,6 +81,11 @@ class RouterCollector:
             yield family
         for name, value in self.gauges().items():
             yield GaugeMetricFamily(f"moebus_{name}", name.replace("_", " "), value=value)
+        steps = CounterMetricFamily("moebus_micro_batch_steps", "Decode steps each micro-batch lane ran",
+                                    labels=["lane"])
+        for lane, n in enumerate(self.lanes()):
+            steps.add_metric([str(lane)], n)
+        yield steps
         memory = GaugeMetricFamily("moebus_worker_mlx_memory_bytes",
                                    "Each worker's MLX allocator counters, from its last heartbeat",
                                    labels=["worker", "kind"])
@@ -91,7 +97,7 @@ class RouterCollector:
 
 
 def registry(stats: ExchangeStats, gauges: Callable[[], dict[str, float]],
-             memory: Callable[[], dict[str, dict]]) -> Callable[[], bytes]:
+             memory: Callable[[], dict[str, dict]], lanes: Callable[[], list[int]]) -> Callable[[], bytes]:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(RouterCollector(stats, gauges, memory))
+    reg.register(RouterCollector(stats, gauges, memory, lanes))
     return lambda: generate_latest(reg)

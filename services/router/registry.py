@@ -1,4 +1,4 @@
-"""Live workers and the expert -> worker table, from announcements (no I/O here)."""
+"""Live workers, from their heartbeats, and the routing table of a placement (no I/O here)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,38 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shared.messages import WorkerAnnounce
-from shared.placement import route_table
+
+
+@dataclass(frozen=True)
+class Table:
+    """What the hot path routes by: expert e's live owners are `subjects[owners[e, :count[e]]]`."""
+
+    subjects: list[str]
+    owners: np.ndarray  # (E, R) int32 index into subjects, -1 past count
+    count: np.ndarray  # (E,) int32 live owners of each expert
+
+    @staticmethod
+    def empty(num_experts: int = 0) -> Table:
+        return Table([], np.full((num_experts, 1), -1, np.int32), np.zeros(num_experts, np.int32))
+
+    def without(self, subjects: set[str]) -> Table:
+        """This table minus some workers (those a call just failed on)."""
+        keep = {s for s in self.subjects if s not in subjects}
+        return table([[self.subjects[i] for i in row[:n]] for row, n in zip(self.owners, self.count)],
+                     {s: s for s in keep})
+
+
+def table(owners: list[list[str]], live: dict[str, str]) -> Table:
+    """The routing table for a placement's `owners` (expert -> worker ids), keeping only live
+    workers (`live`: id -> subject)."""
+    names = sorted({w for row in owners for w in row if w in live})
+    index = {w: i for i, w in enumerate(names)}
+    rows = [[index[w] for w in row if w in index] for row in owners]
+    width = max([1, *map(len, rows)])
+    mat = np.full((len(owners), width), -1, np.int32)
+    for e, row in enumerate(rows):
+        mat[e, :len(row)] = row
+    return Table([live[w] for w in names], mat, np.array([len(r) for r in rows], np.int32))
 
 
 @dataclass
@@ -19,20 +50,15 @@ class WorkerRegistry:
     _seen: dict[str, tuple[WorkerAnnounce, float]] = field(default_factory=dict)
 
     def announce(self, a: WorkerAnnounce, now: float) -> list[str] | None:
-        """Record an announcement. None when it is for another model or cluster size (ignored);
-        otherwise the subjects no longer served: a leaving worker's, or the one a restarted
-        worker (same id, new process) replaced."""
+        """Record a heartbeat. None when it is for another model (ignored); otherwise the
+        subjects no longer served (a leaving worker's)."""
         if a.model != self.fingerprint or a.layers != self.moe_layers or not self._valid(a):
             return None
-        if a.world and any(o.world and o.world != a.world for o, _ in self._seen.values() if o.worker != a.worker):
-            return None  # started for another cluster size: its experts overlap the live workers'
-        old = self._seen.get(a.worker)
-        gone = [old[0].subject] if old is not None and (a.leaving or old[0].subject != a.subject) else []
         if a.leaving:
-            self._seen.pop(a.worker, None)
-        else:
-            self._seen[a.worker] = (a, now)
-        return gone
+            old = self._seen.pop(a.worker, None)
+            return [old[0].subject] if old else []
+        self._seen[a.worker] = (a, now)
+        return []
 
     def _valid(self, a: WorkerAnnounce) -> bool:
         return all(0 <= e < self.num_experts for e in a.experts)
@@ -43,36 +69,37 @@ class WorkerRegistry:
         return [self._seen.pop(w)[0].subject for w in gone]
 
     def drop_subject(self, subject: str) -> str | None:
-        """A call to `subject` found nobody (or no reply): the worker is out until it announces
-        itself again. Returns its id, None if it was already gone."""
+        """A call to `subject` found nobody: that worker is out until it announces itself again.
+        Returns its id, None if it was already gone."""
         for w, (a, _) in list(self._seen.items()):
             if a.subject == subject:
                 del self._seen[w]
                 return w
         return None
 
+    def get(self, worker: str) -> WorkerAnnounce | None:
+        seen = self._seen.get(worker)
+        return seen[0] if seen else None
+
     @property
     def workers(self) -> list[str]:
         return sorted(self._seen)
 
-    def owners(self) -> list[str | None]:
-        return route_table(self.num_experts, ((w, a.experts) for w, (a, _) in self._seen.items()))
+    def live(self) -> dict[str, str]:
+        """Worker id -> subject, for every live worker."""
+        return {w: a.subject for w, (a, _) in self._seen.items()}
 
-    def table(self) -> tuple[list[str], np.ndarray]:
-        """(subjects, owner index per expert, -1 where none) for the hot path."""
-        owners = self.owners()
-        names = sorted({o for o in owners if o is not None})
-        subjects = [self._seen[w][0].subject for w in names]
-        index = np.array([names.index(o) if o is not None else -1 for o in owners], np.int32)
-        return subjects, index
+    def capacities(self) -> dict[str, int]:
+        """What each worker that is staying may hold (a draining one: nothing)."""
+        return {w: 0 if a.draining else a.capacity for w, (a, _) in self._seen.items()}
+
+    def loaded(self, worker: str) -> int:
+        a = self.get(worker)
+        return a.loaded if a else -1
 
     def memory(self) -> dict[str, dict]:
         """Each live worker's last reported MLX memory counters."""
         return {w: a.memory for w, (a, _) in self._seen.items()}
 
-    def unowned(self) -> list[int]:
-        return [e for e, o in enumerate(self.owners()) if o is None]
-
-    @property
-    def covered(self) -> int:
-        return sum(o is not None for o in self.owners())
+    def heartbeats(self, now: float) -> dict[str, float]:
+        return {w: now - t for w, (_, t) in self._seen.items()}

@@ -13,9 +13,8 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import mixtral
 
-from services.expert_worker.experts import load_experts
+from services.expert_worker.experts import expert_bytes, load_experts
 from shared.errors import WireError
-from shared.placement import experts_of, worker_ids
 from shared.wire import decode_reply, decode_request, encode_request
 from tests.cluster import ROOT
 
@@ -39,8 +38,8 @@ def test_worker_output_equals_the_models_own_experts(model_dir: Path):
     from mlx_lm.utils import load_model
 
     full, _ = load_model(model_dir)
-    held = experts_of(16, worker_ids(3), "w1")
-    experts, info = load_experts(model_dir, lambda n: held)
+    held = [1, 4, 7, 10, 13]
+    experts, info = load_experts(model_dir, held)
     x = mx.random.normal((5, 256))
     inds = mx.array([[1, 4], [7, 10], [13, 1], [4, 4], [10, 13]])
     want = np.array(full.model.layers[2].block_sparse_moe.switch_mlp(x, inds))  # (5, 2, D)
@@ -58,13 +57,16 @@ _RSS = """
 import sys; from pathlib import Path
 import mlx.core as mx
 from services.expert_worker.experts import load_experts
-from shared.placement import experts_of, worker_ids
 import os, subprocess
 def rss(): return 1024 * int(subprocess.run(['ps', '-o', 'rss=', '-p', str(os.getpid())], capture_output=True, text=True).stdout)
 W = int(sys.argv[2]); before = rss()
-held = load_experts(Path(sys.argv[1]), lambda n: experts_of(n, worker_ids(W), 'w0'))
+held = load_experts(Path(sys.argv[1]), list(range(0, 16, W)))
 print(rss() - before, mx.get_active_memory())
 """
+
+
+def test_capacity_is_counted_in_bytes_of_one_expert_over_every_layer(model_dir: Path):
+    assert expert_bytes(model_dir)[0] == EXPERT_BYTES // 16
 
 
 def test_memory_scales_with_the_share_of_experts(model_dir: Path):

@@ -15,33 +15,35 @@ from shared import subjects
 from shared.bus import request
 from shared.messages import Discover, WorkerAnnounce, decode, encode
 from shared.model import describe, find_experts, load_lazy
-from shared.placement import worker_ids
 from shared.wire import decode_reply, encode_request
-from tests.cluster import cli, tail
+from tests.cluster import cli, place_all, tail
 
 pytestmark = pytest.mark.slow
 
 
-async def _announcement(nc: nats.NATS, worker: str) -> WorkerAnnounce:
+async def _announcement(nc: nats.NATS, worker: str | None) -> WorkerAnnounce:
     """The worker's next announcement after everything it was sent has been answered."""
     sub = await nc.subscribe(subjects.WORKERS_ANNOUNCE)
     try:
         await nc.publish(subjects.WORKERS_DISCOVER, encode(Discover(router="test")))
         while True:
             a = decode(WorkerAnnounce, (await sub.next_msg(timeout=10)).data)
-            if a.worker == worker:
+            if worker is None or a.worker == worker:
                 return a
     finally:
         await sub.unsubscribe()
 
 
-async def _wait_ready(nc: nats.NATS, worker: str, proc, log: Path) -> str:
-    """The worker's subject, once it announces itself."""
+async def _wait_ready(nc: nats.NATS, proc, log: Path, num_experts: int) -> WorkerAnnounce:
+    """The worker, once it joined and holds every expert (placed here by the test itself)."""
     for _ in range(120):
         if proc.poll() is not None:
             raise RuntimeError(f"worker exited with {proc.returncode}:\n{tail(log)}")
         try:
-            return (await _announcement(nc, worker)).subject
+            a = await _announcement(nc, None)
+            if len(a.experts) == num_experts:
+                return a
+            await place_all(nc, a, num_experts)
         except nats.errors.TimeoutError:
             continue
     raise RuntimeError(f"worker never announced itself:\n{tail(log)}")
@@ -52,9 +54,8 @@ async def test_mlx_memory_is_flat_over_1000_requests(nats_url: str, checkpoints:
     lazy, config = load_lazy(model)
     info = describe(model, config, find_experts(lazy))
     dim = config["hidden_size"]
-    me = worker_ids(1)[0]
     log = tmp_path / "worker.log"
-    proc = cli("worker", "--nats", nats_url, "--model", str(model), "--rank", "0", "--world", "1", log=log)
+    proc = cli("worker", "--nats", nats_url, "--model", str(model), log=log)
     nc = await nats.connect(nats_url)
     rng = np.random.default_rng(0)
 
@@ -67,7 +68,8 @@ async def test_mlx_memory_is_flat_over_1000_requests(nats_url: str, checkpoints:
         assert reply.y.shape == (pairs, dim)
 
     try:
-        subject = await _wait_ready(nc, me, proc, log)
+        joined = await _wait_ready(nc, proc, log, info.num_experts)
+        me, subject = joined.worker, joined.subject
         # Warm-up: every batch size the test sends, then enough mixes of experts for MLX's
         # allocator to have pooled a buffer of each size it needs (grouped compute splits
         # a request by expert, so buffer sizes vary with the mix, not just the batch).

@@ -165,9 +165,10 @@ def test_metrics_show_requests_latency_and_expert_load(up: Up, client: OpenAI):
     for needle in ['moebus_requests_total{endpoint="/v1/chat/completions",status="200"}',
                    "moebus_time_to_first_token_seconds_bucket", "moebus_inter_token_latency_seconds_bucket",
                    'moebus_expert_roundtrip_seconds_bucket{layer="1"', 'moebus_expert_tokens_total{expert="7"}',
-                   'moebus_worker_tokens_total{worker="w1"}', "moebus_workers_connected 2.0",
+                   "moebus_workers_connected 2.0", "moebus_placement_version", 'moebus_micro_batch_steps_total{lane="0"}',
                    "moebus_sequences_running", "moebus_sequences_waiting", "moebus_generated_tokens_total"]:
         assert needle in text, needle
+    assert text.count("moebus_worker_tokens_total{worker=") == 2  # both workers served (labelled by id)
 
 
 def test_openapi_fuzzing_finds_no_server_error(up: Up):

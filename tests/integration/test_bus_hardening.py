@@ -4,7 +4,6 @@ real nats-server, with the default 30 s expert timeout."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from shared.errors import RemoteError
 from shared.messages import GenerateRequest
 from shared.wire import encode_request
 from tests.checkpoints import HIDDEN, MAX_POS
-from tests.cluster import cli, tail, wait_healthy, worker_subject
+from tests.cluster import wait_healthy, worker_subject
 from tests.integration.test_failures import BODY, Rogue, Services, _until
 
 pytestmark = pytest.mark.slow
@@ -82,20 +81,6 @@ async def test_an_expert_request_whose_reply_is_too_large_is_refused_before_comp
     assert e.value.status == "413" and "maximum message" in e.value.description
 
 
-def test_a_worker_started_for_another_cluster_is_refused(cluster: Cluster):
-    for rank, world, needle in ((0, 1, "already running"), (1, 2, "--world 1")):
-        p = cli("worker", "--nats", cluster.nats_url, "--model", str(cluster.model), "--rank", str(rank),
-                "--world", str(world), log=cluster.log)
-        try:
-            code = p.wait(60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            pytest.fail(f"worker --rank {rank} --world {world} was not refused:\n{tail(cluster.log)}")
-        assert code == 2 and needle in tail(cluster.log, 3000)
-    r = httpx.post(f"{cluster.url}/v1/completions", json=BODY, timeout=30)
-    assert r.status_code == 200, r.text  # the running cluster was never disturbed
-
-
 def test_the_context_bounds_max_tokens(cluster: Cluster):
     prompt = [8 + i % 50 for i in range(MAX_POS - 3)]
     r = httpx.post(f"{cluster.url}/v1/completions", timeout=60,
@@ -129,8 +114,8 @@ async def test_running_never_exceeds_max_running(cluster: Cluster):
 
 async def test_a_worker_gone_silent_fails_its_calls_when_dropped_not_at_the_timeout(cluster: Cluster):
     """The only worker is a peer that takes calls and never answers, then stops sending
-    heartbeats (as a killed worker does): the request fails when it is dropped (~4 s), not
-    after the 30 s expert timeout."""
+    heartbeats: the request fails when it is dropped (~4 s) and nobody is left to take its
+    experts, not after the 30 s expert timeout."""
     cluster.first.terminate()
     cluster.first.wait(20)
     nc = await nats.connect(cluster.nats_url)
@@ -147,7 +132,7 @@ async def test_a_worker_gone_silent_fails_its_calls_when_dropped_not_at_the_time
             start = time.monotonic()
             r = await req
             elapsed = time.monotonic() - start
-            assert r.status_code == 502 and "heartbeats" in r.json()["error"]["message"], r.text
+            assert r.status_code == 502 and "no live worker" in r.json()["error"]["message"], r.text
             assert elapsed < 10, elapsed
             assert (await http.get("/health")).status_code == 503
     finally:

@@ -11,7 +11,7 @@ import httpx
 import nats
 import pytest
 
-from shared import subjects
+from shared import cluster, subjects
 from shared.messages import WorkerAnnounce, encode
 from shared.model import fingerprint
 from shared.natsd import free_port, start_nats
@@ -36,9 +36,8 @@ class Services:
             cli("gateway", "--nats", self.nats_url, "--port", str(self.http_port), log=self.log),
         ]
 
-    def worker(self) -> object:
-        p = cli("worker", "--nats", self.nats_url, "--model", str(self.model), "--rank", "0", "--world", "1",
-                log=self.log)
+    def worker(self, *args: str) -> object:
+        p = cli("worker", "--nats", self.nats_url, "--model", str(self.model), *args, log=self.log)
         self.procs.append(p)
         return p
 
@@ -59,14 +58,15 @@ def services(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFact
 
 
 class Rogue:
-    """A peer that claims every expert and answers with `reply` (bytes, an error, or silence)."""
+    """A peer that joins as a worker, claims to load whatever it is given, and answers with
+    `reply` (bytes, an error, or silence)."""
 
     def __init__(self, nc: nats.NATS, model: Path) -> None:
         self.nc = nc
         self.reply: bytes | tuple[str, str] | None = b""
         self.announce = WorkerAnnounce(worker="rogue", subject=subjects.experts_subject("rogue"),
-                                       model=fingerprint(model), layers=LAYERS,
-                                       experts=list(range(NUM_EXPERTS["mixtral"])))
+                                       model=fingerprint(model), layers=LAYERS, experts=[],
+                                       capacity=NUM_EXPERTS["mixtral"])
 
     async def handle(self, msg) -> None:
         if isinstance(self.reply, bytes):
@@ -76,7 +76,10 @@ class Rogue:
             await self.nc.publish(msg.reply, b"", headers={"Nats-Service-Error-Code": code, "Nats-Service-Error": text})
 
     async def heartbeat(self) -> None:
+        kv = await cluster.bucket(self.nc.jetstream())
         while True:
+            coming, _ = await cluster.read(kv, cluster.NEXT)  # "loaded" whatever it is given
+            self.announce = self.announce.model_copy(update={"loaded": coming.version if coming else 0})
             await self.nc.publish(subjects.WORKERS_ANNOUNCE, encode(self.announce))
             await asyncio.sleep(0.3)
 
@@ -141,7 +144,7 @@ async def test_a_killed_worker_fails_requests_fast_and_readiness_drops(services:
         worker.wait(10)
         r = await http.post("/v1/completions", json=BODY)
         assert r.status_code in (502, 503)
-        assert "moebus.v1.experts.w0" in r.json()["error"]["message"] or r.json()["error"]["code"] == "not_ready"
+        assert "no live worker" in r.json()["error"]["message"], r.text
         # Readiness follows the failure at once, not when the worker's heartbeats go stale (4 s).
         health = await http.get("/health")
         assert health.status_code == 503 and health.json()["experts_covered"] == 0

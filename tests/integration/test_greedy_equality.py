@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import httpx
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
@@ -53,4 +54,7 @@ async def test_two_micro_batches_overlapping_keep_the_greedy_tokens(family, chec
                                                     max_tokens=NEW_TOKENS, temperature=0)
                 return [words[w] for w in r.choices[0].text.split()]
             got = await asyncio.gather(*(one(p) for p in PROMPTS * 6))  # 12: both lanes busy
+        steps = [float(line.split()[-1]) for line in httpx.get(f"{up.url}/metrics").text.splitlines()
+                 if line.startswith("moebus_micro_batch_steps")]
     assert got == references[family] * 6
+    assert len(steps) == 2 and min(steps) > 0, steps  # both lanes decoded

@@ -132,7 +132,7 @@ async def test_malformed_expert_message_gets_an_error_and_the_worker_keeps_servi
                                                                                     payload, needle):
     nc = await nats.connect(up.nats_url)
     try:
-        msg = await nc.request(await worker_subject(nc, "w0"), payload, timeout=5)
+        msg = await nc.request(await worker_subject(nc), payload, timeout=5)
     finally:
         await nc.close()
     assert msg.headers["Nats-Service-Error-Code"] == "400"

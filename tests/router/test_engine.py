@@ -11,6 +11,7 @@ from shared.messages import GenerateEvent, GenerateRequest
 
 
 def _req(rid: str, **kw) -> GenerateRequest:
+    kw.setdefault("temperature", 0.0)
     return GenerateRequest(request_id=rid, stream=f"moebus.v1.stream.{rid}", max_tokens=kw.pop("max_tokens", 5), **kw)
 
 

@@ -1,18 +1,18 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
+from services.router.registry import table
 from services.router.exchange import plan_trips
-from shared.errors import NotReady
 from shared.wire import decode_request
+
+TWO = table([["a"], ["b"], ["a"], ["b"]], {"a": "a", "b": "b"})  # experts 0,2 -> a; 1,3 -> b
 
 
 def test_one_message_per_worker_carrying_only_its_pairs():
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     inds = np.array([[0, 1], [1, 2], [3, 0]])
-    owner = np.array([0, 1, 0, 1], np.int32)  # experts 0,2 -> worker 0; 1,3 -> worker 1
-    trips = plan_trips(5, 0, x, inds, ["a", "b"], owner, max_payload=1 << 20)
+    trips = plan_trips(5, 0, x, inds, TWO, max_payload=1 << 20)
     assert [t.subject for t in trips] == ["a", "b"]
     for trip in trips:
         req = decode_request(trip.payload)
@@ -29,14 +29,20 @@ def test_long_prefill_is_split_under_the_payload_limit():
     x = np.ones((100, 64), np.float32)
     inds = np.zeros((100, 2), np.int64)
     inds[:, 1] = 1
-    trips = plan_trips(0, 0, x, inds, ["a"], np.array([0, 0], np.int32), max_payload=10_000)
+    trips = plan_trips(0, 0, x, inds, table([["a"], ["a"]], {"a": "a"}), max_payload=10_000)
     assert len(trips) > 1
     assert all(len(t.payload) <= 10_000 for t in trips)
     assert sum(len(t.t) for t in trips) == 200
 
 
-def test_an_expert_without_a_worker_is_not_ready():
+def test_an_experts_tokens_are_spread_over_its_replicas():
+    x = np.ones((6, 4), np.float32)
+    trips = plan_trips(0, 0, x, np.zeros((6, 1), np.int64), table([["a", "b"]], {"a": "a", "b": "b"}), 1 << 20)
+    assert sorted((t.subject, len(t.t)) for t in trips) == [("a", 3), ("b", 3)]
+
+
+def test_pairs_of_an_expert_without_a_live_owner_wait_in_their_own_trip():
     x = np.ones((1, 4), np.float32)
-    with pytest.raises(NotReady) as e:
-        plan_trips(2, 0, x, np.array([[0, 1]]), ["a"], np.array([0, -1], np.int32), 1 << 20)
-    assert "expert 1 of layer 2" in str(e.value)
+    trips = plan_trips(2, 0, x, np.array([[0, 1]]), table([["a"], ["gone"]], {"a": "a"}), 1 << 20)
+    assert sorted(t.subject for t in trips) == ["", "a"]
+    assert decode_request(next(t for t in trips if not t.subject).payload).experts.tolist() == [1]

@@ -1,72 +1,66 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from services.router.registry import WorkerRegistry
+from services.router.registry import Table, WorkerRegistry, table
 from shared.errors import WireError
 from shared.messages import WorkerAnnounce, decode
 
 
-def _a(worker: str, experts: list[int], model: str = "m", leaving: bool = False, world: int = 2,
-       subject: str = "") -> WorkerAnnounce:
-    return WorkerAnnounce(worker=worker, subject=subject or f"moebus.v1.experts.{worker}", model=model, layers=2,
-                          experts=experts, leaving=leaving, world=world)
+def _a(worker: str, capacity: int = 4, model: str = "m", leaving: bool = False, draining: bool = False,
+       loaded: int = 0) -> WorkerAnnounce:
+    return WorkerAnnounce(worker=worker, subject=f"moebus.v1.experts.{worker}", model=model, layers=2, experts=[],
+                          capacity=capacity, leaving=leaving, draining=draining, loaded=loaded)
 
 
-def test_coverage_grows_with_workers_and_shrinks_when_they_go():
+def test_workers_come_and_go_with_their_heartbeats():
     reg = WorkerRegistry(num_experts=4, moe_layers=2, fingerprint="m", stale_after_s=3)
-    assert reg.announce(_a("w0", [0, 2]), now=0) == []
-    assert reg.covered == 2
-    reg.announce(_a("w1", [1, 3]), now=1)
-    assert reg.covered == 4 and reg.workers == ["w0", "w1"]
-    subjects, owner = reg.table()
-    assert subjects == ["moebus.v1.experts.w0", "moebus.v1.experts.w1"]
-    assert owner.tolist() == [0, 1, 0, 1]
+    assert reg.announce(_a("w0"), now=0) == []
+    reg.announce(_a("w1", capacity=2), now=1)
+    assert reg.workers == ["w0", "w1"] and reg.capacities() == {"w0": 4, "w1": 2}
     assert reg.expire(now=3.5) == ["moebus.v1.experts.w0"]
-    assert reg.covered == 2
-    assert reg.announce(_a("w1", [1, 3], leaving=True), now=4) == ["moebus.v1.experts.w1"]
-    assert reg.covered == 0 and reg.table()[1].tolist() == [-1] * 4
+    assert reg.announce(_a("w1", leaving=True), now=4) == ["moebus.v1.experts.w1"]
+    assert reg.workers == []
+
+
+def test_a_draining_worker_is_live_but_holds_nothing_in_the_next_placement():
+    reg = WorkerRegistry(num_experts=4, moe_layers=2, fingerprint="m", stale_after_s=3)
+    reg.announce(_a("w0", draining=True, loaded=3), now=0)
+    assert reg.capacities() == {"w0": 0} and reg.live() == {"w0": "moebus.v1.experts.w0"} and reg.loaded("w0") == 3
 
 
 def test_workers_of_another_model_are_ignored():
     reg = WorkerRegistry(num_experts=4, moe_layers=2, fingerprint="m", stale_after_s=3)
-    assert reg.announce(_a("w0", [0, 1, 2, 3], model="other"), now=0) is None
-    assert reg.covered == 0
-
-
-def test_malformed_announcements_are_refused():
-    reg = WorkerRegistry(num_experts=4, moe_layers=2, fingerprint="m", stale_after_s=3)
-    assert reg.announce(_a("w0", [9]), now=0) is None
-    assert reg.covered == 0 and reg.workers == []
-    for bad in (b'{"worker": "w1", "subject": "moebus.v1.experts.>", "model": "m", "layers": 2, "experts": [0]}',
-                b'{"worker": "w1", "subject": "a b", "model": "m", "layers": 2, "experts": [0]}',
-                b'{"worker": "w1", "subject": "moebus.v1.experts.w1", "model": "m", "layers": 2, "experts": ["a"]}',
-                b'{"worker": "w 1", "subject": "moebus.v1.experts.w1", "model": "m", "layers": 2, "experts": [0]}'):
-        with pytest.raises(WireError):
-            decode(WorkerAnnounce, bad)
-
-
-def test_a_restarted_worker_replaces_its_old_subject():
-    reg = WorkerRegistry(num_experts=4, moe_layers=2, fingerprint="m", stale_after_s=3)
-    reg.announce(_a("w0", [0, 1, 2, 3], subject="moebus.v1.experts.w0-old"), now=0)
-    assert reg.announce(_a("w0", [0, 1, 2, 3], subject="moebus.v1.experts.w0-new"), now=1) == [
-        "moebus.v1.experts.w0-old"]
-    assert reg.table()[0] == ["moebus.v1.experts.w0-new"]
+    assert reg.announce(_a("w0", model="other"), now=0) is None
+    assert reg.workers == []
 
 
 def test_a_failed_worker_is_dropped_until_it_announces_again():
     reg = WorkerRegistry(num_experts=4, moe_layers=2, fingerprint="m", stale_after_s=3)
-    reg.announce(_a("w0", [0, 2]), now=0)
-    reg.announce(_a("w1", [1, 3]), now=0)
-    assert reg.drop_subject("moebus.v1.experts.w1") == "w1"
-    assert reg.drop_subject("moebus.v1.experts.w1") is None
-    assert reg.unowned() == [1, 3] and reg.workers == ["w0"]
-    reg.announce(_a("w1", [1, 3]), now=1)
-    assert reg.unowned() == []
-
-
-def test_a_worker_of_another_cluster_size_is_ignored():
-    reg = WorkerRegistry(num_experts=4, moe_layers=2, fingerprint="m", stale_after_s=3)
-    reg.announce(_a("w0", [0, 2], world=2), now=0)
-    assert reg.announce(_a("w1", [1], world=3), now=0) is None
+    reg.announce(_a("w0"), now=0)
+    assert reg.drop_subject("moebus.v1.experts.w0") == "w0"
+    assert reg.drop_subject("moebus.v1.experts.w0") is None
+    reg.announce(_a("w0"), now=1)
     assert reg.workers == ["w0"]
+
+
+def test_malformed_announcements_are_refused():
+    for bad in (b'{"worker": "w1", "subject": "moebus.v1.experts.>", "model": "m", "layers": 2, "experts": [0]}',
+                b'{"worker": "w1", "subject": "a b", "model": "m", "layers": 2, "experts": [0]}',
+                b'{"worker": "w1", "subject": "moebus.v1.experts.w1", "model": "m", "layers": 2, "experts": ["a"]}',
+                b'{"worker": "w 1", "subject": "moebus.v1.experts.w1", "model": "m", "layers": 2, "experts": [0]}',
+                b'{"worker": "w1", "subject": "moebus.v1.experts.w1", "model": "m", "layers": 2, "experts": [0],'
+                b' "capacity": -1}'):
+        with pytest.raises(WireError):
+            decode(WorkerAnnounce, bad)
+
+
+def test_the_table_routes_to_live_owners_only():
+    t = table([["a"], ["a", "b"], ["b"], []], {"a": "s.a", "b": "s.b"})
+    assert t.subjects == ["s.a", "s.b"] and t.count.tolist() == [1, 2, 1, 0]
+    assert t.owners[1, :2].tolist() == [0, 1]
+    gone = table([["a"], ["a", "b"], ["b"], []], {"a": "s.a"})
+    assert gone.count.tolist() == [1, 1, 0, 0]
+    assert t.without({"s.a"}).count.tolist() == [0, 1, 1, 0]
+    assert Table.empty(3).count.tolist() == [0, 0, 0] and np.all(Table.empty(3).owners == -1)

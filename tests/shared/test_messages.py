@@ -13,7 +13,7 @@ def test_round_trip():
 
 def test_defaults_fill_missing_optional_fields():
     g = decode(GenerateRequest, b'{"request_id": "r", "stream": "moebus.v1.stream.r", "max_tokens": 3}')
-    assert g.temperature == 0.0 and g.prompt is None
+    assert g.temperature == 1.0 and g.prompt is None  # the HTTP API's default too
 
 
 OK = '"request_id": "r", "stream": "moebus.v1.stream.r"'

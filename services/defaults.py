@@ -1,0 +1,26 @@
+"""Every setting's default, written once: the services' typed configs and the CLI's flags (and
+their help) read them here. Light on purpose: importing it loads no MLX."""
+
+from __future__ import annotations
+
+from shared.messages import DEFAULT_DEADLINE_S
+
+# router
+MAX_RUNNING = 16  # sequences decoded together
+MAX_WAITING = 64  # accepted but not yet decoding; beyond that, 429
+PREFILL_STEP = 512  # prompt tokens per step
+MICRO_BATCHES = 2
+EXPERT_TIMEOUT_S = 30.0
+REPLICAS = 1
+MAX_PROMPT_TOKENS = 1 << 30
+# gateway
+HOST, PORT = "127.0.0.1", 8000
+REQUEST_TIMEOUT_S = DEFAULT_DEADLINE_S
+MAX_BODY_BYTES = 4 << 20
+HEADER_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 30.0
+KEEP_ALIVE_S = 5.0
+MAX_CONNECTIONS = 2048
+# moebus up
+WORKERS = 2
+NATS_PORT = 4222

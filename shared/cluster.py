@@ -1,0 +1,112 @@
+"""Cluster state in NATS: the placement of experts, in a JetStream key-value bucket.
+
+Two keys, both `PlacementRecord`s written only by the router that holds the `leader` key:
+- `next`: a placement being prepared; each worker loads what it gives it, then says so in its
+  heartbeat (`WorkerAnnounce.loaded`).
+- `active`: the placement the router routes by; it switches between decode steps, once every
+  worker of `next` has loaded its share. Workers then let go of what they no longer own.
+"""
+
+from __future__ import annotations
+
+import time
+
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+from pydantic import Field
+
+from shared.errors import WireError
+from shared.messages import Message, Name, Subject, decode, encode
+
+BUCKET = "moebus-cluster"
+ACTIVE, NEXT, LEADER = "active", "next", "leader"
+LEADER_LEASE_S = 5.0  # a leader that stops renewing is replaced after this long
+
+
+class PlacementRecord(Message):
+    """Expert -> owners (the same in every MoE layer), and where each owner answers."""
+
+    version: int = Field(ge=0)
+    owners: list[list[Name]]
+    subjects: dict[Name, Subject]
+    replicas: int = Field(default=1, ge=1, le=16)
+
+    def held_by(self, worker: str) -> list[int]:
+        return [e for e, owners in enumerate(self.owners) if worker in owners]
+
+    def unowned(self) -> list[int]:
+        return [e for e, owners in enumerate(self.owners) if not owners]
+
+
+class Lease(Message):
+    router: Name
+    until: float  # wall-clock seconds
+
+
+async def bucket(js: JetStreamContext) -> KeyValue:
+    """The cluster bucket, made on first use (file storage: it outlives a nats-server restart)."""
+    try:
+        return await js.key_value(BUCKET)
+    except BucketNotFoundError:
+        return await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1,
+                                                        description="moebus cluster state: expert placement"))
+
+
+async def read(kv: KeyValue, key: str) -> tuple[PlacementRecord | None, int]:
+    """The record under `key` and its revision; (None, 0) when there is none or it is unreadable."""
+    try:
+        entry = await kv.get(key)
+    except KeyNotFoundError:
+        return None, 0
+    if not entry.value:
+        return None, entry.revision or 0
+    try:
+        return decode(PlacementRecord, entry.value), entry.revision or 0
+    except WireError:
+        return None, entry.revision or 0
+
+
+async def write(kv: KeyValue, key: str, record: PlacementRecord) -> int:
+    return await kv.put(key, encode(record))
+
+
+async def _lease(kv: KeyValue) -> tuple[Lease | None, int | None]:
+    """The current lease (None if absent, expired-looking garbage included) and its revision."""
+    try:
+        entry = await kv.get(LEADER)
+    except KeyNotFoundError:
+        return None, None
+    try:
+        return (decode(Lease, entry.value) if entry.value else None), entry.revision
+    except WireError:
+        return None, entry.revision
+
+
+async def lead(kv: KeyValue, router: str, now: float | None = None) -> bool:
+    """Take or renew the writer's lease; False while another live router holds it."""
+    now = time.time() if now is None else now
+    held, revision = await _lease(kv)
+    if held is not None and held.router != router and held.until > now:
+        return False
+    lease = encode(Lease(router=router, until=now + LEADER_LEASE_S))
+    try:
+        if revision is None:
+            await kv.create(LEADER, lease)
+        else:
+            await kv.update(LEADER, lease, revision)
+        return True
+    except KeyWrongLastSequenceError:  # another router got there first
+        return False
+
+
+async def leader_alive(kv: KeyValue) -> bool:
+    held, _ = await _lease(kv)
+    return held is not None and held.until > time.time()
+
+
+async def resign(kv: KeyValue, router: str) -> None:
+    held, revision = await _lease(kv)
+    if held is not None and held.router == router and revision is not None:
+        await kv.update(LEADER, b"", revision)

@@ -1,0 +1,248 @@
+"""A hostile client against `moebus up`: slow headers and bodies, idle and abandoned connections,
+more connections than the gateway may hold, lone surrogates and broken JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shared.natsd import free_port
+from tests.cluster import ROOT, Up, wait_healthy
+
+MODEL = "tiny-mixtral"
+LIMITS = ("--header-timeout", "2", "--body-timeout", "3", "--keep-alive", "1", "--max-connections", "20")
+
+
+@pytest.fixture(scope="module")
+def long_mixtral(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny mixtral with a 8192-token context, so an unbounded request runs for a minute."""
+    out = tmp_path_factory.mktemp("long") / MODEL
+    shutil.copytree(checkpoints["mixtral"], out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8192}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def up(long_mixtral: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    extra = (*LIMITS, "--max-running", "2", "--max-waiting", "2")
+    with Up(long_mixtral, 1, tmp_path_factory.mktemp("hardening"), extra=extra) as cluster:
+        yield cluster
+
+
+Opener = Callable[[int, bytes], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[Opener]:
+    """Opens raw connections to a port, sends their first bytes, and closes them all after the test."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def open_(port: int, head: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writers.append(writer)
+        writer.write(head)
+        await writer.drain()
+        return reader, writer
+
+    yield open_
+    for w in writers:
+        w.close()
+
+
+async def _until_closed(reader: asyncio.StreamReader, timeout_s: float) -> bytes | None:
+    """What the server sent before closing, or None if it kept the connection open."""
+    try:
+        return await asyncio.wait_for(reader.read(), timeout_s)
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        return b""
+
+
+def _post_head(path: str, length: int) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: moebus\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+async def test_headers_that_never_finish_are_cut_at_the_header_timeout(up: Up, raw: Opener):
+    silent, _ = await raw(up.port, b"")
+    partial, _ = await raw(up.port, b"POST /v1/completions HTTP/1.1\r\nHost: moebus\r\n")
+    dribble_r, dribble_w = await raw(up.port, b"G")
+
+    async def dribble() -> None:  # one byte at a time never ends the headers, nor resets a deadline
+        for b in b"ET /health HTTP/1.1\r\nX-Slow: " + b"a" * 100:
+            dribble_w.write(bytes([b]))
+            await asyncio.sleep(0.1)
+
+    started = time.monotonic()
+    drip = asyncio.create_task(dribble())
+    said = await asyncio.gather(*(_until_closed(r, 6) for r in (silent, partial, dribble_r)))
+    drip.cancel()
+    elapsed = time.monotonic() - started
+    assert said[0] == b""  # nothing asked, nothing answered
+    for reply in said[1:]:
+        assert reply is not None and reply.startswith(b"HTTP/1.1 408 "), reply
+        assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["type"] == "timeout_error"
+    assert 1.5 < elapsed < 4
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/messages"])
+async def test_a_slow_body_gets_a_408_at_the_body_timeout(up: Up, raw: Opener, path: str):
+    reader, writer = await raw(up.port, _post_head(path, 1000))
+    started = time.monotonic()
+
+    async def dribble() -> None:
+        for _ in range(100):
+            writer.write(b" ")
+            await asyncio.sleep(0.2)
+
+    drip = asyncio.create_task(dribble())
+    reply = await _until_closed(reader, 8)
+    drip.cancel()
+    assert reply is not None and reply.startswith(b"HTTP/1.1 408 "), reply
+    assert 2.5 < time.monotonic() - started < 5
+    body = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+    if path == "/v1/messages":
+        assert body["type"] == "error" and body["error"]["type"] == "timeout_error"
+    else:
+        assert body["error"]["code"] == "request_timeout" and body["error"]["param"] is None
+
+
+async def test_an_idle_keep_alive_connection_is_closed(up: Up, raw: Opener):
+    reader, _ = await raw(up.port, b"GET /health HTTP/1.1\r\nHost: moebus\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    length = int(next(h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")))
+    await reader.readexactly(length)
+    started = time.monotonic()
+    assert await _until_closed(reader, 4) == b""
+    assert time.monotonic() - started < 2.5
+
+
+async def test_health_answers_with_more_slow_clients_than_the_cap(up: Up, raw: Opener):
+    """With the cap at 20, each new connection evicts the oldest that is still reading."""
+    slow = []
+    for i in range(30):  # half dribble headers, half bodies; opened in order so the oldest is known
+        head = b"GET /v1/models HTTP/1.1\r\nHost: m" if i % 2 else _post_head("/v1/completions", 1000) + b"{"
+        slow.append(await raw(up.port, head))
+        await asyncio.sleep(0.01)
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=up.url, timeout=3) as http:
+        r = await http.get("/health")
+    assert r.status_code == 200 and time.monotonic() - started < 1
+    closed = await asyncio.gather(*(_until_closed(reader, 0.2) for reader, _ in slow))
+    # Before any deadline: 11 were evicted (10 slow ones, then one for /health), the newest stayed.
+    assert all(c == b"" for c in closed[:10]), closed
+    assert all(c is None for c in closed[-8:]), closed
+
+
+async def test_abandoned_requests_give_back_their_slots_at_once(up: Up):
+    """--max-running 2 --max-waiting 2: four requests that would each run a minute, abandoned
+    after a second, must not keep everyone else out."""
+    # Greedy: the tiny model then never samples its end token, so each would run its 8000 tokens.
+    chat = {"model": MODEL, "max_tokens": 8000, "temperature": 0, "messages": [{"role": "user", "content": "w1 w2"}]}
+    prompt = {"model": MODEL, "prompt": "w1", "max_tokens": 8000, "temperature": 0}
+    bodies = [("/v1/chat/completions", chat), ("/v1/completions", prompt), ("/v1/messages", chat),
+              ("/v1/chat/completions", chat)]
+
+    async def abandon(path: str, body: dict) -> str:
+        async with httpx.AsyncClient(base_url=up.url, timeout=httpx.Timeout(10, read=1.5)) as http:
+            try:
+                r = await http.post(path, json=body)
+            except httpx.ReadTimeout:
+                return "abandoned"
+        return f"{r.status_code} {r.text[:200]}"
+
+    assert await asyncio.gather(*(abandon(p, b) for p, b in bodies)) == ["abandoned"] * 4
+    async with httpx.AsyncClient(base_url=up.url, timeout=10) as http:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            h = (await http.get("/health")).json()
+            if h["running"] == h["waiting"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert (h["running"], h["waiting"]) == (0, 0)
+        r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "w1", "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+LONE = '"\\ud800"'  # JSON's escape for half a surrogate pair
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": {LONE}}}]}}'),
+    ("/v1/chat/completions", f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": '
+                             f'[{{"type": "text", "text": "w1 \\udfff"}}]}}]}}'),
+    ("/v1/chat/completions", f'{{"model": {LONE}, "messages": [{{"role": "user", "content": "w1"}}]}}'),
+    ("/v1/completions", f'{{"model": "{MODEL}", "prompt": {LONE}}}'),
+    ("/v1/completions", f'{{"model": "{MODEL}", "prompt": ["w1", {LONE}]}}'),
+    ("/v1/completions", f'{{"model": "{MODEL}", "prompt": "w1", "stop": ["w2", {LONE}]}}'),
+    ("/v1/completions", f'{{"model": "{MODEL}", "prompt": "w1", "stop": {LONE}}}'),
+    ("/v1/messages", f'{{"model": "{MODEL}", "max_tokens": 2, "system": {LONE}, '
+                     f'"messages": [{{"role": "user", "content": "w1"}}]}}'),
+    ("/v1/messages", f'{{"model": "{MODEL}", "max_tokens": 2, "stop_sequences": [{LONE}], '
+                     f'"messages": [{{"role": "user", "content": "w1"}}]}}'),
+    ("/v1/messages", f'{{"model": {LONE}, "max_tokens": 2, "messages": [{{"role": "user", "content": "w1"}}]}}'),
+])
+def test_a_lone_surrogate_is_a_400(up: Up, path: str, body: str):
+    r = httpx.post(f"{up.url}{path}", content=body.encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    if path == "/v1/messages":
+        assert r.json()["type"] == "error" and err["type"] == "invalid_request_error"
+    else:
+        assert err["type"] == "invalid_request_error" and err["param"]
+    assert "surrogate" in err["message"] or "unicode" in err["message"], err
+
+
+def test_surrogates_encoded_raw_in_the_bytes_are_a_400_too(up: Up):
+    body = b'{"model": "' + MODEL.encode() + b'", "prompt": "w1 \xed\xa0\x80"}'  # UTF-8 bytes of U+D800
+    r = httpx.post(f"{up.url}/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+
+
+@pytest.mark.parametrize("body", [b'{"model": ', b'{"model": "tiny-mixtral", "prompt": "w1",}', b"\xff\xfe"])
+def test_broken_json_is_a_400_without_a_param(up: Up, body: bytes):
+    r = httpx.post(f"{up.url}/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] is None, err
+
+
+async def test_more_slow_clients_than_file_descriptors(up: Up, tmp_path: Path, raw: Opener):
+    """The reported failure: slow clients beyond the process's descriptor limit made accept()
+    fail, /health with it. Without --max-connections, the cap follows the limit: a second
+    gateway on the same bus, started with 256 descriptors, must still answer."""
+    port = free_port()
+    log = tmp_path / "gateway.log"
+    command = f"ulimit -n 256 && exec {sys.executable} -m services.cli gateway --nats {up.nats_url} --port {port}"
+    with log.open("ab") as out:
+        gateway = subprocess.Popen(["sh", "-c", command], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, [gateway], log, timeout_s=30)
+        for _ in range(400):
+            await raw(port, _post_head("/v1/completions", 1000) + b"{")
+        async with httpx.AsyncClient(base_url=url, timeout=3) as http:
+            r = await http.get("/health")
+            metrics = (await http.get("/metrics")).text
+    finally:
+        gateway.terminate()
+        gateway.wait(10)
+    assert r.status_code == 200
+    assert 'moebus_http_connections_closed_total{reason="evicted"}' in metrics
+    assert "Traceback" not in log.read_text(errors="replace")
+
+
+def test_none_of_it_left_a_traceback(up: Up):
+    assert "Traceback" not in up.log.read_text(errors="replace")

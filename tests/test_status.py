@@ -1,0 +1,34 @@
+"""`moebus status`'s text, and the CLI's size parsing: pure functions."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.cli import parse_size
+from services.status import render
+from shared.errors import ConfigError
+from shared.messages import ClusterStatus, WorkerStatus
+
+
+def test_status_names_workers_ranges_and_unowned_experts():
+    w = WorkerStatus(worker="mac-1-abc123", host="mac-1", capacity=6, experts=[0, 1, 2, 5], tokens=120,
+                     last_heartbeat_s=0.4, loaded=3, draining=True, speed=95.0)
+    text = render(ClusterStatus(model="m", ready=False, placement_version=3, pending_version=4, replicas=1,
+                                workers=[w], unowned_experts=[3, 4, 6], expert_load=[5, 0, 0, 0, 0, 0, 15],
+                                owners=[]))
+    assert "NOT READY, placement v3 (v4 loading)" in text
+    assert "mac-1-abc123" in text and "0-2,5 (draining)" in text
+    assert "unowned experts: 3-4,6" in text and "busiest experts: 6 (75%)" in text
+
+
+@pytest.mark.parametrize("text, size", [("512", 512), ("2K", 2048), ("1.5G", 3 << 29), ("8GB", 8 << 30),
+                                        ("4GiB", 4 << 30), ("16m", 16 << 20)])
+def test_memory_budgets_read_as_people_write_them(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "-1G", "0", "G"])
+def test_a_bad_memory_budget_is_a_clear_error(text):
+    with pytest.raises(ConfigError) as e:
+        parse_size(text)
+    assert "--memory-budget" in str(e.value)
