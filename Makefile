@@ -34,6 +34,7 @@ clean:
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.load
+	$(BIN)/python -m bench.balance
 
 bench-load: $(VENV)/.installed-test
 	$(BIN)/python -m bench.load $(BENCH_ARGS)

@@ -18,7 +18,7 @@ from nats.js.kv import KeyValue
 from pydantic import Field
 
 from shared.errors import WireError
-from shared.messages import Message, Name, Subject, decode, encode
+from shared.messages import Big, Message, Name, Subject, decode, encode
 
 BUCKET = "moebus-cluster"
 ACTIVE, NEXT, LEADER = "active", "next", "leader"
@@ -28,8 +28,8 @@ LEADER_LEASE_S = 5.0  # a leader that stops renewing is replaced after this long
 class PlacementRecord(Message):
     """Expert -> owners (the same in every MoE layer), and where each owner answers."""
 
-    version: int = Field(ge=0)
-    owners: list[list[Name]]
+    version: Big
+    owners: list[list[Name]] = Field(max_length=1 << 16)
     subjects: dict[Name, Subject]
     replicas: int = Field(default=1, ge=1, le=16)
 

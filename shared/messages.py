@@ -30,6 +30,7 @@ Name = Annotated[str, Field(pattern=rf"^{_ID}$")]
 Subject = Annotated[str, Field(pattern=rf"^{_ID}(\.{_ID}){{1,15}}$")]
 StreamSubject = Annotated[str, Field(pattern=rf"^{re.escape(subjects.STREAM_PREFIX)}\.{_ID}$")]
 Count = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
+Big = Annotated[int, Field(ge=0, le=1 << 53)]  # counters and versions: JSON-safe, never past 64 bits
 TokenId = Annotated[int, Field(ge=0, lt=MAX_TOKENS)]
 
 
@@ -64,11 +65,11 @@ class WorkerAnnounce(Message):
     host: str = Field(default="", max_length=64)
     capacity: int = Field(default=0, ge=0, le=1 << 16)  # experts it may hold (its memory budget)
     speed: float = Field(default=0.0, ge=0.0, le=1e9)  # measured GFLOP/s
-    loaded: int = Field(default=0, ge=0)  # the newest placement version whose share it holds
+    loaded: Big = 0  # the newest placement version whose share it holds
     draining: bool = False  # leaving: place its experts elsewhere
     leaving: bool = False  # gone now
-    tokens: int = Field(default=0, ge=0)  # (token, expert) pairs served
-    memory: dict[str, int] = Field(default_factory=dict, max_length=16)  # MLX's counters (bytes)
+    tokens: Big = 0  # (token, expert) pairs served
+    memory: dict[str, Big] = Field(default_factory=dict, max_length=16)  # MLX's counters (bytes)
 
 
 class Discover(Message):

@@ -35,7 +35,7 @@ def place(capacity: Mapping[str, int], num_experts: int, current: Placement | No
         hot_at = HOT * sum(load) / num_experts
         for e in sorted(range(num_experts), key=lambda e: (-load[e], e)):
             if load[e] > hot_at:
-                _give(owners, e, live, capacity, {w: capacity[w] for w in live})
+                _give_least_loaded(owners, e, live, capacity, load)
     return [sorted(o) for o in owners]
 
 
@@ -52,6 +52,21 @@ def _shares(need: int, capacity: Mapping[str, int]) -> dict[str, int]:
         if share[w] < capacity[w]:
             share[w] += 1
     return share
+
+
+def _give_least_loaded(owners: Placement, e: int, live: list[str], capacity: Mapping[str, int],
+                       load: Sequence[float]) -> None:
+    """One more owner for hot expert `e`: the worker with room that carries the least load
+    (a replicated expert's tokens are spread evenly over its owners)."""
+    carried = {w: 0.0 for w in live}
+    count = {w: 0 for w in live}
+    for x, row in enumerate(owners):
+        for w in row:
+            carried[w] += load[x] / len(row)
+            count[w] += 1
+    room = [w for w in live if w not in owners[e] and count[w] < capacity[w]]
+    if room:
+        owners[e].append(min(room, key=lambda w: (carried[w], w)))
 
 
 def _give(owners: Placement, e: int, live: list[str], capacity: Mapping[str, int], target: Mapping[str, int]) -> None:

@@ -36,6 +36,10 @@ class StackedExperts:
         y = self.module(x[mx.array(rows)], mx.array(local)[:, None])  # (pairs, 1, D)
         return y.reshape(len(local), -1)
 
+    def keep(self, idx: mx.array) -> None:
+        self.module.update(tree_map(lambda a: a[idx], self.module.parameters()))
+        mx.eval(self.module.parameters())
+
 
 class GroupedExperts:
     """CPU with float weights: one dense matmul pair per distinct expert.
@@ -57,6 +61,10 @@ class GroupedExperts:
         width = gate.shape[1]
         activation = glu.activation  # the model's own, e.g. silu(gate) * up
         self._act = mx.compile(lambda h: activation(h[:, width:], h[:, :width]))
+
+    def keep(self, idx: mx.array) -> None:
+        self.gate_up, self.down = mx.take(self.gate_up, idx, axis=0), mx.take(self.down, idx, axis=0)
+        mx.eval(self.gate_up, self.down)
 
     def __call__(self, x: mx.array, rows: np.ndarray, local: np.ndarray) -> mx.array:
         order = np.argsort(local, kind="stable")
@@ -83,16 +91,33 @@ def groupable(module: nn.Module) -> bool:
 class LocalExperts:
     def __init__(self, layers: list, held: list[int], num_experts: int, moe_layers: int) -> None:
         self.layers = layers  # empty while nothing is held
-        self.held = held
         self.num_experts = num_experts
         self.moe_layers = moe_layers
+        self._index(held)
+
+    def _index(self, held: list[int]) -> None:
+        self.held = held
         # Global expert id -> index in this worker's stacked arrays; -1 where not held.
-        self.local = np.full(num_experts, -1, np.int32)
+        self.local = np.full(self.num_experts, -1, np.int32)
         self.local[held] = np.arange(len(held), dtype=np.int32)
 
-    def compute(self, req: ExpertRequest) -> bytes:
-        """expert(x[row]) for every pair of the request; runs on the MLX thread."""
-        start = time.perf_counter()
+    def keep(self, held: list[int]) -> None:
+        """Let go of every expert but `held` (a subset of those held), in memory: nothing is
+        read again. Runs on the MLX thread, between requests."""
+        held = sorted(set(held) & set(self.held))
+        if not held:
+            self.layers = []
+        else:
+            idx = mx.array(self.local[held], dtype=mx.int32)
+            for layer in self.layers:
+                layer.keep(idx)
+        self._index(held)
+        gc.collect()
+        mx.clear_cache()
+
+    def check(self, req: ExpertRequest) -> np.ndarray:
+        """The request's experts as indices into the held ones; WireError (NotHeld) if it
+        cannot be served here."""
         if not 0 <= req.layer < self.moe_layers:
             raise WireError(f"layer {req.layer} out of range (0..{self.moe_layers - 1})")
         if len(req.experts) and (req.experts.min() < 0 or req.experts.max() >= self.num_experts):
@@ -101,6 +126,12 @@ class LocalExperts:
         if (local < 0).any():
             missing = sorted(set(req.experts[local < 0].tolist()))
             raise NotHeld(f"experts {missing} are not held by this worker")
+        return local
+
+    def compute(self, req: ExpertRequest) -> bytes:
+        """expert(x[row]) for every pair of the request; runs on the MLX thread."""
+        start = time.perf_counter()
+        local = self.check(req)
         if not len(local):
             return encode_reply(req.dtype, req.x[:0])
         x = to_mlx(req.x, req.dtype)  # (rows, D)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 from nats.micro import add_service
@@ -86,34 +87,48 @@ class Worker:
         self.experts = LocalExperts([], [], info.num_experts, info.moe_layers)
         self.loaded = 0  # the newest placement version whose share this worker holds
         self.active: PlacementRecord | None = None
+        self.upcoming: PlacementRecord | None = None  # the newest `next` whose share is loaded
         self.draining = False
         self.tokens = 0
         self.speed = 0.0
+        self.pending: set[asyncio.Task] = set()
         self._loading = asyncio.Lock()
         self.changed = asyncio.Event()  # announce now: something the router waits on happened
 
     async def handle(self, req: Request) -> None:
-        """One expert request: decoded here (a bad one is answered at once), computed on the MLX
-        thread. Failures are service errors, so `$SRV.STATS` counts them with the work."""
+        """Decode here (cheap, and a bad message is refused at once), compute on the MLX thread
+        and return, so the next request of this subject is decoded and queued meanwhile."""
         try:
             expert_req = decode_request(req.data)
+        except WireError as e:
+            raise ServiceError("400", str(e)) from None
+        try:
+            self.experts.check(expert_req)  # here too, not only on the MLX thread: STATS counts refusals
+        except NotHeld as e:
+            raise ServiceError("409", str(e)) from None
         except WireError as e:
             raise ServiceError("400", str(e)) from None
         size = reply_size(len(expert_req.experts), expert_req.x.shape[1], DTYPES[expert_req.dtype].itemsize)
         if size > self.max_payload:  # refused before any compute: the reply could not be sent
             raise ServiceError("413", f"the reply would be {size} bytes, over the server's maximum message "
                                       f"of {self.max_payload}: send fewer pairs per request")
+        # `self.experts` is looked up when the job runs: a placement change swaps it on the same thread.
+        work = asyncio.wrap_future(self.mlx.submit(lambda: self.experts.compute(expert_req)))
+        task = asyncio.create_task(self._answer(req, work, len(expert_req.experts)))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    async def _answer(self, req: Request, work: asyncio.Future, pairs: int) -> None:
         try:
-            reply = await self.mlx.run(self.experts.compute, expert_req)
+            await req.respond(await work)
+            self.tokens += pairs
         except NotHeld as e:  # placement moved on: the router asks the new owner
-            raise ServiceError("409", str(e)) from None
+            await req.respond_error("409", str(e))
         except WireError as e:
-            raise ServiceError("400", str(e)) from None
-        except Exception as e:
+            await req.respond_error("400", str(e))
+        except Exception as e:  # noqa: BLE001 - a bad request must never kill the worker
             log.exception("expert compute failed")
-            raise ServiceError("500", f"expert compute failed: {e!r}") from None
-        self.tokens += len(expert_req.experts)
-        await req.respond(reply)
+            await req.respond_error("500", f"expert compute failed: {e!r}")
 
     def announcement(self, leaving: bool = False) -> bytes:
         return encode(WorkerAnnounce(
@@ -129,28 +144,35 @@ class Worker:
             return
         async with self._loading:
             want = set(rec.held_by(self.me))
+            if len(want) > self.capacity:  # not the router's doing: a forged record
+                log.warning("placement ignored: over this worker's capacity", version=rec.version, experts=len(want))
+                return
             if not want <= set(self.experts.held):
-                keep = sorted(want | set(self.experts.held))
                 log.info("loading experts", version=rec.version, experts=sorted(want - set(self.experts.held)))
-                self.experts = (await self.mlx.run(load_experts, self.cfg.model, keep))[0]
+                await self.mlx.run(self._load, sorted(want | set(self.experts.held)))
             self.loaded = max(self.loaded, rec.version)
+            self.upcoming = rec
         self.changed.set()
 
-    async def on_active(self, rec: PlacementRecord, upcoming: PlacementRecord | None) -> None:
+    def _load(self, held: list[int]) -> None:
+        # On the MLX thread: no request computes with half of the swap.
+        self.experts = load_experts(self.cfg.model, held)[0]
+
+    async def on_active(self, rec: PlacementRecord) -> None:
         """Let go of experts the active placement (and any coming one) no longer gives us."""
         if self.active is not None and rec.version <= self.active.version:
             return
         self.active = rec
         await asyncio.sleep(self.cfg.release_after_s)  # calls routed by the old placement still arrive
         async with self._loading:
-            if self.active is not rec:
+            if self.active is not rec or self.draining:
                 return
             keep = set(rec.held_by(self.me))
-            if upcoming is not None and upcoming.version > rec.version:
-                keep |= set(upcoming.held_by(self.me))
-            if set(self.experts.held) > keep and not self.draining:
+            if self.upcoming is not None and self.upcoming.version > rec.version:
+                keep |= set(self.upcoming.held_by(self.me))  # read now, under the lock: the newest
+            if set(self.experts.held) > keep:
                 log.info("releasing experts", version=rec.version, experts=sorted(set(self.experts.held) - keep))
-                self.experts = (await self.mlx.run(load_experts, self.cfg.model, sorted(keep)))[0]
+                await self.mlx.run(self.experts.keep, sorted(keep))
                 self.changed.set()
 
     async def sync(self, kv: KeyValue) -> None:
@@ -160,7 +182,9 @@ class Worker:
         if nxt is not None:
             await self.on_next(nxt)
         if active is not None and (self.active is None or active.version > self.active.version):
-            asyncio.create_task(self.on_active(active, nxt))
+            task = asyncio.create_task(self.on_active(active))
+            self.pending.add(task)
+            task.add_done_callback(self.pending.discard)
 
     def released(self) -> bool:
         """Draining and no longer in the active placement: safe to leave."""
@@ -173,17 +197,43 @@ def mlx_memory() -> dict[str, int]:
     return {"active": mx.get_active_memory(), "peak": mx.get_peak_memory(), "cache": mx.get_cache_memory()}
 
 
-async def _watch(kv: KeyValue, worker: Worker, stop: asyncio.Event) -> None:
+async def _watch(kv: KeyValue, worker: Worker, leaving: asyncio.Event) -> None:
     """React to placement changes as they are written; re-watch after a bus restart."""
-    while not stop.is_set():
+    while not leaving.is_set():
+        watcher = None
         try:
             watcher = await kv.watch(">")
             async for entry in watcher:
                 if entry is not None and entry.key in (cluster.NEXT, cluster.ACTIVE):
                     await worker.sync(kv)
-        except Exception as e:  # noqa: BLE001 - the heartbeat's sync covers the gap
+        except Exception as e:  # noqa: BLE001 - the main loop's sync covers the gap
             log.debug("placement watch restarts", error=repr(e))
+        finally:
+            if watcher is not None:
+                try:
+                    await watcher.stop()
+                except Exception:  # noqa: BLE001 - gone with the connection
+                    pass
         await asyncio.sleep(1.0)
+
+
+async def _heartbeat(nc: Client, worker: Worker, period_s: float, leaving: asyncio.Event) -> None:
+    """Its own task, so a long load never silences the worker (the router drops one silent
+    for 4 s); at once when something the router waits on happened."""
+    while not leaving.is_set():
+        worker.changed.clear()
+        try:
+            await nc.publish(subjects.WORKERS_ANNOUNCE, worker.announcement())
+        except Exception as e:  # noqa: BLE001 - the bus may be restarting: the next beat retries
+            log.debug("heartbeat not sent", error=repr(e))
+        await _wait(worker.changed, period_s)
+
+
+async def _wait(event: asyncio.Event, timeout_s: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), timeout_s)
+    except asyncio.TimeoutError:
+        pass
 
 
 async def _may_leave(worker: Worker, kv: KeyValue, connected: bool, left_at: float) -> bool:
@@ -192,8 +242,8 @@ async def _may_leave(worker: Worker, kv: KeyValue, connected: bool, left_at: flo
     if worker.released() or not worker.experts.held or not connected or time.monotonic() > left_at:
         return True
     try:
-        return not await cluster.leader_alive(kv)
-    except Exception:  # noqa: BLE001 - cannot tell: the timeout still bounds the wait
+        return not await asyncio.wait_for(cluster.leader_alive(kv), 1.0)
+    except Exception:  # noqa: BLE001 - cannot tell: the drain timeout still bounds the wait
         return False
 
 
@@ -225,28 +275,33 @@ async def serve(cfg: WorkerConfig) -> None:
                 await nc.publish(subjects.WORKERS_ANNOUNCE, worker.announcement())
 
             await nc.subscribe(subjects.WORKERS_DISCOVER, cb=on_discover)
-            watch = asyncio.create_task(_watch(kv, worker, stop))
+            leaving = asyncio.Event()
+            tasks = [asyncio.create_task(_watch(kv, worker, leaving)),
+                     asyncio.create_task(_heartbeat(nc, worker, cfg.heartbeat_s, leaving))]
             log.info("worker joined", worker=me, capacity=capacity, expert_bytes=per_expert, speed_gflops=worker.speed)
             left_at = float("inf")
             while not (worker.draining and await _may_leave(worker, kv, nc.is_connected, left_at)):
-                await nc.publish(subjects.WORKERS_ANNOUNCE, worker.announcement())
-                try:
-                    await worker.sync(kv)
+                try:  # a draining worker loads nothing: its reads need not wait out a dead bus
+                    await asyncio.wait_for(worker.sync(kv), cfg.heartbeat_s) if worker.draining else await worker.sync(kv)
                 except Exception as e:  # noqa: BLE001 - the bus may be restarting
                     log.debug("placement not read", error=repr(e))
-                worker.changed.clear()
-                waits = [asyncio.ensure_future(e.wait()) for e in (worker.changed, stop)]
-                await asyncio.wait(waits, timeout=cfg.heartbeat_s, return_when=asyncio.FIRST_COMPLETED)
-                for w in waits:
-                    w.cancel()
+                if not worker.draining:
+                    await _wait(stop, cfg.heartbeat_s)
+                else:
+                    await asyncio.sleep(min(0.25, cfg.heartbeat_s))
                 if stop.is_set() and not worker.draining:
                     worker.draining = True  # ask to hold nothing; leave once the experts moved
+                    worker.changed.set()
                     left_at = time.monotonic() + cfg.drain_timeout_s
                     log.info("draining", worker=me, experts=worker.experts.held)
-            watch.cancel()
+            leaving.set()
+            for task in tasks:
+                task.cancel()
             try:  # every step bounded (Ctrl-C may have stopped nats-server first); close() flushes
                 await nc.publish(subjects.WORKERS_ANNOUNCE, worker.announcement(leaving=True))
-                await stop_service(svc, timeout_s=10)  # no new requests; answer those already taken
+                await stop_service(svc)  # no new requests; answer those already taken
+                if worker.pending and nc.is_connected:
+                    await asyncio.wait(list(worker.pending), timeout=10)
             except Exception as e:  # noqa: BLE001 - the server may have gone first
                 log.warning("stopping without the bus", error=repr(e))
     finally:

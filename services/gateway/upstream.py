@@ -33,18 +33,17 @@ class Generation:
         cancels the sequence on the router, so its cache is freed at once."""
         m = self.client.metrics
         last = None
-        quiet = 0.0  # seconds since the last event
+        heard = time.monotonic()  # the last event
         try:
             while True:
                 try:
                     msg = await self.sub.next_msg(timeout=self.client.check_every_s)
                 except NatsTimeout:
-                    quiet += self.client.check_every_s
-                    if quiet >= self.client.event_timeout_s:
+                    if time.monotonic() - heard >= self.client.event_timeout_s:
                         raise BusTimeout(f"no token from the router within {self.client.event_timeout_s:g}s") from None
                     await self.client.check_alive(self)
                     continue
-                quiet = 0.0
+                heard = time.monotonic()
                 event = decode(GenerateEvent, msg.data)
                 now = time.perf_counter()
                 if event.token is not None and m is not None:

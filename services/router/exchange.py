@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from shared.bus import request
 from services.router.registry import Table
 from shared.errors import BusError, BusTimeout, MoebusError, NoResponders, NotReady, RemoteError, WireError
 from shared.mlx_thread import Baton
-from shared.wire import decode_reply, decode_request, encode_reply, encode_request
+from shared.wire import ExpertReply, decode_reply, decode_request, encode_reply, encode_request
 
 _HEADER_ROOM = 64
 
@@ -62,6 +63,10 @@ def plan_trips(layer: int, dtype: int, x: np.ndarray, inds: np.ndarray, table: T
 
 class Resend(Exception):
     """A call whose worker is gone or no longer holds its experts: ask their new owners."""
+
+    def __init__(self, why: str, experts: frozenset[int] | None = None) -> None:
+        super().__init__(why)
+        self.experts = experts  # those the worker does not hold; None: avoid it altogether
 
 
 class ExpertClient:
@@ -123,15 +128,14 @@ class ExpertClient:
         y = self._buffer(xn.shape[0] * k * dim, xn.dtype).reshape(xn.shape[0], k, dim)
         compute_us = 0  # the slowest worker's own time: the rest of the round trip is the bus's
         for trip, data in zip(trips, replies):
-            reply = decode_reply(data)
-            if reply.dtype != code or reply.y.shape != (len(trip.t), dim):
-                raise WireError(f"{trip.subject}: reply shape {reply.y.shape} for {len(trip.t)} pairs")
+            reply = _checked(data, trip, code, dim)
             y[trip.t, trip.s] = reply.y
             compute_us = max(compute_us, reply.compute_us)
         if self.stats is not None:
             pairs: dict[str, int] = {}
             for trip in trips:
-                pairs[trip.subject] = pairs.get(trip.subject, 0) + len(trip.t)
+                if trip.subject:  # "": waited for an owner, counted where it went
+                    pairs[trip.subject] = pairs.get(trip.subject, 0) + len(trip.t)
             self.stats.record(layer, seconds, compute_us * 1e-6, inds, pairs, sum(len(t.payload) for t in trips))
         return to_mlx(y, code).reshape(*lead, k, dim)
 
@@ -166,34 +170,39 @@ class ExpertClient:
                 task.cancel()
             raise
 
-    async def _call(self, trip: Trip, deadline: float, avoid: frozenset[str] = frozenset(), cause: str = "") -> bytes:
+    async def _call(self, trip: Trip, deadline: float, avoid: Avoid = (), cause: str = "") -> bytes:
         if not trip.subject:
             return await self._resend(trip, deadline, avoid, cause)
         try:
             return await self._request(trip, deadline)
         except Resend as e:
-            return await self._resend(trip, deadline, avoid | {trip.subject}, str(e))
+            return await self._resend(trip, deadline, (*avoid, (trip.subject, e.experts)), str(e))
 
     async def _request(self, trip: Trip, deadline: float) -> bytes:
         task = asyncio.current_task()
+        assert task is not None
         waiting = self._waiting.setdefault(trip.subject, {})
-        waiting[task] = time.monotonic()
+        started = waiting[task] = time.monotonic()
         try:
-            return await request(self.nc, trip.subject, trip.payload, max(0.01, deadline - time.monotonic()))
+            return await request(self.nc, trip.subject, trip.payload, max(0.01, deadline - started))
         except asyncio.CancelledError:
             why = self._lost.get(task)
-            if why is None:
+            if why is None or task.cancelling() > 1:  # cancelled by its layer call too: stop
                 raise
+            task.uncancel()
             if why:
                 raise BusError(f"{trip.subject}: {why}") from None
             raise Resend(f"{trip.subject}: its worker left") from None
         except (NoResponders, BusTimeout) as e:
             waiting.pop(task, None)  # not among the calls its drop ends: this one re-sends itself
-            self.on_failure(trip.subject, e)  # readiness follows real failures, not only heartbeats
+            if isinstance(e, NoResponders) or deadline - started >= 0.9 * self.timeout_s:
+                self.on_failure(trip.subject, e)  # readiness follows real failures, not only heartbeats
+            if time.monotonic() >= deadline:
+                raise
             raise Resend(str(e)) from None
         except RemoteError as e:
-            if e.status == "409":  # the placement moved on since this step began
-                raise Resend(str(e)) from None
+            if e.status == "409":  # the placement moved on since this step began: ask the new owner
+                raise Resend(str(e), not_held(e.description)) from None
             raise
         finally:
             self._lost.pop(task, None)
@@ -201,23 +210,25 @@ class ExpertClient:
             if not waiting:
                 self._waiting.pop(trip.subject, None)
 
-    async def _resend(self, trip: Trip, deadline: float, avoid: frozenset[str], cause: str) -> bytes:
+    async def _resend(self, trip: Trip, deadline: float, avoid: Avoid, cause: str) -> bytes:
         """Ask the trip's experts of their current owners, once the placement gives every one of
         them a live owner other than those that failed; until the call's deadline."""
         req = decode_request(trip.payload)
         x, inds = req.x[req.rows], req.experts[:, None]
         while True:
-            table = self.latest.without(set(avoid))
+            table = self.latest.without(avoid)
             missing = sorted({int(e) for e in req.experts if table.count[e] == 0})
             if not missing:
                 break
-            hopeless = time.monotonic() >= deadline or self.unplaceable.intersection(missing)
-            if hopeless:
-                raise NotReady(f"experts {missing} of layer {req.layer} have no live worker"
-                               f"{f' ({cause})' if cause else ''}: the workers left cannot hold every expert") from None
-            changed = self._changed
+            why = f" ({cause})" if cause else ""
+            if self.unplaceable.intersection(missing):
+                raise NotReady(f"experts {missing} of layer {req.layer} have no live worker{why}: "
+                               "the workers left cannot hold every expert")
+            if time.monotonic() >= deadline:
+                raise NotReady(f"experts {missing} of layer {req.layer} found no live worker within "
+                               f"{self.timeout_s:g}s{why}")
             try:
-                await asyncio.wait_for(changed.wait(), deadline - time.monotonic())
+                await asyncio.wait_for(self._changed.wait(), deadline - time.monotonic())
             except asyncio.TimeoutError:
                 pass
         trips = plan_trips(req.layer, req.dtype, x, inds, table, self.nc.max_payload)
@@ -225,7 +236,23 @@ class ExpertClient:
         y = np.empty((len(req.experts), x.shape[1]), x.dtype)
         compute_us = 0
         for sub, data in zip(trips, replies):
-            reply = decode_reply(data)
+            reply = _checked(data, sub, req.dtype, x.shape[1])
             y[sub.t] = reply.y
             compute_us = max(compute_us, reply.compute_us)
         return encode_reply(req.dtype, y, compute_us)
+
+
+Avoid = tuple[tuple[str, frozenset[int] | None], ...]  # (subject, its experts not to ask of it; None: all)
+
+
+def not_held(description: str) -> frozenset[int] | None:
+    """The experts a 409 says its worker does not hold (None: say nothing, avoid the worker)."""
+    found = re.search(r"\[([\d, ]*)\]", description)
+    return frozenset(int(e) for e in found.group(1).split(",") if e.strip()) if found else None
+
+
+def _checked(data: bytes, trip: Trip, dtype: int, dim: int) -> ExpertReply:
+    reply = decode_reply(data)
+    if reply.dtype != dtype or reply.y.shape != (len(trip.t), dim):
+        raise WireError(f"{trip.subject}: reply shape {reply.y.shape} for {len(trip.t)} pairs")
+    return reply

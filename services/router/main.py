@@ -182,13 +182,15 @@ class Router:
         """Calls waiting unusually long: ask their workers with an empty request. Nobody
         listening means the process died (a killed worker's subscription goes with it at
         once), long before its heartbeats go stale."""
-        for subject in self.client.stuck(self.cfg.probe_after_s):
+        async def ask(subject: str) -> None:
             try:
                 await request(nc, subject, EMPTY_REQUEST, 0.5)
             except NoResponders as e:
                 self.on_call_failure(subject, e)
             except MoebusError:
                 pass  # busy, not gone: its calls keep their own deadline
+
+        await asyncio.gather(*map(ask, self.client.stuck(self.cfg.probe_after_s)))
 
     async def on_status(self, req: Request) -> None:
         await req.respond(encode(self.status()))
@@ -276,7 +278,7 @@ async def serve(cfg: RouterConfig) -> None:
                                             lambda: client.stats.expert_tokens if client.stats else None,
                                             client.set_unplaceable)
             await placer.start()
-            stack.push_async_callback(placer.resign)
+            stack.push_async_callback(lambda: placer.resign() if nc.is_connected else asyncio.sleep(0))
             metrics = registry(client.stats, router.gauges, m.registry.memory,
                                lambda: [lane.steps for lane in m.engine.lanes])
 

@@ -38,17 +38,29 @@ class Placer:
         self.active: PlacementRecord | None = None
         self.next: PlacementRecord | None = None
         self.leader = False
+        self.settle_s = 1.5  # about a heartbeat and a half
+        self.load_timeout_s = 120.0  # a worker loading its share longer is placed around
         self._basis: dict[str, int] | None = None  # the capacities the last plan was made for
         self._renew_at = 0.0
-        self._lock = asyncio.Lock()
+        self._written = 0  # the highest version ever written: a new one goes above it
+        self._next_since = 0.0
+        self._slow: set[str] = set()  # workers that did not load their share in time
+        self._settled_at = 0.0  # no plan before the workers have had a heartbeat to announce
 
     async def start(self) -> None:
         """Carry on from the placement in the bucket (a restarted router finds its workers still
         holding it), so nothing moves unless the membership changed."""
+        await self._reload()
+        self._settled_at = time.monotonic() + self.settle_s
+        self.refresh()
+
+    async def _reload(self) -> None:
         self.active, _ = await cluster.read(self.kv, cluster.ACTIVE)
+        pending, _ = await cluster.read(self.kv, cluster.NEXT)
+        self._written = max([self._written, *(r.version for r in (self.active, pending) if r is not None)])
         if self.active is not None and len(self.active.owners) != self.registry.num_experts:
             self.active = None  # another model's
-        self.refresh()
+        self.next, self._basis = None, None
 
     def refresh(self) -> None:
         """Route by the active placement over the workers alive now."""
@@ -57,40 +69,50 @@ class Placer:
 
     async def advance(self) -> None:
         """One step toward a placement that fits the live workers; cheap when nothing changed."""
-        async with self._lock:
-            try:
-                await self._advance()
-            except Exception as e:  # noqa: BLE001 - the bus may be restarting; the next tick retries
-                log.warning("placement not updated", error=repr(e))
+        try:
+            await self._advance()
+        except Exception as e:  # noqa: BLE001 - the bus may be restarting; the next tick retries
+            log.warning("placement not updated", error=repr(e))
 
     async def _advance(self) -> None:
-        if time.monotonic() >= self._renew_at:  # the lease lasts 5 s: renew each second, not each tick
+        now = time.monotonic()
+        if now >= self._renew_at:  # the lease lasts 5 s: renew each second, not each tick
+            was = self.leader
             self.leader = await cluster.lead(self.kv, self.router_id)
-            self._renew_at = time.monotonic() + 1.0
-        if not self.leader:
+            self._renew_at = now + 1.0
+            if self.leader and not was:
+                await self._reload()  # another router may have written since we last led
+        if not self.leader or now < self._settled_at:
             return
         live = self.registry.live()
+        if self._slow and not self._slow <= set(live):
+            self._slow.clear()  # membership changed: give everyone a new chance
         if self.next is not None and any(w not in live for row in self.next.owners for w in row):
             self.next = None  # an owner of the coming placement died: plan again from the active one
+        elif self.next is not None and now - self._next_since > self.load_timeout_s:
+            self._slow = {w for row in self.next.owners for w in row if self.registry.loaded(w) < self.next.version}
+            log.warning("workers did not load their experts in time; placing without them",
+                        version=self.next.version, workers=sorted(self._slow), timeout_s=self.load_timeout_s)
+            self.next = None
         if self.next is None:
-            basis = self.registry.capacities()
+            basis = {w: 0 if w in self._slow else c for w, c in self.registry.capacities().items()}
             if basis == self._basis and self.active is not None and not self.unowned():
                 return  # same workers, same capacities: load alone never moves experts (no churn)
-            owners = self._plan()
+            owners = self._plan(basis)
             self._basis = basis
             self.unplaceable(frozenset(e for e, row in enumerate(owners) if not row))
             if self.active is not None and owners == self.active.owners:
                 return
             if self.active is None and not any(owners):
                 return  # no workers yet
-            # Above any version a worker has seen, even if the bucket was lost and made anew.
-            version = max([self.active.version if self.active else 0, *map(self.registry.loaded, live)]) + 1
-            self.next = PlacementRecord(
-                version=version, owners=owners, replicas=self.replicas,
-                subjects={w: live[w] for w in {w for row in owners for w in row}})
-            await cluster.write(self.kv, cluster.NEXT, self.next)
-            log.info("placing experts", version=self.next.version, unowned=self.next.unowned(),
-                     workers=sorted(self.next.subjects))
+            # Above any version written or seen, even if the bucket was lost and made anew.
+            version = max([self._written, self.active.version if self.active else 0,
+                           *map(self.registry.loaded, live)]) + 1
+            coming = PlacementRecord(version=version, owners=owners, replicas=self.replicas,
+                                     subjects={w: live[w] for w in {w for row in owners for w in row}})
+            await cluster.write(self.kv, cluster.NEXT, coming)
+            self.next, self._written, self._next_since = coming, version, now
+            log.info("placing experts", version=version, unowned=coming.unowned(), workers=sorted(coming.subjects))
         owners_of_next = {w for row in self.next.owners for w in row}
         if all(self.registry.loaded(w) >= self.next.version for w in owners_of_next):
             await cluster.write(self.kv, cluster.ACTIVE, self.next)
@@ -98,9 +120,9 @@ class Placer:
             self.refresh()
             log.info("placement active", version=self.active.version, unowned=self.active.unowned())
 
-    def _plan(self) -> list[list[str]]:
+    def _plan(self, capacities: dict[str, int]) -> list[list[str]]:
         load = self.load()
-        return place(self.registry.capacities(), self.registry.num_experts,
+        return place(capacities, self.registry.num_experts,
                      self.active.owners if self.active else None,
                      None if load is None else load.tolist(), self.replicas)
 
@@ -114,4 +136,7 @@ class Placer:
     async def resign(self) -> None:
         """A stopping router gives up the lease, so draining workers need not wait for it."""
         if self.leader:
-            await cluster.resign(self.kv, self.router_id)
+            try:  # bounded: with the bus gone (Ctrl-C reaches nats-server too) there is nobody to tell
+                await asyncio.wait_for(cluster.resign(self.kv, self.router_id), 1.0)
+            except Exception as e:  # noqa: BLE001 - the lease then lapses by itself in 5 s
+                log.debug("lease not given up", error=repr(e))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from shared.messages import WorkerAnnounce
+from shared.subjects import experts_subject
 
 
 @dataclass(frozen=True)
@@ -21,11 +23,18 @@ class Table:
     def empty(num_experts: int = 0) -> Table:
         return Table([], np.full((num_experts, 1), -1, np.int32), np.zeros(num_experts, np.int32))
 
-    def without(self, subjects: set[str]) -> Table:
-        """This table minus some workers (those a call just failed on)."""
-        keep = {s for s in self.subjects if s not in subjects}
-        return table([[self.subjects[i] for i in row[:n]] for row, n in zip(self.owners, self.count)],
-                     {s: s for s in keep})
+    def without(self, avoid: Iterable[tuple[str, frozenset[int] | None]]) -> Table:
+        """This table minus what calls just failed on: (subject, the experts not to ask of it,
+        None for all of them)."""
+        avoid = list(avoid)
+        if not avoid:
+            return self
+        rows = [[self.subjects[i] for i in row[:n]] for row, n in zip(self.owners, self.count)]
+        for subject, experts in avoid:
+            for e, row in enumerate(rows):
+                if subject in row and (experts is None or e in experts):
+                    row.remove(subject)
+        return table(rows, {s: s for s in self.subjects})
 
 
 def table(owners: list[list[str]], live: dict[str, str]) -> Table:
@@ -61,7 +70,8 @@ class WorkerRegistry:
         return []
 
     def _valid(self, a: WorkerAnnounce) -> bool:
-        return all(0 <= e < self.num_experts for e in a.experts)
+        # A worker answers on its own subject: a forged announce cannot point calls elsewhere.
+        return a.subject == experts_subject(a.worker) and all(0 <= e < self.num_experts for e in a.experts)
 
     def expire(self, now: float) -> list[str]:
         """Drop workers silent for too long; returns their subjects."""

@@ -65,6 +65,26 @@ print(rss() - before, mx.get_active_memory())
 """
 
 
+def test_letting_experts_go_keeps_the_others_exact_and_frees_their_memory(model_dir: Path):
+    from mlx_lm.utils import load_model
+
+    full, _ = load_model(model_dir)
+    experts, _ = load_experts(model_dir, [1, 4, 7, 10, 13])
+    before = mx.get_active_memory()
+    experts.keep([4, 13])
+    assert experts.held == [4, 13] and mx.get_active_memory() < before
+    x = mx.random.normal((3, 256))
+    inds = mx.array([[4, 13], [13, 4], [4, 4]])
+    want = np.array(full.model.layers[1].block_sparse_moe.switch_mlp(x, inds))
+    t, s = np.nonzero(np.ones((3, 2), bool))
+    payload = encode_request(1, 0, np.array(x), t.astype(np.int32), np.array(inds)[t, s].astype(np.int32))
+    y = decode_reply(experts.compute(decode_request(payload))).y
+    np.testing.assert_allclose(y, want[t, s], rtol=1e-5, atol=1e-5)
+    with pytest.raises(WireError):  # let go of: a 409 on the bus
+        experts.compute(decode_request(encode_request(1, 0, np.array(x), np.zeros(1, np.int32),
+                                                      np.ones(1, np.int32))))
+
+
 def test_capacity_is_counted_in_bytes_of_one_expert_over_every_layer(model_dir: Path):
     assert expert_bytes(model_dir)[0] == EXPERT_BYTES // 16
 

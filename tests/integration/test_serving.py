@@ -41,7 +41,8 @@ def _error(r: httpx.Response) -> dict:
 
 def test_health_models_and_a_streamed_chat(up: Up, client: OpenAI):
     health = httpx.get(f"{up.url}/health").json()
-    assert health == {"ready": True, "model": MODEL, "workers": ["w0", "w1"], "experts_covered": 8, "experts_total": 8,
+    assert len(health.pop("workers")) == 2
+    assert health == {"ready": True, "model": MODEL, "experts_covered": 8, "experts_total": 8, "unowned_experts": [],
                       "running": 0, "waiting": 0}
     assert [m.id for m in client.models.list()] == [MODEL]
     stream = client.chat.completions.create(
@@ -125,17 +126,34 @@ async def test_every_service_answers_srv_ping(up: Up):
     (b"MBQ1" + bytes(40), "bytes, header says"),
     (encode_request(99, 0, __import__("numpy").zeros((1, 64), "float32"),
                     __import__("numpy").zeros(1, "int32"), __import__("numpy").zeros(1, "int32")), "layer 99"),
-    (encode_request(0, 0, __import__("numpy").zeros((1, 64), "float32"),
-                    __import__("numpy").zeros(1, "int32"), __import__("numpy").ones(1, "int32")), "not held"),
 ])
 async def test_malformed_expert_message_gets_an_error_and_the_worker_keeps_serving(up: Up, client: OpenAI,
                                                                                     payload, needle):
     nc = await nats.connect(up.nats_url)
     try:
+        before = await _worker_errors(nc)
         msg = await nc.request(await worker_subject(nc), payload, timeout=5)
+        after = await _worker_errors(nc)
     finally:
         await nc.close()
     assert msg.headers["Nats-Service-Error-Code"] == "400"
     assert needle in msg.headers["Nats-Service-Error"]
+    assert after == before + 1  # a service error: $SRV.STATS counts it
     r = await asyncio.to_thread(client.completions.create, model=MODEL, prompt="w3", max_tokens=3, temperature=0)
     assert r.usage.completion_tokens == 3
+
+
+async def _worker_errors(nc: nats.NATS) -> int:
+    """Errors counted by every worker's `$SRV.STATS`."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(f"$SRV.STATS.{subjects.SERVICE_WORKER}", b"", reply=inbox)
+    total = 0
+    try:
+        while True:
+            stats = orjson.loads((await sub.next_msg(timeout=0.5)).data)
+            total += sum(e["num_errors"] for e in stats["endpoints"])
+    except nats.errors.TimeoutError:
+        return total
+    finally:
+        await sub.unsubscribe()

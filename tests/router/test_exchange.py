@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 
 from services.router.registry import table
-from services.router.exchange import plan_trips
+from services.router.exchange import not_held, plan_trips
 from shared.wire import decode_request
 
 TWO = table([["a"], ["b"], ["a"], ["b"]], {"a": "a", "b": "b"})  # experts 0,2 -> a; 1,3 -> b
@@ -46,3 +46,8 @@ def test_pairs_of_an_expert_without_a_live_owner_wait_in_their_own_trip():
     trips = plan_trips(2, 0, x, np.array([[0, 1]]), table([["a"], ["gone"]], {"a": "a"}), 1 << 20)
     assert sorted(t.subject for t in trips) == ["", "a"]
     assert decode_request(next(t for t in trips if not t.subject).payload).experts.tolist() == [1]
+
+
+def test_a_409_names_the_experts_its_worker_let_go_of():
+    assert not_held("experts [3, 5] are not held by this worker") == frozenset({3, 5})
+    assert not_held("something else") is None

@@ -45,6 +45,12 @@ def test_a_failed_worker_is_dropped_until_it_announces_again():
     assert reg.workers == ["w0"]
 
 
+def test_an_announcement_naming_another_subject_is_ignored():
+    reg = WorkerRegistry(num_experts=4, moe_layers=2, fingerprint="m", stale_after_s=3)
+    forged = _a("w0").model_copy(update={"subject": "moebus.v1.router.generate"})
+    assert reg.announce(forged, now=0) is None and reg.workers == []
+
+
 def test_malformed_announcements_are_refused():
     for bad in (b'{"worker": "w1", "subject": "moebus.v1.experts.>", "model": "m", "layers": 2, "experts": [0]}',
                 b'{"worker": "w1", "subject": "a b", "model": "m", "layers": 2, "experts": [0]}',
@@ -62,5 +68,7 @@ def test_the_table_routes_to_live_owners_only():
     assert t.owners[1, :2].tolist() == [0, 1]
     gone = table([["a"], ["a", "b"], ["b"], []], {"a": "s.a"})
     assert gone.count.tolist() == [1, 1, 0, 0]
-    assert t.without({"s.a"}).count.tolist() == [0, 1, 1, 0]
+    assert t.without([("s.a", None)]).count.tolist() == [0, 1, 1, 0]
+    assert t.without([("s.a", frozenset({1}))]).count.tolist() == [1, 1, 1, 0]  # a 409 for expert 1 only
+    assert t.without([]) is t
     assert Table.empty(3).count.tolist() == [0, 0, 0] and np.all(Table.empty(3).owners == -1)
