@@ -57,9 +57,11 @@ class Generation:
                 if self.done:
                     return
         finally:
-            await self.sub.unsubscribe()
+            # The cancel first, and shielded: a second cancellation of this task (the client
+            # and the server both giving up) must not skip it and leave the sequence running.
             if not self.done:
-                await self.client.cancel(self.request_id)
+                await asyncio.shield(self.client.cancel(self.request_id))
+            await self.sub.unsubscribe()
 
 
 class RouterClient:
