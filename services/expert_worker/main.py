@@ -85,7 +85,7 @@ class Worker:
         # Unique to this process: the router tells a restarted worker from the one it replaced.
         self.subject = subjects.experts_subject(me)
         self.experts = LocalExperts([], [], info.num_experts, info.moe_layers)
-        self.loaded = 0  # the newest placement version whose share this worker holds
+        self.loaded = 0  # the version of the last coming placement whose share it holds
         self.active: PlacementRecord | None = None
         self.upcoming: PlacementRecord | None = None  # the newest `next` whose share is loaded
         self.draining = False
@@ -140,7 +140,8 @@ class Worker:
 
     async def on_next(self, rec: PlacementRecord) -> None:
         """Load this worker's share of a coming placement, keeping what it holds now."""
-        if rec.version <= self.loaded or len(rec.owners) != self.info.num_experts:
+        # Any record it has not applied, not only a higher version: a bucket made anew starts at 1.
+        if rec == self.upcoming or len(rec.owners) != self.info.num_experts:
             return
         async with self._loading:
             want = set(rec.held_by(self.me))
@@ -150,7 +151,7 @@ class Worker:
             if not want <= set(self.experts.held):
                 log.info("loading experts", version=rec.version, experts=sorted(want - set(self.experts.held)))
                 await self.mlx.run(self._load, sorted(want | set(self.experts.held)))
-            self.loaded = max(self.loaded, rec.version)
+            self.loaded = rec.version
             self.upcoming = rec
         self.changed.set()
 
@@ -160,7 +161,7 @@ class Worker:
 
     async def on_active(self, rec: PlacementRecord) -> None:
         """Let go of experts the active placement (and any coming one) no longer gives us."""
-        if self.active is not None and rec.version <= self.active.version:
+        if rec == self.active:
             return
         self.active = rec
         await asyncio.sleep(self.cfg.release_after_s)  # calls routed by the old placement still arrive
@@ -168,8 +169,8 @@ class Worker:
             if self.active is not rec or self.draining:
                 return
             keep = set(rec.held_by(self.me))
-            if self.upcoming is not None and self.upcoming.version > rec.version:
-                keep |= set(self.upcoming.held_by(self.me))  # read now, under the lock: the newest
+            if self.upcoming is not None and self.upcoming != rec:
+                keep |= set(self.upcoming.held_by(self.me))  # a coming placement: read now, under the lock
             if set(self.experts.held) > keep:
                 log.info("releasing experts", version=rec.version, experts=sorted(set(self.experts.held) - keep))
                 await self.mlx.run(self.experts.keep, sorted(keep))
@@ -181,14 +182,15 @@ class Worker:
         active, _ = await cluster.read(kv, cluster.ACTIVE)
         if nxt is not None:
             await self.on_next(nxt)
-        if active is not None and (self.active is None or active.version > self.active.version):
+        if active is not None and active != self.active:
             task = asyncio.create_task(self.on_active(active))
             self.pending.add(task)
             task.add_done_callback(self.pending.discard)
 
     def released(self) -> bool:
         """Draining and no longer in the active placement: safe to leave."""
-        return self.active is not None and not self.active.held_by(self.me) and self.active.version >= self.loaded
+        return (self.active is not None and not self.active.held_by(self.me)
+                and (self.upcoming is None or self.upcoming == self.active))
 
 
 def mlx_memory() -> dict[str, int]:

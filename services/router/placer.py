@@ -90,7 +90,7 @@ class Placer:
         if self.next is not None and any(w not in live for row in self.next.owners for w in row):
             self.next = None  # an owner of the coming placement died: plan again from the active one
         elif self.next is not None and now - self._next_since > self.load_timeout_s:
-            self._slow = {w for row in self.next.owners for w in row if self.registry.loaded(w) < self.next.version}
+            self._slow = {w for row in self.next.owners for w in row if self.registry.loaded(w) != self.next.version}
             log.warning("workers did not load their experts in time; placing without them",
                         version=self.next.version, workers=sorted(self._slow), timeout_s=self.load_timeout_s)
             self.next = None
@@ -105,16 +105,15 @@ class Placer:
                 return
             if self.active is None and not any(owners):
                 return  # no workers yet
-            # Above any version written or seen, even if the bucket was lost and made anew.
-            version = max([self._written, self.active.version if self.active else 0,
-                           *map(self.registry.loaded, live)]) + 1
+            # Above any version this router wrote or found: workers report the one they loaded.
+            version = max(self._written, self.active.version if self.active else 0) + 1
             coming = PlacementRecord(version=version, owners=owners, replicas=self.replicas,
                                      subjects={w: live[w] for w in {w for row in owners for w in row}})
             await cluster.write(self.kv, cluster.NEXT, coming)
             self.next, self._written, self._next_since = coming, version, now
             log.info("placing experts", version=version, unowned=coming.unowned(), workers=sorted(coming.subjects))
         owners_of_next = {w for row in self.next.owners for w in row}
-        if all(self.registry.loaded(w) >= self.next.version for w in owners_of_next):
+        if all(self.registry.loaded(w) == self.next.version for w in owners_of_next):
             await cluster.write(self.kv, cluster.ACTIVE, self.next)
             self.active, self.next = self.next, None
             self.refresh()
