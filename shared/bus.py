@@ -118,10 +118,15 @@ async def ticks(stop: asyncio.Event, period_s: float) -> AsyncIterator[None]:
     """Yields at once, then every `period_s`, until `stop` is set (a heartbeat loop)."""
     while not stop.is_set():
         yield
-        try:
-            await asyncio.wait_for(stop.wait(), period_s)
-        except asyncio.TimeoutError:
-            pass
+        await wait(stop, period_s)
+
+
+async def wait(event: asyncio.Event, timeout_s: float) -> None:
+    """Until `event` is set or `timeout_s` has passed, whichever is first."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout_s)
+    except asyncio.TimeoutError:
+        pass
 
 
 def stop_event() -> asyncio.Event:

@@ -25,7 +25,7 @@ from nats.micro.request import Request, ServiceError
 
 from services.expert_worker.experts import LocalExperts, NotHeld, expert_bytes, load_experts
 from shared import cluster, subjects
-from shared.bus import close, connect, stop_event, stop_service
+from shared.bus import close, connect, stop_event, stop_service, wait
 from shared.cluster import PlacementRecord
 from shared.errors import ConfigError, WireError
 from shared.logs import get_logger
@@ -228,14 +228,7 @@ async def _heartbeat(nc: Client, worker: Worker, period_s: float, leaving: async
             await nc.publish(subjects.WORKERS_ANNOUNCE, worker.announcement())
         except Exception as e:  # noqa: BLE001 - the bus may be restarting: the next beat retries
             log.debug("heartbeat not sent", error=repr(e))
-        await _wait(worker.changed, period_s)
-
-
-async def _wait(event: asyncio.Event, timeout_s: float) -> None:
-    try:
-        await asyncio.wait_for(event.wait(), timeout_s)
-    except asyncio.TimeoutError:
-        pass
+        await wait(worker.changed, period_s)
 
 
 async def _may_leave(worker: Worker, kv: KeyValue, connected: bool, left_at: float) -> bool:
@@ -288,7 +281,7 @@ async def serve(cfg: WorkerConfig) -> None:
                 except Exception as e:  # noqa: BLE001 - the bus may be restarting
                     log.debug("placement not read", error=repr(e))
                 if not worker.draining:
-                    await _wait(stop, cfg.heartbeat_s)
+                    await wait(stop, cfg.heartbeat_s)
                 else:
                     await asyncio.sleep(min(0.25, cfg.heartbeat_s))
                 if stop.is_set() and not worker.draining:
