@@ -13,9 +13,10 @@ from services import defaults as D
 from shared.config import DEFAULT_NATS_URL, home, positive, setting
 from shared.errors import ConfigError, MoebusError
 from shared.logs import configure
+from shared.security import DEFAULT_WORKERS, Creds, Role
 
 # Flags `moebus up` passes on to the service that owns them.
-ROUTER_FLAGS = ("expert_timeout", "max_running", "max_waiting", "max_prompt_tokens", "prefill_step", "micro_batches",
+ROUTER_FLAGS = ("share_model", "expert_timeout", "max_running", "max_waiting", "max_prompt_tokens", "prefill_step", "micro_batches",
                 "replicas")
 WORKER_FLAGS = ("memory_budget",)
 GATEWAY_FLAGS = ("api_key", "max_body_bytes", "request_timeout", "header_timeout", "body_timeout", "keep_alive",
@@ -48,6 +49,17 @@ def _nats(a: argparse.Namespace) -> str:
     return setting(a.nats, "MOEBUS_NATS_URL", DEFAULT_NATS_URL, str)
 
 
+def _insecure(a: argparse.Namespace) -> bool:
+    return bool(a.insecure or setting(None, "MOEBUS_INSECURE", "", str) in ("1", "true", "yes"))
+
+
+def _creds(a: argparse.Namespace, role: Role) -> Creds | None:
+    """This service's NATS credentials: --creds, else this machine's cluster directory."""
+    from shared.access import resolve
+    given = setting(a.creds, "MOEBUS_CREDS", "", str)
+    return resolve(_nats(a), Path(given).expanduser() if given else None, _insecure(a), role)
+
+
 def cmd_router(a: argparse.Namespace) -> None:
     from services.router.engine import EngineLimits
     from services.router.main import RouterConfig, serve
@@ -63,7 +75,8 @@ def cmd_router(a: argparse.Namespace) -> None:
     if limits.micro_batches not in (1, 2):
         raise ConfigError(f"--micro-batches must be 1 or 2, not {limits.micro_batches}")
     cfg = RouterConfig(
-        nats_url=_nats(a), model=_model(a.model), limits=limits, replicas=replicas,
+        nats_url=_nats(a), creds=_creds(a, "router"), model=_model(a.model), limits=limits, replicas=replicas,
+        share_model=bool(a.share_model or setting(None, "MOEBUS_SHARE_MODEL", "", str) in ("1", "true", "yes")),
         expert_timeout_s=positive(setting(a.expert_timeout, "MOEBUS_EXPERT_TIMEOUT", D.EXPERT_TIMEOUT_S, float), "expert timeout"),
         max_prompt_tokens=int(positive(setting(a.max_prompt_tokens, "MOEBUS_MAX_PROMPT_TOKENS", D.MAX_PROMPT_TOKENS, int),
                                        "max prompt tokens")),
@@ -74,7 +87,11 @@ def cmd_router(a: argparse.Namespace) -> None:
 def cmd_worker(a: argparse.Namespace) -> None:
     from services.expert_worker.main import WorkerConfig, serve
     budget = setting(a.memory_budget, "MOEBUS_MEMORY_BUDGET", "", str)
-    cfg = WorkerConfig(nats_url=_nats(a), model=_model(a.model), memory_budget=parse_size(budget) if budget else None)
+    model = setting(a.model, "MOEBUS_MODEL", "", str)  # none: the experts come from the cluster's model store
+    creds = _creds(a, "worker")
+    cfg = WorkerConfig(nats_url=_nats(a), creds=creds, identity=creds.user if creds else "",
+                       model=Path(model).expanduser().resolve() if model else None,
+                       memory_budget=parse_size(budget) if budget else None)
     _run(serve(cfg))
 
 
@@ -94,7 +111,7 @@ def parse_size(text: str) -> int:
 
 def cmd_status(a: argparse.Namespace) -> None:
     from services.status import show
-    sys.exit(asyncio.run(show(_nats(a), a.json)))
+    sys.exit(asyncio.run(show(_nats(a), _creds(a, "admin"), a.json)))
 
 
 def cmd_gateway(a: argparse.Namespace) -> None:
@@ -112,7 +129,7 @@ def cmd_gateway(a: argparse.Namespace) -> None:
                                      "max connections")),
     )
     cfg = GatewayConfig(
-        nats_url=_nats(a), http=http, connections=connections,
+        nats_url=_nats(a), creds=_creds(a, "gateway"), http=http, connections=connections,
         host=setting(a.host, "MOEBUS_HOST", D.HOST, str), port=setting(a.port, "MOEBUS_PORT", D.PORT, int),
         deadline_s=positive(setting(a.request_timeout, "MOEBUS_REQUEST_TIMEOUT", D.REQUEST_TIMEOUT_S, float), "request timeout"),
     )
@@ -121,10 +138,16 @@ def cmd_gateway(a: argparse.Namespace) -> None:
 
 def cmd_up(a: argparse.Namespace) -> None:
     from services.launcher import UpConfig, up
+    if a.secure and a.insecure:
+        raise ConfigError("--secure and --insecure contradict each other")
+    nats_url = setting(a.nats, "MOEBUS_NATS_URL", "", str)
+    if nats_url:  # a server of its own: refuse it now rather than in every child
+        _creds(a, "router")
     cfg = UpConfig(
+        insecure=_insecure(a), nats_host=setting(a.nats_host, "MOEBUS_NATS_HOST", D.NATS_HOST, str),
         model=_model(a.model), workers=setting(a.workers, "MOEBUS_WORKERS", D.WORKERS, int),
         host=setting(a.host, "MOEBUS_HOST", D.HOST, str), port=setting(a.port, "MOEBUS_PORT", D.PORT, int),
-        nats_url=setting(a.nats, "MOEBUS_NATS_URL", "", str),
+        nats_url=nats_url,
         nats_port=setting(a.nats_port, "MOEBUS_NATS_PORT", D.NATS_PORT, int),
         router_args=_forward(a, ROUTER_FLAGS), gateway_args=_forward(a, GATEWAY_FLAGS),
         worker_args=_forward(a, WORKER_FLAGS),
@@ -136,9 +159,24 @@ def _forward(a: argparse.Namespace, names: tuple[str, ...]) -> tuple[str, ...]:
     out: list[str] = []
     for name in names:
         value = getattr(a, name)
+        if isinstance(value, bool):  # a switch
+            out += [f"--{name.replace('_', '-')}"] if value else []
+            continue
         for v in value if isinstance(value, list) else [] if value is None else [value]:
             out += [f"--{name.replace('_', '-')}", str(v)]
     return tuple(out)
+
+
+def cmd_init_cluster(a: argparse.Namespace) -> None:
+    from shared.access import Tls, cluster_dir, init_cluster
+    if bool(a.tls_cert) != bool(a.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    tls = Tls(Path(a.tls_cert), Path(a.tls_key), Path(a.tls_ca) if a.tls_ca else None) if a.tls_cert else None
+    directory = Path(a.dir).expanduser() if a.dir else cluster_dir()
+    made = init_cluster(directory, a.workers, tls, Path(a.store_dir) if a.store_dir else None, a.listen)
+    print(f"moebus: cluster credentials in {directory} ({len(made)} new)")
+    print(f"  nats-server -c {directory / 'nats.conf'}     # or `moebus up`, which uses them by itself")
+    print("  on another machine: moebus worker --nats nats://THIS-HOST:4222 --creds worker-N.creds")
 
 
 def _router_flags(sp: argparse.ArgumentParser) -> None:
@@ -149,6 +187,8 @@ def _router_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--prefill-step", type=int, help=f"prompt tokens per step (MOEBUS_PREFILL_STEP, {D.PREFILL_STEP})")
     sp.add_argument("--micro-batches", type=int, help="2: from 8 running sequences on, decode two halves that "
                                                       f"overlap compute and bus waits; 1: one batch (MOEBUS_MICRO_BATCHES, {D.MICRO_BATCHES})")
+    sp.add_argument("--share-model", action="store_true", default=None,
+                    help="put the experts in NATS (once), for workers started without --model (MOEBUS_SHARE_MODEL=1)")
     sp.add_argument("--replicas", type=int, help="owners of every expert where capacity allows: with 2, a worker "
                                                  f"lost is taken over at once (MOEBUS_REPLICAS, {D.REPLICAS})")
 
@@ -182,17 +222,35 @@ def parser() -> argparse.ArgumentParser:
     def service(name: str, fn, help: str, model: bool = True) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help)
         sp.add_argument("--nats", help=f"NATS URL (MOEBUS_NATS_URL, default {DEFAULT_NATS_URL})")
+        sp.add_argument("--creds", help="credentials file from `moebus init-cluster`, or its directory (MOEBUS_CREDS; "
+                                        "default: this machine's cluster, when it has one)")
+        sp.add_argument("--insecure", action="store_true", help="allow an open bus without credentials "
+                                                                "(MOEBUS_INSECURE=1)")
         if model:
-            sp.add_argument("--model", help="local Hugging Face MoE checkpoint dir (MOEBUS_MODEL; default: the demo model)")
+            sp.add_argument("--model", help="local Hugging Face MoE checkpoint dir (MOEBUS_MODEL; default: the demo "
+                                            "model; a worker: the experts it holds, from the router's copy over NATS)")
         sp.set_defaults(fn=fn)
         return sp
 
     up = service("up", cmd_up, "the whole system: nats-server, router, workers, gateway")
     up.add_argument("--workers", type=int, help=f"expert-worker processes (MOEBUS_WORKERS, default {D.WORKERS})")
     up.add_argument("--nats-port", type=int, help=f"embedded nats-server port when --nats is not given (default {D.NATS_PORT})")
+    up.add_argument("--nats-host", help="address the embedded nats-server listens on: 0.0.0.0 lets other machines "
+                                        f"join (MOEBUS_NATS_HOST, default {D.NATS_HOST})")
+    up.add_argument("--secure", action="store_true", help="the default: per-service NATS users and permissions")
     _router_flags(up)
     _worker_flags(up)
     _gateway_flags(up, listen=True)
+    init = sub.add_parser("init-cluster", help="credentials and nats-server config for a secured cluster")
+    init.add_argument("--dir", help="where to write them (default: $MOEBUS_HOME/cluster, where services look)")
+    init.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="worker identities, one per worker "
+                                                                            f"process (default {DEFAULT_WORKERS})")
+    init.add_argument("--tls-cert", help="server certificate (PEM): clients then speak TLS")
+    init.add_argument("--tls-key", help="its private key (PEM)")
+    init.add_argument("--tls-ca", help="the CA that signed it (default: the certificate is self-signed)")
+    init.add_argument("--store-dir", help="JetStream storage of the nats.conf written (default: DIR/jetstream)")
+    init.add_argument("--listen", default="0.0.0.0:4222", help="listen address of the nats.conf written")
+    init.set_defaults(fn=cmd_init_cluster)
     _router_flags(service("router", cmd_router, "the router: everything but the experts"))
     _worker_flags(service("worker", cmd_worker, "an expert worker: joins the cluster and holds the experts placed on it"))
     st = service("status", cmd_status, "workers, placement and expert load of a running cluster", model=False)

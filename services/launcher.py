@@ -18,7 +18,9 @@ from services import defaults
 from shared.blas import blas_threads
 from shared.errors import ConfigError
 from shared.model import describe, find_experts, load_lazy
+from shared.access import cluster_dir, ensure_users, server_block
 from shared.natsd import start_nats
+from shared.security import DEFAULT_WORKERS, is_loopback
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class UpConfig:
     port: int = defaults.PORT
     nats_url: str = ""  # empty: start an embedded nats-server on nats_port
     nats_port: int = defaults.NATS_PORT
+    nats_host: str = defaults.NATS_HOST
+    insecure: bool = False  # an open bus: no users, no permissions
     ready_timeout_s: float = 300.0
     router_args: tuple[str, ...] = ()
     gateway_args: tuple[str, ...] = ()
@@ -105,18 +109,22 @@ def up(cfg: UpConfig) -> int:
     try:
         url = cfg.nats_url
         if not url:  # the embedded server restarts on the same port and store: services reconnect
-            nats = Child("nats-server", lambda: start_nats(cfg.nats_port, Path(tmp.name)))
+            extra = _secure_nats(cfg)
+            nats = Child("nats-server", lambda: start_nats(cfg.nats_port, Path(tmp.name), cfg.nats_host, extra=extra))
             nats.proc = nats.start()
             children.append(nats)
-            url = f"nats://127.0.0.1:{cfg.nats_port}"
-            print(f"moebus: nats-server (JetStream) on {url}", flush=True)
+            local = "127.0.0.1" if cfg.nats_host in ("0.0.0.0", "::", "127.0.0.1") else cfg.nats_host
+            url = f"{'tls' if 'tls {' in extra else 'nats'}://{local}:{cfg.nats_port}"
+            how = "open to anyone who reaches it (--insecure)" if cfg.insecure else f"users in {cluster_dir()}"
+            print(f"moebus: nats-server (JetStream) on {cfg.nats_host}:{cfg.nats_port}, {how}", flush=True)
         base = [sys.executable, "-m", "services.cli"]
         threads = str(blas_threads(os.cpu_count() or 1, cfg.workers + 1))  # the router and the workers
         env = {"OPENBLAS_NUM_THREADS": threads, **os.environ, "MOEBUS_PARENT_PID": str(os.getpid())}
-        common = ["--nats", url, "--model", str(cfg.model)]
+        bus = ["--nats", url, *(["--insecure"] if cfg.insecure else [])]
+        common = [*bus, "--model", str(cfg.model)]
         commands = [("router", [*base, "router", *common, *cfg.router_args])]
         commands += [(f"worker {i}", [*base, "worker", *common, *cfg.worker_args]) for i in range(cfg.workers)]
-        commands.append(("gateway", [*base, "gateway", "--nats", url, "--host", cfg.host, "--port", str(cfg.port),
+        commands.append(("gateway", [*base, "gateway", *bus, "--host", cfg.host, "--port", str(cfg.port),
                                      *cfg.gateway_args]))
         for name, cmd in commands:
             child = Child(name, lambda cmd=cmd: subprocess.Popen(cmd, env=env))
@@ -143,6 +151,17 @@ def up(cfg: UpConfig) -> int:
         _stop_all(services)  # the services first, while they can still drain
         _stop_all([(c.name, c.proc) for c in children if c.proc is not None and c.name == "nats-server"])
         tmp.cleanup()
+
+
+def _secure_nats(cfg: UpConfig) -> str:
+    """The users part of the embedded server's config: this machine's cluster, made if missing."""
+    if cfg.insecure:
+        if not is_loopback(cfg.nats_host):
+            say(f"WARNING: NATS on {cfg.nats_host} without credentials: anyone on the network reads every prompt")
+        return ""
+    directory = cluster_dir()
+    ensure_users(directory, max(DEFAULT_WORKERS, cfg.workers))
+    return server_block(directory)
 
 
 def healthy(url: str) -> bool:

@@ -7,16 +7,19 @@ import sys
 import orjson
 
 from shared import subjects
+from shared.access import connect_options
 from shared.bus import close, request
 from shared.errors import MoebusError
 from shared.messages import ClusterStatus, decode
+from shared.security import Creds
 
 
-async def fetch(nats_url: str, timeout_s: float = 5.0) -> ClusterStatus:
+async def fetch(nats_url: str, creds: Creds | None = None, timeout_s: float = 5.0) -> ClusterStatus:
     import nats
 
     try:
-        nc = await nats.connect(nats_url, connect_timeout=timeout_s, max_reconnect_attempts=0, allow_reconnect=False)
+        nc = await nats.connect(nats_url, connect_timeout=timeout_s, max_reconnect_attempts=0, allow_reconnect=False,
+                                **connect_options(creds))
     except Exception as e:  # noqa: BLE001 - one clear line whatever nats-py raises
         raise MoebusError(f"cannot reach NATS at {nats_url}: {e!r}") from None
     try:
@@ -53,9 +56,9 @@ def _ranges(ids: list[int]) -> str:
     return ",".join(out)
 
 
-async def show(nats_url: str, as_json: bool) -> int:
+async def show(nats_url: str, creds: Creds | None, as_json: bool) -> int:
     try:
-        s = await fetch(nats_url)
+        s = await fetch(nats_url, creds)
     except MoebusError as e:
         print(f"moebus status: {e}", file=sys.stderr)
         return 2

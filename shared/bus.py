@@ -17,8 +17,10 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
+from shared.access import connect_options
 from shared.errors import BusError, BusTimeout, NoResponders, RemoteError
 from shared.logs import get_logger
+from shared.security import Creds
 
 log = get_logger("bus")
 
@@ -42,7 +44,8 @@ class Throttled:
         log.warning(event, **kw, **({"repeats_held_back": held} if held else {}))
 
 
-async def connect(url: str, name: str, on_disconnect: Callable[[], None] | None = None) -> Client:
+async def connect(url: str, name: str, on_disconnect: Callable[[], None] | None = None,
+                  creds: Creds | None = None) -> Client:
     throttled = Throttled()
 
     async def error_cb(e: Exception) -> None:
@@ -67,6 +70,7 @@ async def connect(url: str, name: str, on_disconnect: Callable[[], None] | None 
         error_cb=error_cb,
         disconnected_cb=disconnected_cb,
         reconnected_cb=reconnected_cb,
+        **connect_options(creds),
     )
     return nc
 

@@ -9,6 +9,7 @@ Two keys, both `PlacementRecord`s written only by the router that holds the `lea
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from nats.js import JetStreamContext
@@ -45,12 +46,17 @@ class Lease(Message):
     until: float  # wall-clock seconds
 
 
-async def bucket(js: JetStreamContext) -> KeyValue:
-    """The cluster bucket, made on first use (file storage: it outlives a nats-server restart)."""
-    try:
-        return await js.key_value(BUCKET)
-    except BucketNotFoundError:
-        return await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1,
+async def bucket(js: JetStreamContext, create: bool = True) -> KeyValue:
+    """The cluster bucket, made on first use (file storage: it outlives a nats-server restart).
+    Only the router makes it (`create`): a worker may not create streams, it waits."""
+    while True:
+        try:
+            return await js.key_value(BUCKET)
+        except BucketNotFoundError:
+            if create:
+                break
+        await asyncio.sleep(0.5)
+    return await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1,
                                                         description="moebus cluster state: expert placement"))
 
 

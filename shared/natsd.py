@@ -35,12 +35,16 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def start_nats(port: int, store_dir: Path, host: str = "127.0.0.1", max_payload_mb: int = 8) -> subprocess.Popen:
-    """nats-server with JetStream on; returns once it accepts connections."""
+def start_nats(port: int, store_dir: Path, host: str = "127.0.0.1", max_payload_mb: int = 8,
+               extra: str = "") -> subprocess.Popen:
+    """nats-server with JetStream on; returns once it accepts connections. `extra`: more of
+    the config (users and TLS from shared.access, a cluster block)."""
     store_dir.mkdir(parents=True, exist_ok=True)
     conf = store_dir / "nats.conf"
     # Long prefills send large expert messages; the router also splits at the server's limit.
-    conf.write_text(f"max_payload: {max_payload_mb * 1024 * 1024}\njetstream {{ store_dir: {str(store_dir)!r} }}\n")
+    text = f"max_payload: {max_payload_mb * 1024 * 1024}\njetstream {{ store_dir: {str(store_dir)!r} }}\n" + extra
+    conf.touch(mode=0o600)
+    conf.write_text(text)
     log = store_dir / "nats-server.log"
     with log.open("ab") as out:
         proc = subprocess.Popen(

@@ -2,8 +2,8 @@
 
 | subject                          | from -> to                | message                        |
 |----------------------------------|---------------------------|--------------------------------|
-| moebus.v1.experts.<worker>       | router -> worker (req)    | wire.ExpertRequest -> ExpertReply (binary) |
-| moebus.v1.workers.announce       | worker -> router (pub)    | messages.WorkerAnnounce        |
+| moebus.v1.experts.<id>.<worker>  | router -> worker (req)    | wire.ExpertRequest -> ExpertReply (binary) |
+| moebus.v1.workers.announce.<id>.<worker> | worker -> router (pub) | messages.WorkerAnnounce     |
 | moebus.v1.workers.discover       | router -> workers (pub)   | messages.Discover              |
 | moebus.v1.router.generate        | gateway -> router (req)   | GenerateRequest -> GenerateAccepted |
 | <GenerateRequest.stream>         | router -> gateway (pub)   | messages.GenerateEvent         |
@@ -12,6 +12,10 @@
 | moebus.v1.router.metrics         | gateway -> router (req)   | {} -> Prometheus text          |
 | moebus.v1.router.cluster         | any -> router (req)       | {} -> ClusterStatus            |
 | moebus.v1.gateway.health         | any -> gateway (req)      | {} -> health JSON              |
+
+A worker's id is `<identity>-<suffix>`: the identity is its NATS user on a secured cluster (its
+host name otherwise), the suffix unique to the process. Subjects carry the identity as a token
+of its own, so the server's permissions can give each worker user its own subjects only.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ ROUTER_STATUS = f"{PREFIX}.router.status"
 ROUTER_METRICS = f"{PREFIX}.router.metrics"
 ROUTER_CLUSTER = f"{PREFIX}.router.cluster"
 GATEWAY_HEALTH = f"{PREFIX}.gateway.health"
+ANNOUNCEMENTS = f"{WORKERS_ANNOUNCE}.>"  # the router's subscription
 STREAM_PREFIX = f"{PREFIX}.stream"  # GenerateRequest.stream = STREAM_PREFIX.<request id>
 
 # NATS micro service names, as `nats micro ls` shows them.
@@ -34,9 +39,28 @@ SERVICE_ROUTER = "moebus-router"
 SERVICE_WORKER = "moebus-expert-worker"
 
 
+def identity(worker: str) -> str:
+    """The user (or host) part of a worker id."""
+    return worker.rsplit("-", 1)[0]
+
+
 def experts_subject(worker: str) -> str:
     """Where worker `worker` answers expert requests (wire.ExpertRequest)."""
-    return f"{PREFIX}.experts.{worker}"
+    return f"{PREFIX}.experts.{identity(worker)}.{worker}"
+
+
+def announce_subject(worker: str) -> str:
+    """Where worker `worker` announces itself; the router takes an announcement only from here."""
+    return f"{WORKERS_ANNOUNCE}.{identity(worker)}.{worker}"
+
+
+def experts_subject_of(user: str) -> str:
+    """Every expert subject of a worker user (a permission)."""
+    return f"{PREFIX}.experts.{user}.*"
+
+
+def announce_subject_of(user: str) -> str:
+    return f"{WORKERS_ANNOUNCE}.{user}.*"
 
 
 def stream_subject(request_id: str) -> str:

@@ -40,13 +40,14 @@ def tail(log: Path, n: int = 4000) -> str:
 class Up:
     """`moebus up` in a subprocess, on free ports."""
 
-    def __init__(self, model: Path, workers: int, tmp: Path, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, model: Path, workers: int, tmp: Path, extra: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.port, self.nats_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.nats_url = f"nats://127.0.0.1:{self.nats_port}"
         self.log = tmp / f"up-{self.port}.log"
         self.proc = cli("up", "--model", str(model), "--workers", str(workers), "--port", str(self.port),
-                        "--nats-port", str(self.nats_port), *extra, log=self.log)
+                        "--nats-port", str(self.nats_port), *extra, log=self.log, env=env)
 
     def __enter__(self) -> Up:
         try:
@@ -76,7 +77,7 @@ async def worker_subject(nc, worker: str | None = None) -> str:
     import orjson
 
     from shared import subjects
-    sub = await nc.subscribe(subjects.WORKERS_ANNOUNCE)
+    sub = await nc.subscribe(subjects.ANNOUNCEMENTS)
     try:
         while True:
             a = orjson.loads((await sub.next_msg(timeout=10)).data)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -11,12 +13,14 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
-from mlx_lm.utils import maybe_set_recommended_wired_limit
+from mlx_lm.utils import _get_classes, load_model, maybe_set_recommended_wired_limit
 
 from shared.arrays import to_mlx, to_numpy
-from shared.errors import WireError
+from shared.errors import ModelError, WireError
 from shared.model import ExpertSlot, ModelInfo, describe, find_experts, load_lazy
+from shared.modelstore import ModelManifest, expert_file
 from shared.wire import ExpertRequest, encode_reply
+
 
 class NotHeld(WireError):
     """A request for experts this worker does not hold (any more): the router re-plans it."""
@@ -146,20 +150,87 @@ def load_experts(path: Path, held: list[int]) -> tuple[LocalExperts, ModelInfo]:
     slots = find_experts(model)
     info = describe(path, config, slots)
     held = sorted(set(held))
+    layers = _evaluate([_stack_held(slot, held) for slot in slots] if held else [])
+    del model, slots
+    return _settle(layers, held, info.num_experts, info.moe_layers), info
+
+
+def load_fetched(dest: Path, manifest: ModelManifest, held: list[int]) -> LocalExperts:
+    """The experts `held` from the directory `modelstore.fetch` filled: the same LocalExperts
+    load_experts(checkpoint, held) builds. Runs on the MLX thread.
+
+    mlx-lm builds the model from config.json and a partial checkpoint of only these experts,
+    written in the model's own parameter names, so its quantization applies as it would to the
+    checkpoint; the rest of the model stays unevaluated random init and is never read.
+    """
+    held = sorted(set(held))
+    if not held:
+        return LocalExperts([], [], manifest.num_experts, manifest.moe_layers)
+    with tempfile.TemporaryDirectory(prefix="partial-", dir=dest) as tmp:
+        partial = Path(tmp)
+        for name in manifest.files:
+            shutil.copyfile(dest / name, partial / name)
+        for layer, path in enumerate(manifest.slots):
+            weights = _fetched_layer(dest, layer, path, held, manifest.stacked)
+            mx.save_safetensors(str(partial / f"model-{layer:05d}.safetensors"), weights)
+            del weights  # one layer in memory at a time
+        # The published quantization settings: a legacy format (AWQ...) was converted at publish.
+        overrides = {"quantization": manifest.quantization} if manifest.quantization else None
+        try:
+            model, _ = load_model(partial, lazy=True, strict=False, get_model_classes=_presanitized,
+                                  model_config=overrides)
+        except (ValueError, KeyError) as e:
+            raise ModelError(f"{manifest.name}: mlx-lm cannot build this model: {e}") from None
+        slots = find_experts(model)
+        if [s.path for s in slots] != manifest.slots:
+            raise ModelError(f"{manifest.name}: mlx-lm's model has experts modules {[s.path for s in slots]}, "
+                             f"the manifest {manifest.slots}")
+        # Stacked arrays already hold `held` in order; a list of expert modules is indexed globally.
+        layers = _evaluate([s.module if manifest.stacked else _stack_held(s, held) for s in slots])
+        del model, slots
+    return _settle(layers, held, manifest.num_experts, manifest.moe_layers)
+
+
+def _fetched_layer(dest: Path, layer: int, path: str, held: list[int], stacked: bool) -> dict[str, mx.array]:
+    """One MoE layer's held experts under the model's parameter names: stacked in `held`'s
+    order, or one module per expert (DBRX's list)."""
+    parts = []
+    for e in held:
+        file = dest / expert_file(layer, e)
+        if not file.is_file():
+            raise ModelError(f"{file}: expert {e} of MoE layer {layer} was not fetched")
+        parts.append(mx.load(str(file)))
+    if any(p.keys() != parts[0].keys() for p in parts):
+        raise ModelError(f"{dest}: the experts of MoE layer {layer} hold different tensors")
+    if stacked:
+        return {f"{path}.{name}": mx.stack([p[name] for p in parts]) for name in parts[0]}
+    return {f"{path}.{e}.{name}": a for e, p in zip(held, parts) for name, a in p.items()}
+
+
+def _presanitized(config: dict) -> tuple[type, type]:
+    """mlx-lm's classes for `config`, less sanitize: fetched tensors already carry the loaded
+    model's own names, and a checkpoint quirk must not be undone twice."""
+    model_class, args_class = _get_classes(config)
+    return type(model_class.__name__, (model_class,), {"sanitize": lambda self, weights: weights}), args_class
+
+
+def _evaluate(modules: list[nn.Module]) -> list:
     layers = []
-    for slot in slots if held else []:
-        module = _stack_held(slot, held)
+    for module in modules:
         layer = GroupedExperts(module) if groupable(module) else StackedExperts(module)
         mx.eval(module.parameters())  # reads this layer's held experts, nothing else
         layers.append(layer)
-    del model, slots
+    return layers
+
+
+def _settle(layers: list, held: list[int], num_experts: int, moe_layers: int) -> LocalExperts:
     gc.collect()
     mx.clear_cache()
     # Metal: wire up to the recommended working set so the stacked expert arrays stay
     # resident instead of being re-wired on use (the hidden cost NOTES.md describes).
     # The CPU build reports no working set and this does nothing.
     maybe_set_recommended_wired_limit()
-    return LocalExperts(layers, held, info.num_experts, info.moe_layers), info
+    return LocalExperts(layers, held, num_experts, moe_layers)
 
 
 def expert_bytes(path: Path) -> tuple[int, ModelInfo]:

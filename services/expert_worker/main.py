@@ -19,19 +19,23 @@ from pathlib import Path
 import mlx.core as mx
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from nats.micro import add_service
 from nats.micro.request import Request, ServiceError
 
-from services.expert_worker.experts import LocalExperts, NotHeld, expert_bytes, load_experts
-from shared import cluster, subjects
-from shared.bus import close, connect, stop_event, stop_service, wait
+from services.expert_worker.experts import LocalExperts, NotHeld, expert_bytes, load_experts, load_fetched
+from shared import cluster, modelstore, subjects
+from shared.config import home
+from shared.bus import Throttled, close, connect, stop_event, stop_service, wait
 from shared.cluster import PlacementRecord
-from shared.errors import ConfigError, WireError
+from shared.errors import ConfigError, ModelError, WireError
 from shared.logs import get_logger
 from shared.messages import WorkerAnnounce, encode
 from shared.mlx_thread import MLXThread
 from shared.model import ModelInfo
+from shared.modelstore import ModelManifest
+from shared.security import Creds
 from shared.wire import DTYPES, decode_request, reply_size
 
 VERSION = "0.2.0"
@@ -41,16 +45,24 @@ log = get_logger("worker")
 @dataclass(frozen=True)
 class WorkerConfig:
     nats_url: str
-    model: Path
+    model: Path | None  # None: fetch the experts it holds from the router's copy (shared.modelstore)
     memory_budget: int | None = None  # bytes for experts; None: what the machine can spare
+    creds: Creds | None = None
+    identity: str = ""  # the first part of the worker's id: its NATS user, or this host's name
     heartbeat_s: float = 1.0
+    # Placement is read by polling: a worker may not create JetStream consumers (shared.security).
+    poll_s: float = 0.25
     drain_timeout_s: float = 60.0  # a leaving worker waits this long for its experts to move
     release_after_s: float = 1.0  # keeps experts it lost this long, for calls already on their way
 
 
-def worker_id() -> str:
-    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:40] or "worker"
-    return f"{host}-{uuid.uuid4().hex[:6]}"
+def worker_id(identity: str) -> str:
+    """`<identity>-<suffix>`: the suffix tells a restarted worker from the one it replaced."""
+    return f"{identity}-{uuid.uuid4().hex[:6]}"
+
+
+def host_identity() -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:40] or "worker"
 
 
 def spare_memory() -> int:
@@ -82,8 +94,10 @@ class Worker:
                  max_payload: int) -> None:
         self.cfg, self.me, self.info, self.capacity, self.mlx = cfg, me, info, capacity, mlx
         self.max_payload = max_payload
+        self.source: tuple[JetStreamContext, ModelManifest] | None = None  # the model store, without --model
         # Unique to this process: the router tells a restarted worker from the one it replaced.
         self.subject = subjects.experts_subject(me)
+        self.announce_subject = subjects.announce_subject(me)
         self.experts = LocalExperts([], [], info.num_experts, info.moe_layers)
         self.loaded = 0  # the version of the last coming placement whose share it holds
         self.active: PlacementRecord | None = None
@@ -93,6 +107,7 @@ class Worker:
         self.speed = 0.0
         self.pending: set[asyncio.Task] = set()
         self._loading = asyncio.Lock()
+        self._refused = Throttled(30.0)
         self.changed = asyncio.Event()  # announce now: something the router waits on happened
 
     async def handle(self, req: Request) -> None:
@@ -150,14 +165,26 @@ class Worker:
                 return
             if not want <= set(self.experts.held):
                 log.info("loading experts", version=rec.version, experts=sorted(want - set(self.experts.held)))
-                await self.mlx.run(self._load, sorted(want | set(self.experts.held)))
+                try:
+                    await self.load(sorted(want | set(self.experts.held)))
+                except ModelError as e:  # a bad object in the model store: say so; the next read retries
+                    self._refused.warning("experts not loaded", version=rec.version, error=str(e))
+                    return
             self.loaded = rec.version
             self.upcoming = rec
         self.changed.set()
 
-    def _load(self, held: list[int]) -> None:
+    async def load(self, held: list[int]) -> None:
+        if self.source is not None:  # no checkpoint here: fetch (and check) these experts first
+            js, manifest = self.source
+            dest = await modelstore.fetch(js, manifest, held, home() / "experts")
+            await self.mlx.run(self._swap, lambda: load_fetched(dest, manifest, held))
+        else:
+            await self.mlx.run(self._swap, lambda: load_experts(self.cfg.model, held)[0])
+
+    def _swap(self, make) -> None:
         # On the MLX thread: no request computes with half of the swap.
-        self.experts = load_experts(self.cfg.model, held)[0]
+        self.experts = make()
 
     async def on_active(self, rec: PlacementRecord) -> None:
         """Let go of experts the active placement (and any coming one) no longer gives us."""
@@ -199,24 +226,18 @@ def mlx_memory() -> dict[str, int]:
     return {"active": mx.get_active_memory(), "peak": mx.get_peak_memory(), "cache": mx.get_cache_memory()}
 
 
-async def _watch(kv: KeyValue, worker: Worker, leaving: asyncio.Event) -> None:
-    """React to placement changes as they are written; re-watch after a bus restart."""
-    while not leaving.is_set():
-        watcher = None
+async def _shared_model(js: JetStreamContext, stop: asyncio.Event) -> ModelManifest | None:
+    """The model the router shares, once it has shared it all (None: stopped before)."""
+    while not stop.is_set():
         try:
-            watcher = await kv.watch(">")
-            async for entry in watcher:
-                if entry is not None and entry.key in (cluster.NEXT, cluster.ACTIVE):
-                    await worker.sync(kv)
-        except Exception as e:  # noqa: BLE001 - the main loop's sync covers the gap
-            log.debug("placement watch restarts", error=repr(e))
-        finally:
-            if watcher is not None:
-                try:
-                    await watcher.stop()
-                except Exception:  # noqa: BLE001 - gone with the connection
-                    pass
-        await asyncio.sleep(1.0)
+            manifest = await modelstore.current(js)
+        except Exception as e:  # noqa: BLE001 - the bus may be restarting
+            log.debug("model store not read", error=repr(e))
+            manifest = None
+        if manifest is not None:
+            return manifest
+        await wait(stop, 1.0)
+    return None
 
 
 async def _heartbeat(nc: Client, worker: Worker, period_s: float, leaving: asyncio.Event) -> None:
@@ -225,7 +246,7 @@ async def _heartbeat(nc: Client, worker: Worker, period_s: float, leaving: async
     while not leaving.is_set():
         worker.changed.clear()
         try:
-            await nc.publish(subjects.WORKERS_ANNOUNCE, worker.announcement())
+            await nc.publish(worker.announce_subject, worker.announcement())
         except Exception as e:  # noqa: BLE001 - the bus may be restarting: the next beat retries
             log.debug("heartbeat not sent", error=repr(e))
         await wait(worker.changed, period_s)
@@ -247,17 +268,26 @@ async def serve(cfg: WorkerConfig) -> None:
     mlx = MLXThread()
     try:
         async with AsyncExitStack() as stack:
-            nc = await connect(cfg.nats_url, name="moebus-worker")
+            nc = await connect(cfg.nats_url, name="moebus-worker", creds=cfg.creds)
             stack.push_async_callback(close, nc)
-            kv = await cluster.bucket(nc.jetstream())
-            per_expert, info = await mlx.run(expert_bytes, cfg.model)
+            kv = await cluster.bucket(nc.jetstream(), create=False)
+            js = nc.jetstream()
+            if cfg.model is None:
+                log.info("no --model: waiting for the router to share its model over NATS (router --share-model)")
+                manifest = await _shared_model(js, stop)
+                if manifest is None:
+                    return
+                per_expert, info = manifest.expert_bytes, manifest.info()
+            else:
+                per_expert, info = await mlx.run(expert_bytes, cfg.model)
             budget = cfg.memory_budget if cfg.memory_budget is not None else spare_memory()
             capacity = min(info.num_experts, budget // max(1, per_expert))
             if capacity < 1:
                 raise ConfigError(f"--memory-budget {budget} bytes holds no expert of {info.name} "
                                   f"({per_expert} bytes each)")
-            me = worker_id()
+            me = worker_id(cfg.identity or host_identity())
             worker = Worker(cfg, me, info, capacity, mlx, nc.max_payload)
+            worker.source = (js, manifest) if cfg.model is None else None
             worker.speed = await mlx.run(measure_speed)
             svc = await add_service(
                 nc, name=subjects.SERVICE_WORKER, version=VERSION,
@@ -267,12 +297,11 @@ async def serve(cfg: WorkerConfig) -> None:
             await svc.add_endpoint(name="experts", subject=worker.subject, handler=worker.handle)
 
             async def on_discover(_: Msg) -> None:
-                await nc.publish(subjects.WORKERS_ANNOUNCE, worker.announcement())
+                await nc.publish(worker.announce_subject, worker.announcement())
 
             await nc.subscribe(subjects.WORKERS_DISCOVER, cb=on_discover)
             leaving = asyncio.Event()
-            tasks = [asyncio.create_task(_watch(kv, worker, leaving)),
-                     asyncio.create_task(_heartbeat(nc, worker, cfg.heartbeat_s, leaving))]
+            tasks = [asyncio.create_task(_heartbeat(nc, worker, cfg.heartbeat_s, leaving))]
             log.info("worker joined", worker=me, capacity=capacity, expert_bytes=per_expert, speed_gflops=worker.speed)
             left_at = float("inf")
             while not (worker.draining and await _may_leave(worker, kv, nc.is_connected, left_at)):
@@ -281,9 +310,9 @@ async def serve(cfg: WorkerConfig) -> None:
                 except Exception as e:  # noqa: BLE001 - the bus may be restarting
                     log.debug("placement not read", error=repr(e))
                 if not worker.draining:
-                    await wait(stop, cfg.heartbeat_s)
+                    await wait(stop, cfg.poll_s)
                 else:
-                    await asyncio.sleep(min(0.25, cfg.heartbeat_s))
+                    await asyncio.sleep(cfg.poll_s)
                 if stop.is_set() and not worker.draining:
                     worker.draining = True  # ask to hold nothing; leave once the experts moved
                     worker.changed.set()
@@ -293,7 +322,7 @@ async def serve(cfg: WorkerConfig) -> None:
             for task in tasks:
                 task.cancel()
             try:  # every step bounded (Ctrl-C may have stopped nats-server first); close() flushes
-                await nc.publish(subjects.WORKERS_ANNOUNCE, worker.announcement(leaving=True))
+                await nc.publish(worker.announce_subject, worker.announcement(leaving=True))
                 await stop_service(svc)  # no new requests; answer those already taken
                 if worker.pending and nc.is_connected:
                     await asyncio.wait(list(worker.pending), timeout=10)

@@ -18,6 +18,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.middleware import HttpSettings
 from services.gateway.upstream import RouterClient
 from shared import subjects
+from shared.security import Creds
 from shared.bus import close, connect, stop_event, stop_service
 from shared.errors import MoebusError
 from shared.logs import get_logger
@@ -29,6 +30,7 @@ log = get_logger("gateway")
 @dataclass(frozen=True)
 class GatewayConfig:
     nats_url: str
+    creds: Creds | None = None
     host: str = defaults.HOST
     port: int = defaults.PORT
     request_timeout_s: float = 10.0
@@ -47,7 +49,8 @@ async def serve(cfg: GatewayConfig) -> None:
     async def lifespan(_app):
         async with AsyncExitStack() as stack:
             # A dropped connection loses the events sent meanwhile: open streams end with an error.
-            nc = await connect(cfg.nats_url, name="moebus-gateway", on_disconnect=lambda: holder["router"].on_disconnect())
+            nc = await connect(cfg.nats_url, name="moebus-gateway", creds=cfg.creds,
+                               on_disconnect=lambda: holder["router"].on_disconnect())
             stack.push_async_callback(close, nc)
             holder["router"] = RouterClient(nc, cfg.request_timeout_s, cfg.event_timeout_s, cfg.deadline_s, metrics)
 

@@ -26,7 +26,7 @@ from services.router.metrics import ExchangeStats, registry
 from services.router.prompts import PromptEncoder
 from services.router.placer import Placer
 from services.router.registry import Table, WorkerRegistry
-from shared import cluster, subjects
+from shared import cluster, modelstore, subjects
 from shared.bus import close, connect, request, stop_event, stop_service, ticks
 from shared.errors import BadRequest, BusError, MoebusError, NoResponders, WireError
 from shared.logs import get_logger
@@ -36,6 +36,7 @@ from shared.messages import (
 )
 from shared.mlx_thread import MLXThread
 from shared.model import ModelInfo, describe, find_experts, load_lazy
+from shared.security import Creds
 from shared.wire import encode_request
 
 VERSION = "0.2.0"
@@ -46,6 +47,8 @@ log = get_logger("router")
 class RouterConfig:
     nats_url: str
     model: Path
+    creds: Creds | None = None
+    share_model: bool = False  # publish the experts to the model store: workers then need no checkpoint
     expert_timeout_s: float = defaults.EXPERT_TIMEOUT_S
     heartbeat_s: float = 1.0  # workers' heartbeat: one silent for 4 of them is dropped
     tick_s: float = 0.25  # how often placement advances and stuck calls are checked
@@ -136,13 +139,16 @@ class Router:
                 "experts_covered": s.experts_covered, "ready": float(s.ready),
                 "placement_version": float(self.placer.active.version if self.placer and self.placer.active else 0)}
 
-    def on_announce(self, data: bytes) -> None:
+    def on_announce(self, subject: str, data: bytes) -> None:
         if self.m is None or self.placer is None:
             return
         try:
             a = decode(WorkerAnnounce, data)
         except WireError as e:
             log.warning("bad announcement", error=str(e))
+            return
+        if subject != subjects.announce_subject(a.worker):  # the server lets a worker user publish only its own
+            log.warning("announcement for another worker ignored", worker=a.worker, subject=subject)
             return
         known = a.worker in self.m.registry.live()
         gone = self.m.registry.announce(a, time.monotonic())
@@ -236,6 +242,18 @@ class Router:
 EMPTY_REQUEST = encode_request(0, 0, np.zeros((0, 1), np.float32), np.zeros(0, np.int32), np.zeros(0, np.int32))
 
 
+async def _share(nc: Client, model: Path, mlx: MLXThread) -> None:
+    """Fill the model store once (a complete copy already there is kept); workers started
+    without --model wait for it."""
+    try:
+        manifest = await modelstore.publish(nc.jetstream(), model, mlx.run)
+        log.info("model shared over NATS", model=manifest.name, key=manifest.key, experts=manifest.num_experts)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # noqa: BLE001 - serving goes on; workers with a checkpoint still join
+        log.error("model not shared", error=repr(e))
+
+
 async def serve(cfg: RouterConfig) -> None:
     stop = stop_event()
     loop = asyncio.get_running_loop()
@@ -244,7 +262,7 @@ async def serve(cfg: RouterConfig) -> None:
     try:
         async with AsyncExitStack() as stack:
             # With the bus gone, no reply to a call in flight will come: fail them now.
-            nc = await connect(cfg.nats_url, name="moebus-router",
+            nc = await connect(cfg.nats_url, name="moebus-router", creds=cfg.creds,
                                on_disconnect=lambda: client.fail_calls(None, "the bus connection was lost",
                                                                        resend=False))
             client = ExpertClient(nc, loop, cfg.expert_timeout_s)
@@ -265,7 +283,7 @@ async def serve(cfg: RouterConfig) -> None:
                 asyncio.run_coroutine_threadsafe(send(events), loop)
 
             async def on_announce(msg: Msg) -> None:
-                router.on_announce(msg.data)
+                router.on_announce(msg.subject, msg.data)
 
             svc = await add_service(nc, name=subjects.SERVICE_ROUTER, version=VERSION,
                                     description="moebus router: attention, gates, sampling; experts over the bus",
@@ -278,6 +296,9 @@ async def serve(cfg: RouterConfig) -> None:
                                             lambda: client.stats.expert_tokens if client.stats else None,
                                             client.set_unplaceable)
             await placer.start()
+            if cfg.share_model:
+                sharing = asyncio.create_task(_share(nc, cfg.model, mlx))
+                stack.callback(sharing.cancel)
             stack.push_async_callback(lambda: placer.resign() if nc.is_connected else asyncio.sleep(0))
             metrics = registry(client.stats, router.gauges, m.registry.memory,
                                lambda: [lane.steps for lane in m.engine.lanes])
@@ -286,7 +307,7 @@ async def serve(cfg: RouterConfig) -> None:
                 await req.respond(metrics())
 
             mlx.background = m.engine.step
-            await nc.subscribe(subjects.WORKERS_ANNOUNCE, cb=on_announce)
+            await nc.subscribe(subjects.ANNOUNCEMENTS, cb=on_announce)
             await nc.subscribe(subjects.ROUTER_CANCEL, cb=router.on_cancel)
             await svc.add_endpoint(name="generate", subject=subjects.ROUTER_GENERATE, handler=router.on_generate)
             await svc.add_endpoint(name="metrics", subject=subjects.ROUTER_METRICS, handler=on_metrics)

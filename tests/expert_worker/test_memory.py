@@ -5,13 +5,14 @@ A real worker process on a real nats-server; the counters come from its own hear
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import nats
 import numpy as np
 import pytest
 
-from shared import subjects
+from shared import cluster, subjects
 from shared.bus import request
 from shared.messages import Discover, WorkerAnnounce, decode, encode
 from shared.model import describe, find_experts, load_lazy
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 async def _announcement(nc: nats.NATS, worker: str | None) -> WorkerAnnounce:
     """The worker's next announcement after everything it was sent has been answered."""
-    sub = await nc.subscribe(subjects.WORKERS_ANNOUNCE)
+    sub = await nc.subscribe(subjects.ANNOUNCEMENTS)
     try:
         await nc.publish(subjects.WORKERS_DISCOVER, encode(Discover(router="test")))
         while True:
@@ -44,6 +45,7 @@ async def _wait_ready(nc: nats.NATS, proc, log: Path, num_experts: int) -> Worke
             if len(a.experts) == num_experts:
                 return a
             await place_all(nc, a, num_experts)
+            await asyncio.sleep(0.5)  # the worker reads placement every 0.25 s, then loads
         except nats.errors.TimeoutError:
             continue
     raise RuntimeError(f"worker never announced itself:\n{tail(log)}")
@@ -55,8 +57,9 @@ async def test_mlx_memory_is_flat_over_1000_requests(nats_url: str, checkpoints:
     info = describe(model, config, find_experts(lazy))
     dim = config["hidden_size"]
     log = tmp_path / "worker.log"
-    proc = cli("worker", "--nats", nats_url, "--model", str(model), log=log)
     nc = await nats.connect(nats_url)
+    await cluster.bucket(nc.jetstream())  # the router's part: a worker waits for the bucket, it cannot make it
+    proc = cli("worker", "--nats", nats_url, "--model", str(model), log=log)
     rng = np.random.default_rng(0)
 
     async def ask(pairs: int) -> None:

@@ -80,7 +80,7 @@ class Rogue:
         while True:
             coming, _ = await cluster.read(kv, cluster.NEXT)  # "loaded" whatever it is given
             self.announce = self.announce.model_copy(update={"loaded": coming.version if coming else 0})
-            await self.nc.publish(subjects.WORKERS_ANNOUNCE, encode(self.announce))
+            await self.nc.publish(subjects.announce_subject("rogue"), encode(self.announce))
             await asyncio.sleep(0.3)
 
 
@@ -95,7 +95,7 @@ async def rogue(services: Services) -> AsyncIterator[Rogue]:
         yield r
         beat.cancel()
         leave = r.announce.model_copy(update={"leaving": True})
-        await nc.publish(subjects.WORKERS_ANNOUNCE, encode(leave))
+        await nc.publish(subjects.announce_subject("rogue"), encode(leave))
         await nc.drain()
         await _until(http, 503)
 
@@ -115,7 +115,7 @@ async def _until(http: httpx.AsyncClient, status: int, timeout_s: float = 60) ->
 @pytest.mark.parametrize("reply, status, needle", [
     (b"nonsense", 502, "expert reply"),
     (("500", "the GPU caught fire"), 502, "the GPU caught fire"),
-    (None, 502, "no reply on moebus.v1.experts.rogue within 2s"),
+    (None, 502, f"no reply on {subjects.experts_subject('rogue')} within 2s"),
 ])
 async def test_a_bad_expert_reply_fails_the_request_clearly(services: Services, rogue: Rogue, reply, status, needle):
     rogue.reply = reply

@@ -23,7 +23,9 @@ MODEL = "tiny-mixtral"
 
 @pytest.fixture(scope="module")
 def up(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    with Up(checkpoints["mixtral"], 2, tmp_path_factory.mktemp("serving")) as cluster:
+    # An open bus: these tests probe the services as a peer that may send anything (the secured
+    # bus, which keeps strangers off it, is tests/integration/test_security.py's).
+    with Up(checkpoints["mixtral"], 2, tmp_path_factory.mktemp("serving"), extra=("--insecure",)) as cluster:
         yield cluster
 
 

@@ -6,11 +6,12 @@ import pytest
 from services.router.registry import Table, WorkerRegistry, table
 from shared.errors import WireError
 from shared.messages import WorkerAnnounce, decode
+from shared.subjects import experts_subject
 
 
 def _a(worker: str, capacity: int = 4, model: str = "m", leaving: bool = False, draining: bool = False,
        loaded: int = 0) -> WorkerAnnounce:
-    return WorkerAnnounce(worker=worker, subject=f"moebus.v1.experts.{worker}", model=model, layers=2, experts=[],
+    return WorkerAnnounce(worker=worker, subject=experts_subject(worker), model=model, layers=2, experts=[],
                           capacity=capacity, leaving=leaving, draining=draining, loaded=loaded)
 
 
@@ -19,15 +20,15 @@ def test_workers_come_and_go_with_their_heartbeats():
     assert reg.announce(_a("w0"), now=0) == []
     reg.announce(_a("w1", capacity=2), now=1)
     assert reg.workers == ["w0", "w1"] and reg.capacities() == {"w0": 4, "w1": 2}
-    assert reg.expire(now=3.5) == ["moebus.v1.experts.w0"]
-    assert reg.announce(_a("w1", leaving=True), now=4) == ["moebus.v1.experts.w1"]
+    assert reg.expire(now=3.5) == [experts_subject("w0")]
+    assert reg.announce(_a("w1", leaving=True), now=4) == [experts_subject("w1")]
     assert reg.workers == []
 
 
 def test_a_draining_worker_is_live_but_holds_nothing_in_the_next_placement():
     reg = WorkerRegistry(num_experts=4, moe_layers=2, fingerprint="m", stale_after_s=3)
     reg.announce(_a("w0", draining=True, loaded=3), now=0)
-    assert reg.capacities() == {"w0": 0} and reg.live() == {"w0": "moebus.v1.experts.w0"} and reg.loaded("w0") == 3
+    assert reg.capacities() == {"w0": 0} and reg.live() == {"w0": experts_subject("w0")} and reg.loaded("w0") == 3
 
 
 def test_workers_of_another_model_are_ignored():
@@ -39,8 +40,8 @@ def test_workers_of_another_model_are_ignored():
 def test_a_failed_worker_is_dropped_until_it_announces_again():
     reg = WorkerRegistry(num_experts=4, moe_layers=2, fingerprint="m", stale_after_s=3)
     reg.announce(_a("w0"), now=0)
-    assert reg.drop_subject("moebus.v1.experts.w0") == "w0"
-    assert reg.drop_subject("moebus.v1.experts.w0") is None
+    assert reg.drop_subject(experts_subject("w0")) == "w0"
+    assert reg.drop_subject(experts_subject("w0")) is None
     reg.announce(_a("w0"), now=1)
     assert reg.workers == ["w0"]
 
@@ -54,9 +55,9 @@ def test_an_announcement_naming_another_subject_is_ignored():
 def test_malformed_announcements_are_refused():
     for bad in (b'{"worker": "w1", "subject": "moebus.v1.experts.>", "model": "m", "layers": 2, "experts": [0]}',
                 b'{"worker": "w1", "subject": "a b", "model": "m", "layers": 2, "experts": [0]}',
-                b'{"worker": "w1", "subject": "moebus.v1.experts.w1", "model": "m", "layers": 2, "experts": ["a"]}',
-                b'{"worker": "w 1", "subject": "moebus.v1.experts.w1", "model": "m", "layers": 2, "experts": [0]}',
-                b'{"worker": "w1", "subject": "moebus.v1.experts.w1", "model": "m", "layers": 2, "experts": [0],'
+                b'{"worker": "w1", "subject": experts_subject("w1"), "model": "m", "layers": 2, "experts": ["a"]}',
+                b'{"worker": "w 1", "subject": experts_subject("w1"), "model": "m", "layers": 2, "experts": [0]}',
+                b'{"worker": "w1", "subject": experts_subject("w1"), "model": "m", "layers": 2, "experts": [0],'
                 b' "capacity": -1}'):
         with pytest.raises(WireError):
             decode(WorkerAnnounce, bad)

@@ -1,0 +1,151 @@
+"""A cluster's credentials on disk: made by `moebus init-cluster`, found by each service.
+
+The cluster directory (`$MOEBUS_HOME/cluster` unless told otherwise) holds `nats.conf`, one
+`<user>.creds` per user (`router`, `gateway`, `admin`, `worker-1`..`worker-N`) and `tls/` when
+certificates were given. A worker takes the first worker identity no other process on this
+machine holds (a lock file per identity), so `moebus worker` needs no flag for it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.config import home
+from shared.errors import ConfigError
+from shared.security import (
+    DEFAULT_WORKERS, Creds, Role, ca_of, cluster_users, is_loopback, make_creds, read_creds, server_conf,
+    to_json, worker_user, write_private,
+)
+
+_held_locks: list[int] = []  # descriptors kept open for the life of the process: the identity's lock
+
+
+def cluster_dir() -> Path:
+    return home() / "cluster"
+
+
+@dataclass(frozen=True)
+class Tls:
+    cert: Path
+    key: Path
+    ca: Path | None = None  # the CA that signed `cert`; None: `cert` is self-signed
+
+
+def init_cluster(directory: Path, workers: int = DEFAULT_WORKERS, tls: Tls | None = None,
+                 store_dir: Path | None = None, listen: str = "0.0.0.0:4222", max_payload_mb: int = 8) -> list[Path]:
+    """Make (or complete) a cluster's credentials and a nats.conf for them; existing secrets
+    are kept. Returns the credentials files written anew."""
+    made = ensure_users(directory, workers, tls)
+    store = store_dir or directory / "jetstream"
+    conf = (f"listen: {json.dumps(listen)}\nmax_payload: {max_payload_mb << 20}\n"
+            f"jetstream {{ store_dir: {json.dumps(str(store))} }}\n" + server_block(directory))
+    write_private(directory / "nats.conf", conf.encode())
+    return made
+
+
+def ensure_users(directory: Path, workers: int = DEFAULT_WORKERS, tls: Tls | None = None) -> list[Path]:
+    """The credentials files of every role and of `workers` worker identities, made where missing."""
+    if not 1 <= workers <= 1024:
+        raise ConfigError(f"--workers must be 1..1024, not {workers}")
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    if tls is not None:
+        _install_tls(directory / "tls", tls)
+    ca = ca_of(directory)
+    made: list[Path] = []
+    wanted: list[tuple[Role, str]] = [("router", "router"), ("gateway", "gateway"), ("admin", "admin")]
+    wanted += [("worker", worker_user(n)) for n in range(1, workers + 1)]
+    for role, user in wanted:
+        path = directory / f"{user}.creds"
+        if path.is_file():
+            old = read_creds(path)
+            if old.ca != ca:  # TLS added (or changed) since: same secret, new CA
+                write_private(path, to_json(old.model_copy(update={"ca": ca})))
+            continue
+        write_private(path, to_json(make_creds(role, user, ca)))
+        made.append(path)
+    return made
+
+
+def _install_tls(tls_dir: Path, tls: Tls) -> None:
+    for given in (tls.cert, tls.key, *([tls.ca] if tls.ca else [])):
+        if not given.is_file():
+            raise ConfigError(f"TLS file {given} not found")
+    tls_dir.mkdir(mode=0o700, exist_ok=True)
+    shutil.copyfile(tls.cert, tls_dir / "server-cert.pem")
+    write_private(tls_dir / "server-key.pem", tls.key.read_bytes())
+    shutil.copyfile(tls.ca or tls.cert, tls_dir / "ca.pem")
+
+
+def server_block(directory: Path) -> str:
+    """The users and TLS part of nats-server's config for this cluster directory."""
+    tls_dir = directory / "tls"
+    return server_conf(cluster_users(directory), tls_dir if (tls_dir / "server-cert.pem").is_file() else None)
+
+
+def has_cluster(directory: Path) -> bool:
+    return (directory / "router.creds").is_file()
+
+
+def _take_worker(directory: Path) -> Creds:
+    """The first worker identity of `directory` no live process on this machine holds."""
+    found = sorted(directory.glob("worker-*.creds"), key=lambda p: int(p.stem.split("-")[-1]))
+    if not found:
+        raise ConfigError(f"{directory} holds no worker credentials: run `moebus init-cluster`")
+    locks = directory / "locks"
+    locks.mkdir(exist_ok=True)
+    for path in found:
+        fd = os.open(locks / f"{path.stem}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        _held_locks.append(fd)  # released by the kernel when this process ends, however it ends
+        return read_creds(path)
+    raise ConfigError(f"all {len(found)} worker credentials in {directory} are in use: "
+                      f"`moebus init-cluster --workers {len(found) * 2}` adds more")
+
+
+def load(path: Path, role: Role) -> Creds:
+    """Credentials for `role` from a file, or from a cluster directory."""
+    if path.is_dir():
+        if role == "worker":
+            return _take_worker(path)
+        path = path / f"{role}.creds"
+    creds = read_creds(path)
+    if creds.role != role:
+        raise ConfigError(f"{path} holds {creds.role} credentials; a {role} needs its own")
+    return creds
+
+
+def resolve(url: str, creds_path: Path | None, insecure: bool, role: Role) -> Creds | None:
+    """The credentials a service connects with, or None for an open bus. Without `--creds`, the
+    cluster directory of this machine is used; with neither, only a server on this machine (or
+    `--insecure`) is accepted: nothing goes to a LAN without credentials by accident."""
+    if creds_path is not None:
+        return load(creds_path, role)
+    local = cluster_dir()
+    if has_cluster(local) and not insecure:
+        return load(local, role)
+    if insecure or is_loopback(url):
+        return None
+    raise ConfigError(f"refusing to use NATS at {url} without credentials: give --creds FILE (made by "
+                      "`moebus init-cluster`), or --insecure for an open bus")
+
+
+def connect_options(creds: Creds | None) -> dict[str, Any]:
+    """nats-py connect() keywords for these credentials: the user, its inbox prefix, TLS."""
+    if creds is None:
+        return {}
+    out: dict[str, Any] = {"user": creds.user, "password": creds.password, "inbox_prefix": creds.inbox}
+    if creds.ca:
+        out["tls"] = ssl.create_default_context(cadata=creds.ca)
+    return out

@@ -1,0 +1,149 @@
+"""Who may do what on the bus: one NATS user per role (one per worker), with subject permissions.
+
+`moebus init-cluster` writes a credentials file per user and the server's configuration; a
+service finds its credentials by itself on the machine that made them, or is given `--creds`.
+Each user's permissions follow from its role alone (`permissions`), so the server config is
+rendered, never edited by hand:
+
+| role    | publishes                                              | subscribes                        |
+|---------|--------------------------------------------------------|-----------------------------------|
+| router  | expert requests, discover, stream events, the buckets  | router subjects, announcements    |
+| gateway | router requests, cancels                               | stream events (its responses)     |
+| worker  | its own announcements; reads placement and the model   | its own expert subject, discover  |
+| admin   | status and `$SRV` (micro) requests                     | its replies                       |
+
+Everyone subscribes only to its own inbox prefix (`_INBOX.<user>`), so no peer reads another's
+replies, and answers requests through `allow_responses` rather than a publish permission.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from pydantic import Field
+
+from shared import subjects as S
+from shared.errors import ConfigError, WireError
+from shared.messages import Message, Name, decode, encode
+
+Role = Literal["router", "gateway", "worker", "admin"]
+KV_STREAM = "KV_moebus-cluster"  # shared.cluster.BUCKET's stream
+OBJ_STREAM = "OBJ_moebus-model"  # shared.modelstore.MODEL_BUCKET's stream
+SERVICES = {"router": S.SERVICE_ROUTER, "gateway": S.SERVICE_GATEWAY, "worker": S.SERVICE_WORKER}
+DEFAULT_WORKERS = 16  # worker identities made by default: one per worker process of the cluster
+
+
+class Creds(Message):
+    """A credentials file: who this is, its secret, and the CA that signs the server's certificate."""
+
+    user: Name
+    role: Role
+    password: str = Field(min_length=16, max_length=256)
+    ca: str = Field(default="", max_length=1 << 16)  # PEM; empty: the server speaks plain TCP
+
+    @property
+    def inbox(self) -> str:
+        return f"_INBOX.{self.user}"
+
+
+def _js_read(stream: str) -> list[str]:
+    # Message gets only: creating a consumer would let a peer name its deliver subject, and the
+    # server would then push the whole stream (the model: gigabytes) onto any subject it likes.
+    api = "$JS.API"
+    return [f"{api}.STREAM.INFO.{stream}", f"{api}.STREAM.MSG.GET.{stream}", f"{api}.DIRECT.GET.{stream}",
+            f"{api}.DIRECT.GET.{stream}.>"]
+
+
+def _js_write(stream: str, data: str) -> list[str]:
+    api = "$JS.API"
+    return [*_js_read(stream), f"{api}.STREAM.CREATE.{stream}", f"{api}.STREAM.UPDATE.{stream}",
+            f"{api}.STREAM.PURGE.{stream}", f"{api}.STREAM.MSG.DELETE.{stream}", f"{api}.STREAM.NAMES",
+            f"{api}.CONSUMER.*.{stream}", f"{api}.CONSUMER.*.{stream}.>", data]
+
+
+def _micro(role: str) -> list[str]:
+    # nats micro's discovery: `$SRV.PING`, `$SRV.INFO.<name>`, `$SRV.STATS.<name>.<id>`: only ours.
+    name = SERVICES[role]
+    return ["$SRV.*", f"$SRV.*.{name}", f"$SRV.*.{name}.*"]
+
+
+def permissions(role: Role, user: str) -> dict:
+    """The NATS permissions of `user` in `role` (a pure function: the server config renders it)."""
+    inbox = f"_INBOX.{user}.>"
+    if role == "router":
+        pub = [f"{S.PREFIX}.experts.>", S.WORKERS_DISCOVER, f"{S.STREAM_PREFIX}.>", "$JS.API.INFO",
+               *_js_write(KV_STREAM, "$KV.moebus-cluster.>"), *_js_write(OBJ_STREAM, "$O.moebus-model.>")]
+        sub = [f"{S.PREFIX}.router.>", S.ANNOUNCEMENTS, inbox, *_micro(role)]
+    elif role == "gateway":
+        pub = [S.ROUTER_GENERATE, S.ROUTER_CANCEL, S.ROUTER_STATUS, S.ROUTER_METRICS, S.ROUTER_CLUSTER]
+        sub = [f"{S.STREAM_PREFIX}.>", S.GATEWAY_HEALTH, inbox, *_micro(role)]
+    elif role == "worker":
+        pub = [S.announce_subject_of(user), *_js_read(KV_STREAM), *_js_read(OBJ_STREAM)]
+        sub = [S.experts_subject_of(user), S.WORKERS_DISCOVER, inbox, *_micro(role)]
+    elif role == "admin":
+        pub = ["$SRV.>", S.ROUTER_STATUS, S.ROUTER_CLUSTER, S.GATEWAY_HEALTH]
+        sub = [inbox]
+    else:
+        raise ConfigError(f"unknown role {role!r}")
+    return {"publish": {"allow": pub}, "subscribe": {"allow": sub}, "allow_responses": True}
+
+
+def server_conf(users: list[Creds], tls_dir: Path | None = None) -> str:
+    """The `authorization` (and `tls`) blocks of nats-server's config, for these users.
+
+    The config format accepts JSON values, so every string is quoted by json.dumps."""
+    entries = [{"user": c.user, "password": c.password, "permissions": permissions(c.role, c.user)} for c in users]
+    out = f"authorization {{\n  users: {json.dumps(entries, indent=2)}\n}}\n"
+    if tls_dir is not None:
+        out += (f"tls {{\n  cert_file: {json.dumps(str(tls_dir / 'server-cert.pem'))}\n"
+                f"  key_file: {json.dumps(str(tls_dir / 'server-key.pem'))}\n  timeout: 5\n}}\n")
+    return out
+
+
+def read_creds(path: Path) -> Creds:
+    try:
+        return decode(Creds, path.read_bytes())
+    except OSError as e:
+        raise ConfigError(f"cannot read credentials {path}: {e.strerror}") from None
+    except WireError as e:
+        raise ConfigError(f"{path} is not a moebus credentials file: {e}") from None
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """A file only its owner reads (secrets), written whole or not at all."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.touch(mode=0o600)
+    tmp.chmod(0o600)
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def make_creds(role: Role, user: str, ca: str = "") -> Creds:
+    return Creds(user=user, role=role, password=secrets.token_urlsafe(32), ca=ca)
+
+
+def cluster_users(cluster_dir: Path) -> list[Creds]:
+    return [read_creds(p) for p in sorted(cluster_dir.glob("*.creds"))]
+
+
+def worker_user(n: int) -> str:
+    return f"worker-{n}"
+
+
+def ca_of(cluster_dir: Path) -> str:
+    ca = cluster_dir / "tls" / "ca.pem"
+    return ca.read_text() if ca.is_file() else ""
+
+
+def is_loopback(url: str) -> bool:
+    """Whether every server of `url` (comma-separated) is on this machine."""
+    hosts = [urlparse(u.strip() if "://" in u else f"nats://{u.strip()}").hostname or "" for u in url.split(",")]
+    return all(h == "localhost" or h.startswith("127.") or h == "::1" for h in hosts)
+
+
+def to_json(c: Creds) -> bytes:
+    return encode(c)
