@@ -161,7 +161,11 @@ def _secure_nats(cfg: UpConfig) -> str:
         return ""
     directory = cluster_dir()
     ensure_users(directory, max(DEFAULT_WORKERS, cfg.workers))
-    return server_block(directory)
+    block = server_block(directory)
+    if not is_loopback(cfg.nats_host) and "tls {" not in block:
+        say(f"WARNING: NATS on {cfg.nats_host} without TLS: passwords, prompts and hidden states cross the "
+            "network in clear (README: TLS)")
+    return block
 
 
 def healthy(url: str) -> bool:

@@ -96,7 +96,8 @@ def has_cluster(directory: Path) -> bool:
 
 def _take_worker(directory: Path) -> Creds:
     """The first worker identity of `directory` no live process on this machine holds."""
-    found = sorted(directory.glob("worker-*.creds"), key=lambda p: int(p.stem.split("-")[-1]))
+    found = sorted((p for p in directory.glob("worker-*.creds") if p.stem.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.stem.split("-")[-1]))
     if not found:
         raise ConfigError(f"{directory} holds no worker credentials: run `moebus init-cluster`")
     locks = directory / "locks"
@@ -117,10 +118,9 @@ def _take_worker(directory: Path) -> Creds:
 def load(path: Path, role: Role) -> Creds:
     """Credentials for `role` from a file, or from a cluster directory."""
     if path.is_dir():
-        if role == "worker":
-            return _take_worker(path)
-        path = path / f"{role}.creds"
-    creds = read_creds(path)
+        creds = _take_worker(path) if role == "worker" else read_creds(path / f"{role}.creds")
+    else:
+        creds = read_creds(path)
     if creds.role != role:
         raise ConfigError(f"{path} holds {creds.role} credentials; a {role} needs its own")
     return creds
@@ -148,4 +148,5 @@ def connect_options(creds: Creds | None) -> dict[str, Any]:
     out: dict[str, Any] = {"user": creds.user, "password": creds.password, "inbox_prefix": creds.inbox}
     if creds.ca:
         out["tls"] = ssl.create_default_context(cadata=creds.ca)
+        out["tls_handshake_first"] = True  # see shared.security.server_conf
     return out

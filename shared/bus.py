@@ -7,7 +7,7 @@ import os
 import signal
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import nats
@@ -15,7 +15,7 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
+from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 
 from shared.access import connect_options
 from shared.errors import BusError, BusTimeout, NoResponders, RemoteError
@@ -89,6 +89,20 @@ async def request(nc: Client, subject: str, payload: bytes, timeout: float) -> b
     if ERROR_CODE_HEADER in headers:
         raise RemoteError(subject, headers[ERROR_CODE_HEADER], headers.get(ERROR_HEADER, ""))
     return msg.data
+
+
+def inbox_only(handler: Callable[[Request], Awaitable[None]]) -> Callable[[Request], Awaitable[None]]:
+    """A request handler that answers only on a requester's inbox. The requester names the
+    reply subject, and the answer goes out with the service's own rights (the server lets a
+    user answer what it received): the router answering onto `$JS.API.STREAM.PURGE.<stream>`
+    would purge that stream. Every moebus requester (nats-py's `request`) replies to
+    `_INBOX...`; a request naming anything else is dropped unanswered."""
+
+    async def guarded(req: Request) -> None:
+        if (req._msg.reply or "").startswith("_INBOX."):  # nats-py's Request has no public reply
+            await handler(req)
+
+    return guarded
 
 
 async def close(nc: Client, timeout_s: float = 5.0) -> None:

@@ -9,12 +9,11 @@ Two keys, both `PlacementRecord`s written only by the router that holds the `lea
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 from pydantic import Field
 
@@ -46,21 +45,38 @@ class Lease(Message):
     until: float  # wall-clock seconds
 
 
-async def bucket(js: JetStreamContext, create: bool = True) -> KeyValue:
-    """The cluster bucket, made on first use (file storage: it outlives a nats-server restart).
-    Only the router makes it (`create`): a worker may not create streams, it waits."""
-    while True:
-        try:
-            return await js.key_value(BUCKET)
-        except BucketNotFoundError:
-            if create:
-                break
-        await asyncio.sleep(0.5)
-    return await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1,
+async def bucket(js: JetStreamContext) -> KeyValue:
+    """The cluster bucket, made on first use (file storage: it outlives a nats-server restart)."""
+    try:
+        return await js.key_value(BUCKET)
+    except BucketNotFoundError:
+        pass
+    # direct: workers read by direct gets alone (see DirectKV)
+    return await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1, direct=True,
                                                         description="moebus cluster state: expert placement"))
 
 
-async def read(kv: KeyValue, key: str) -> tuple[PlacementRecord | None, int]:
+class DirectKV:
+    """The bucket read by direct gets only: what a worker's permissions allow. A stream info
+    or message get answers on whatever reply subject the asker names, and the server stores
+    such an answer when that subject is a stream's: a worker could overwrite placement with
+    one. A direct get's answer is not stored. Answers `get` as nats-py's KeyValue does."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+
+    async def get(self, key: str) -> KeyValue.Entry:
+        try:
+            msg = await self._js.get_last_msg(f"KV_{BUCKET}", f"$KV.{BUCKET}.{key}", direct=True)
+        except NotFoundError:
+            raise KeyNotFoundError from None
+        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+            raise KeyNotFoundError
+        return KeyValue.Entry(bucket=BUCKET, key=key, value=msg.data, revision=msg.seq, delta=None, created=None,
+                              operation=None)
+
+
+async def read(kv: KeyValue | DirectKV, key: str) -> tuple[PlacementRecord | None, int]:
     """The record under `key` and its revision; (None, 0) when there is none or it is unreadable."""
     try:
         entry = await kv.get(key)
@@ -74,11 +90,11 @@ async def read(kv: KeyValue, key: str) -> tuple[PlacementRecord | None, int]:
         return None, entry.revision or 0
 
 
-async def write(kv: KeyValue, key: str, record: PlacementRecord) -> int:
+async def write(kv: KeyValue | DirectKV, key: str, record: PlacementRecord) -> int:
     return await kv.put(key, encode(record))
 
 
-async def _lease(kv: KeyValue) -> tuple[Lease | None, int | None]:
+async def _lease(kv: KeyValue | DirectKV) -> tuple[Lease | None, int | None]:
     """The current lease (None if absent, expired-looking garbage included) and its revision."""
     try:
         entry = await kv.get(LEADER)
@@ -90,7 +106,7 @@ async def _lease(kv: KeyValue) -> tuple[Lease | None, int | None]:
         return None, entry.revision
 
 
-async def lead(kv: KeyValue, router: str, now: float | None = None) -> bool:
+async def lead(kv: KeyValue | DirectKV, router: str, now: float | None = None) -> bool:
     """Take or renew the writer's lease; False while another live router holds it."""
     now = time.time() if now is None else now
     held, revision = await _lease(kv)
@@ -107,12 +123,12 @@ async def lead(kv: KeyValue, router: str, now: float | None = None) -> bool:
         return False
 
 
-async def leader_alive(kv: KeyValue) -> bool:
+async def leader_alive(kv: KeyValue | DirectKV) -> bool:
     held, _ = await _lease(kv)
     return held is not None and held.until > time.time()
 
 
-async def resign(kv: KeyValue, router: str) -> None:
+async def resign(kv: KeyValue | DirectKV, router: str) -> None:
     held, revision = await _lease(kv)
     if held is not None and held.router == router and revision is not None:
         await kv.update(LEADER, b"", revision)

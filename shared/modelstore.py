@@ -17,8 +17,10 @@ before it lands where a loader looks.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import io
+import json
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -26,8 +28,9 @@ from typing import Annotated, Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
-from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
+from nats.errors import NoRespondersError
+from nats.js import JetStreamContext, api
+from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.object_store import ObjectStore
 from pydantic import Field, model_validator
 
@@ -36,6 +39,7 @@ from shared.messages import Big, Message, decode, encode
 from shared.model import ExpertSlot, ModelInfo, describe, find_experts, load_lazy
 
 MODEL_BUCKET = "moebus-model"
+_STREAM = f"OBJ_{MODEL_BUCKET}"
 POINTER = "current"
 # What mlx-lm's load_model reads besides weights (hf_quant_config.json: ModelOpt exports).
 SMALL_FILES = ("config.json", "hf_quant_config.json")
@@ -115,10 +119,10 @@ async def publish(js: JetStreamContext, path: Path, mlx_run: MLXRun) -> ModelMan
     then point `current` at it, and if that moved it, delete every other copy."""
     key = checkpoint_key(path)
     store = await _store(js) or await js.create_object_store(MODEL_BUCKET)
-    manifest = await _manifest(store, key)
+    manifest = await _manifest(js, key)
     if manifest is None:
         manifest = await _upload(store, key, path, mlx_run)
-    if await _pointer(store) != key:
+    if await _pointer(js) != key:
         await store.put(POINTER, key.encode())
         await _prune(store, key)
     return manifest
@@ -126,11 +130,10 @@ async def publish(js: JetStreamContext, path: Path, mlx_run: MLXRun) -> ModelMan
 
 async def current(js: JetStreamContext) -> ModelManifest | None:
     """The manifest of the published model, or None when nothing is published (yet)."""
-    store = await _store(js)
-    key = await _pointer(store) if store else None
+    key = await _pointer(js)
     if key is None:
         return None
-    manifest = await _manifest(store, key)
+    manifest = await _manifest(js, key)
     if manifest is None:
         raise ModelError(f"object store {MODEL_BUCKET}: '{POINTER}' names {key}, which has no manifest")
     return manifest
@@ -142,16 +145,13 @@ async def fetch(js: JetStreamContext, manifest: ModelManifest, held: list[int], 
     names an object that is missing, truncated or corrupt; it never lands in the directory."""
     if bad := sorted(e for e in set(held) if not 0 <= e < manifest.num_experts):
         raise ModelError(f"experts {bad} out of range (0..{manifest.num_experts - 1})")
-    store = await _store(js)
-    if store is None:
-        raise ModelError(f"no object store {MODEL_BUCKET}: has a router published the model?")
     out = dest / manifest.key
     out.mkdir(parents=True, exist_ok=True)
     wanted = [*manifest.files.items(),
               *((expert_file(layer, e), manifest.experts[layer][e])
                 for layer in range(manifest.moe_layers) for e in sorted(set(held)))]
     for file, obj in wanted:
-        await _fetch_object(store, obj, out / file)
+        await _fetch_object(js, obj, out / file)
     return out
 
 
@@ -162,18 +162,31 @@ async def _store(js: JetStreamContext) -> ObjectStore | None:
         return None
 
 
-async def _read(store: ObjectStore, name: str) -> bytes | None:
+async def _info(js: JetStreamContext, name: str) -> api.ObjectInfo | None:
+    """An object's metadata (None: no such object, or no store yet), by a direct get."""
+    meta = f"$O.{MODEL_BUCKET}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
     try:
-        await store.get_info(name)
-    except ObjectNotFoundError:
+        msg = await js.get_last_msg(_STREAM, meta, direct=True)
+    except (NotFoundError, NoRespondersError):
+        return None
+    try:
+        info = api.ObjectInfo.from_response(json.loads(msg.data or b""))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ModelError(f"{name}: unreadable object metadata in {MODEL_BUCKET}: {e!r}") from None
+    return None if info.deleted else info
+
+
+async def _read(js: JetStreamContext, name: str) -> bytes | None:
+    info = await _info(js, name)
+    if info is None:
         return None
     data = bytearray()
-    await _get(store, name, data)
+    await _get(js, info, data)
     return bytes(data)
 
 
-async def _pointer(store: ObjectStore) -> str | None:
-    data = await _read(store, POINTER)
+async def _pointer(js: JetStreamContext) -> str | None:
+    data = await _read(js, POINTER)
     if data is None:
         return None
     key = data.decode(errors="replace")
@@ -182,8 +195,8 @@ async def _pointer(store: ObjectStore) -> str | None:
     return key
 
 
-async def _manifest(store: ObjectStore, key: str) -> ModelManifest | None:
-    data = await _read(store, f"{key}/manifest.json")
+async def _manifest(js: JetStreamContext, key: str) -> ModelManifest | None:
+    data = await _read(js, f"{key}/manifest.json")
     if data is None:
         return None
     try:
@@ -283,20 +296,19 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-async def _fetch_object(store: ObjectStore, obj: StoredObject, target: Path) -> None:
+async def _fetch_object(js: JetStreamContext, obj: StoredObject, target: Path) -> None:
     if (target.is_file() and target.stat().st_size == obj.size
             and await asyncio.to_thread(_sha256, target) == obj.sha256):
         return
-    try:
-        info = await store.get_info(obj.name)
-    except ObjectNotFoundError:
-        raise ModelError(f"{obj.name}: not in the object store {MODEL_BUCKET}") from None
+    info = await _info(js, obj.name)
+    if info is None:
+        raise ModelError(f"{obj.name}: not in the object store {MODEL_BUCKET}")
     if info.size != obj.size:
         raise _size_error(obj, info.size)
     part = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}.part")  # two workers may share a cache
     writer = _HashingWriter(part)
     try:
-        await _get(store, obj.name, writer)
+        await _get(js, info, writer)
     except BaseException:
         writer.file.close()
         part.unlink(missing_ok=True)
@@ -316,22 +328,18 @@ def _size_error(obj: StoredObject, size: int) -> ModelError:
     return ModelError(f"{obj.name}: {what}: got {size} of {obj.size} bytes")
 
 
-async def _get(store: ObjectStore, name: str, writer: _HashingWriter | bytearray) -> None:
-    """An object's bytes by message gets, chunk after chunk. Not nats-py's `get`: it makes a
+async def _get(js: JetStreamContext, info: api.ObjectInfo, writer: _HashingWriter | bytearray) -> None:
+    """An object's bytes by direct gets, chunk after chunk. Not nats-py's `get`: it makes a
     consumer, which a worker may not (a consumer's deliver subject is the creator's choice,
     see shared.security); and each get here has the bus's timeout, so nothing waits forever."""
-    try:
-        info = await store.get_info(name)
-    except ObjectNotFoundError:
-        raise ModelError(f"{name}: not in the object store {MODEL_BUCKET}") from None
-    stream, chunks = f"OBJ_{MODEL_BUCKET}", f"$O.{MODEL_BUCKET}.C.{info.nuid}"
+    chunks = f"$O.{MODEL_BUCKET}.C.{info.nuid}"
     seq = 0
     for _ in range(info.chunks or 0):
         try:
-            msg = await store._js.get_msg(stream, seq=seq + 1, subject=chunks, next=True)
-        except NotFoundError:
-            raise ModelError(f"{name}: chunks missing after {len(writer) if isinstance(writer, bytearray) else writer.size}"
-                             " bytes (deleted meanwhile?)") from None
+            msg = await js.get_msg(_STREAM, seq=seq + 1, subject=chunks, next=True, direct=True)
+        except (NotFoundError, NoRespondersError):
+            got = len(writer) if isinstance(writer, bytearray) else writer.size
+            raise ModelError(f"{info.name}: chunks missing after {got} bytes (deleted meanwhile?)") from None
         seq = msg.seq or seq + 1
         if isinstance(writer, bytearray):
             writer += msg.data or b""

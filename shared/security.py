@@ -18,6 +18,7 @@ replies, and answers requests through `allow_responses` rather than a publish pe
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import secrets
 from pathlib import Path
@@ -51,16 +52,17 @@ class Creds(Message):
 
 
 def _js_read(stream: str) -> list[str]:
-    # Message gets only: creating a consumer would let a peer name its deliver subject, and the
-    # server would then push the whole stream (the model: gigabytes) onto any subject it likes.
-    api = "$JS.API"
-    return [f"{api}.STREAM.INFO.{stream}", f"{api}.STREAM.MSG.GET.{stream}", f"{api}.DIRECT.GET.{stream}",
-            f"{api}.DIRECT.GET.{stream}.>"]
+    # Direct gets only. JetStream answers on whatever reply subject the asker names: a consumer
+    # would push a whole stream (the model: gigabytes) onto it, and a stream info or message
+    # get answered onto a stream's subject is stored there (placement overwritten). A direct
+    # get's answer is not stored.
+    return [f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>"]
 
 
 def _js_write(stream: str, data: str) -> list[str]:
     api = "$JS.API"
-    return [*_js_read(stream), f"{api}.STREAM.CREATE.{stream}", f"{api}.STREAM.UPDATE.{stream}",
+    return [*_js_read(stream), f"{api}.STREAM.INFO.{stream}", f"{api}.STREAM.MSG.GET.{stream}",
+            f"{api}.STREAM.CREATE.{stream}", f"{api}.STREAM.UPDATE.{stream}",
             f"{api}.STREAM.PURGE.{stream}", f"{api}.STREAM.MSG.DELETE.{stream}", f"{api}.STREAM.NAMES",
             f"{api}.CONSUMER.*.{stream}", f"{api}.CONSUMER.*.{stream}.>", data]
 
@@ -99,8 +101,10 @@ def server_conf(users: list[Creds], tls_dir: Path | None = None) -> str:
     entries = [{"user": c.user, "password": c.password, "permissions": permissions(c.role, c.user)} for c in users]
     out = f"authorization {{\n  users: {json.dumps(entries, indent=2)}\n}}\n"
     if tls_dir is not None:
+        # handshake_first: no byte before TLS, so a client cannot be talked into sending its
+        # password in clear by a server that does not ask for TLS.
         out += (f"tls {{\n  cert_file: {json.dumps(str(tls_dir / 'server-cert.pem'))}\n"
-                f"  key_file: {json.dumps(str(tls_dir / 'server-key.pem'))}\n  timeout: 5\n}}\n")
+                f"  key_file: {json.dumps(str(tls_dir / 'server-key.pem'))}\n  timeout: 5\n  handshake_first: true\n}}\n")
     return out
 
 
@@ -142,7 +146,14 @@ def ca_of(cluster_dir: Path) -> str:
 def is_loopback(url: str) -> bool:
     """Whether every server of `url` (comma-separated) is on this machine."""
     hosts = [urlparse(u.strip() if "://" in u else f"nats://{u.strip()}").hostname or "" for u in url.split(",")]
-    return all(h == "localhost" or h.startswith("127.") or h == "::1" for h in hosts)
+    return all(h == "localhost" or _loopback_ip(h) for h in hosts)
+
+
+def _loopback_ip(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback  # a name such as 127.x.example.com is not
+    except ValueError:
+        return False
 
 
 def to_json(c: Creds) -> bytes:

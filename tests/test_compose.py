@@ -1,11 +1,16 @@
-"""docker-compose.yml is checked by parsing and by `docker-compose config` (no Docker engine
-here): it must start a working system, secured as `moebus up` is."""
+"""docker-compose.yml is checked by parsing, by running init's script on directories of the
+test's own, and by `docker-compose config` (no Docker engine here): it must start a working
+system, secured as `moebus up` is, with each service seeing only its own credentials."""
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 import shutil
+import stat
 import subprocess
+import sys
 import tomllib
 from pathlib import Path, PurePosixPath
 
@@ -43,8 +48,44 @@ def _seconds(duration: str) -> float:
     return sum(float(n) * units[u] for n, u in re.findall(r"([\d.]+)(ms|h|m|s)", duration))
 
 
+def _sources(service: dict) -> set[str]:
+    return {source for source, _ in _mounts(service).values()}
+
+
+def _mount_of(service: dict, path: str) -> tuple[str, str, bool]:
+    """(target, source, read-only) of the mount `path` lies in."""
+    target = max((t for t in _mounts(service) if PurePosixPath(path).is_relative_to(t)), key=len)
+    return (target, *_mounts(service)[target])
+
+
+def _init_script(services: dict) -> str:
+    init = services["init"]
+    assert init["entrypoint"] == ["sh", "-c"] and len(init["command"]) == 1  # one shell script
+    return init["command"][0]
+
+
 def _init(services: dict):
-    return parser().parse_args(services["init"]["command"])
+    """The arguments init's script gives `moebus init-cluster`."""
+    line = next(line for line in _init_script(services).splitlines() if line.startswith("moebus "))
+    return parser().parse_args(shlex.split(line)[1:])
+
+
+def _cluster_volume(services: dict) -> str:
+    return _mounts(services["init"])[_init(services).dir][0]
+
+
+def _run_init(services: dict, root: Path) -> dict[str, Path]:
+    """Runs init's script with each volume it mounts a directory under `root`: volume -> directory."""
+    mounts = _mounts(services["init"])
+    dirs = {source: root / source for source, _ in mounts.values()}
+    for directory in dirs.values():
+        directory.mkdir(parents=True, exist_ok=True)
+    targets = "|".join(re.escape(t) for t in sorted(mounts, key=len, reverse=True))
+    script = re.sub(rf"({targets})(?=/|\s|$)", lambda m: str(dirs[mounts[m[1]][0]]), _init_script(services))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # this moebus
+    done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    return dirs
 
 
 def test_compose_starts_nats_router_scalable_workers_and_gateway(services: dict):
@@ -81,15 +122,15 @@ def test_nats_runs_on_the_generated_config_and_publishes_no_port(services: dict)
     conf = command[command.index("-c") + 1]
     cluster_volume = _mounts(services["init"])[init.dir][0]
     assert conf == f"{init.dir}/nats.conf" and _mounts(nats)[init.dir] == (cluster_volume, True)
+    # nats.conf and every password, admin's included: no moebus service sees them.
+    assert {name for name, s in services.items() if cluster_volume in _sources(s)} == {"init", "nats"}
     assert not {"-js", "--jetstream", "-a", "--addr", "--user", "--auth"} & set(command)  # all in the config
     assert _mounts(nats)[init.store_dir][0]  # JetStream on a named volume of nats' own
 
 
 def test_the_generated_config_is_one_nats_server_accepts(services: dict, tmp_path: Path):
     init = _init(services)
-    init.dir = str(tmp_path / "cluster")  # same command, a directory of this test's
-    init.fn(init)
-    conf = tmp_path / "cluster" / "nats.conf"
+    conf = _run_init(services, tmp_path)[_cluster_volume(services)] / "nats.conf"
     assert f'store_dir: "{init.store_dir}"' in conf.read_text() and "authorization" in conf.read_text()
     checked = subprocess.run([server_binary(), "-c", str(conf), "-t"], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
@@ -100,12 +141,42 @@ def test_every_service_connects_with_its_own_credentials(services: dict):
         env, args = services[name]["environment"], parser().parse_args(services[name]["command"])
         assert "MOEBUS_INSECURE" not in env and not args.insecure and args.creds is None, name
         assert env.get("MOEBUS_CREDS"), name
-    cluster_volume = _mounts(services["init"])[_init(services).dir][0]
-    for name in MOEBUS:
-        mount = next(t for t, (src, _) in _mounts(services[name]).items() if src == cluster_volume)
-        assert PurePosixPath(services[name]["environment"]["MOEBUS_CREDS"]).is_relative_to(mount), name
-    # Router and gateway only read; a worker writes its identity's lock (/cluster/locks).
-    assert _mounts(services["router"])["/cluster"][1] and _mounts(services["gateway"])["/cluster"][1]
+        assert _cluster_volume(services) not in _sources(services[name]), name  # nats.conf, others' passwords
+        # A volume of the service's own, filled by init: no other service mounts it.
+        _, volume, _ = _mount_of(services[name], env["MOEBUS_CREDS"])
+        assert {other for other, s in services.items() if volume in _sources(s)} == {name, "init"}, name
+    for name in ("router", "gateway"):  # one file, read-only
+        creds = PurePosixPath(services[name]["environment"]["MOEBUS_CREDS"])
+        target, _, read_only = _mount_of(services[name], str(creds))
+        assert creds == PurePosixPath(target) / f"{name}.creds" and read_only, name
+    # Workers get the directory: a replica takes the first identity free, locking it in DIR/locks.
+    worker = services["expert-worker"]
+    target, _, read_only = _mount_of(worker, worker["environment"]["MOEBUS_CREDS"])
+    assert target == worker["environment"]["MOEBUS_CREDS"] and not read_only
+
+
+def test_init_copies_each_service_its_own_credentials_and_nothing_else(services: dict, tmp_path: Path):
+    dirs = _run_init(services, tmp_path)
+    cluster, workers = dirs[_cluster_volume(services)], _init(services).workers
+
+    def volume(name: str) -> Path:
+        return dirs[_mount_of(services[name], services[name]["environment"]["MOEBUS_CREDS"])[1]]
+
+    wanted = {volume("router"): {"router.creds"}, volume("gateway"): {"gateway.creds"},
+              volume("expert-worker"): {f"worker-{n}.creds" for n in range(1, workers + 1)}}
+    assert set(dirs.values()) == {cluster, *wanted}  # init mounts nothing else
+    assert {p.name for p in cluster.iterdir()} >= {"nats.conf", "admin.creds", *set().union(*wanted.values())}
+    for directory, names in wanted.items():
+        assert {p.name for p in directory.iterdir()} == names, directory.name
+        assert all((directory / n).read_bytes() == (cluster / n).read_bytes() for n in names)
+    # Again, as every `up` runs it: the same secrets, copied over, the modes set back.
+    (volume("router") / "router.creds").chmod(0o644)
+    before = {p: p.read_bytes() for d in dirs.values() for p in d.glob("*.creds")}
+    _run_init(services, tmp_path)
+    assert {p: p.read_bytes() for d in dirs.values() for p in d.glob("*.creds")} == before
+    for directory in wanted:
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+        assert {stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()} == {0o600}, directory.name
 
 
 def test_workers_take_the_model_from_the_router_over_nats(services: dict):
@@ -117,14 +188,15 @@ def test_workers_take_the_model_from_the_router_over_nats(services: dict):
     assert _mounts(worker)["/data"][0] == ""
 
 
-def test_docker_compose_accepts_it():
+def test_docker_compose_accepts_it(services: dict):
     binary = shutil.which("docker-compose")
     command = [binary] if binary else ["docker", "compose"]  # else Compose v2, the docker plugin
     done = subprocess.run([*command, "-f", str(COMPOSE), "config"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     resolved = yaml.safe_load(done.stdout)["services"]  # merged as compose merges, not as PyYAML does
     assert "ports" not in resolved["nats"]
-    assert all(resolved[name]["environment"]["MOEBUS_CREDS"] for name in MOEBUS)
+    for name in MOEBUS:  # each service's own, over the shared environment
+        assert resolved[name]["environment"]["MOEBUS_CREDS"] == services[name]["environment"]["MOEBUS_CREDS"]
 
 
 def test_image_installs_the_project():

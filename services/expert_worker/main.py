@@ -20,14 +20,13 @@ import mlx.core as mx
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 from nats.micro import add_service
 from nats.micro.request import Request, ServiceError
 
 from services.expert_worker.experts import LocalExperts, NotHeld, expert_bytes, load_experts, load_fetched
 from shared import cluster, modelstore, subjects
 from shared.config import home
-from shared.bus import Throttled, close, connect, stop_event, stop_service, wait
+from shared.bus import Throttled, close, connect, inbox_only, stop_event, stop_service, wait
 from shared.cluster import PlacementRecord
 from shared.errors import ConfigError, ModelError, WireError
 from shared.logs import get_logger
@@ -203,7 +202,7 @@ class Worker:
                 await self.mlx.run(self.experts.keep, sorted(keep))
                 self.changed.set()
 
-    async def sync(self, kv: KeyValue) -> None:
+    async def sync(self, kv: cluster.DirectKV) -> None:
         """Read both placements and act on them (the watch's safety net, and the first look)."""
         nxt, _ = await cluster.read(kv, cluster.NEXT)
         active, _ = await cluster.read(kv, cluster.ACTIVE)
@@ -252,7 +251,7 @@ async def _heartbeat(nc: Client, worker: Worker, period_s: float, leaving: async
         await wait(worker.changed, period_s)
 
 
-async def _may_leave(worker: Worker, kv: KeyValue, connected: bool, left_at: float) -> bool:
+async def _may_leave(worker: Worker, kv: cluster.DirectKV, connected: bool, left_at: float) -> bool:
     """A draining worker leaves once its experts live elsewhere; or at once when it holds
     nothing, the bus is gone, or no router is there to move them; or at its drain timeout."""
     if worker.released() or not worker.experts.held or not connected or time.monotonic() > left_at:
@@ -270,8 +269,8 @@ async def serve(cfg: WorkerConfig) -> None:
         async with AsyncExitStack() as stack:
             nc = await connect(cfg.nats_url, name="moebus-worker", creds=cfg.creds)
             stack.push_async_callback(close, nc)
-            kv = await cluster.bucket(nc.jetstream(), create=False)
             js = nc.jetstream()
+            kv = cluster.DirectKV(js)  # until the router made the bucket, reads fail and are retried
             if cfg.model is None:
                 log.info("no --model: waiting for the router to share its model over NATS (router --share-model)")
                 manifest = await _shared_model(js, stop)
@@ -294,7 +293,7 @@ async def serve(cfg: WorkerConfig) -> None:
                 description="moebus expert worker: the experts the placement gives it, in every MoE layer",
                 metadata={"worker": me, "model": info.name, "capacity": str(capacity)},
             )
-            await svc.add_endpoint(name="experts", subject=worker.subject, handler=worker.handle)
+            await svc.add_endpoint(name="experts", subject=worker.subject, handler=inbox_only(worker.handle))
 
             async def on_discover(_: Msg) -> None:
                 await nc.publish(worker.announce_subject, worker.announcement())

@@ -19,7 +19,7 @@ from services.gateway.middleware import HttpSettings
 from services.gateway.upstream import RouterClient
 from shared import subjects
 from shared.security import Creds
-from shared.bus import close, connect, stop_event, stop_service
+from shared.bus import close, connect, inbox_only, stop_event, stop_service
 from shared.errors import MoebusError
 from shared.logs import get_logger
 
@@ -65,7 +65,7 @@ async def serve(cfg: GatewayConfig) -> None:
                                     description="moebus HTTP gateway (OpenAI-compatible)",
                                     metadata={"http": f"http://{cfg.host}:{cfg.port}"})
             stack.push_async_callback(stop_service, svc)
-            await svc.add_endpoint(name="health", subject=subjects.GATEWAY_HEALTH, handler=on_health)
+            await svc.add_endpoint(name="health", subject=subjects.GATEWAY_HEALTH, handler=inbox_only(on_health))
             log.info("gateway listening", url=f"http://{cfg.host}:{cfg.port}")
             yield
 

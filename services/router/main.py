@@ -27,7 +27,7 @@ from services.router.prompts import PromptEncoder
 from services.router.placer import Placer
 from services.router.registry import Table, WorkerRegistry
 from shared import cluster, modelstore, subjects
-from shared.bus import close, connect, request, stop_event, stop_service, ticks
+from shared.bus import close, connect, inbox_only, request, stop_event, stop_service, ticks
 from shared.errors import BadRequest, BusError, MoebusError, NoResponders, WireError
 from shared.logs import get_logger
 from shared.messages import (
@@ -80,7 +80,8 @@ def load_router_model(cfg: RouterConfig, client: ExpertClient, publish: Publish)
         Engine(model, tokenizer, cfg.limits, publish, client.baton, info.max_context, before_step=client.adopt),
         PromptEncoder(tokenizer, info.max_context, cfg.max_prompt_tokens),
         info,
-        WorkerRegistry(info.num_experts, info.moe_layers, info.fingerprint, 4 * cfg.heartbeat_s),
+        WorkerRegistry(info.num_experts, info.moe_layers, info.fingerprint, 4 * cfg.heartbeat_s,
+                       one_per_identity=cfg.creds is not None),
     )
 
 
@@ -289,7 +290,7 @@ async def serve(cfg: RouterConfig) -> None:
                                     description="moebus router: attention, gates, sampling; experts over the bus",
                                     metadata={"model": cfg.model.name, "router": router.id})
             stack.push_async_callback(stop_service, svc)
-            await svc.add_endpoint(name="status", subject=subjects.ROUTER_STATUS, handler=router.on_status)
+            await svc.add_endpoint(name="status", subject=subjects.ROUTER_STATUS, handler=inbox_only(router.on_status))
             kv = await cluster.bucket(nc.jetstream())
             router.m = m = await mlx.run(load_router_model, cfg, client, publish)
             router.placer = placer = Placer(kv, m.registry, router.id, cfg.replicas, client.set_table,
@@ -309,9 +310,9 @@ async def serve(cfg: RouterConfig) -> None:
             mlx.background = m.engine.step
             await nc.subscribe(subjects.ANNOUNCEMENTS, cb=on_announce)
             await nc.subscribe(subjects.ROUTER_CANCEL, cb=router.on_cancel)
-            await svc.add_endpoint(name="generate", subject=subjects.ROUTER_GENERATE, handler=router.on_generate)
-            await svc.add_endpoint(name="metrics", subject=subjects.ROUTER_METRICS, handler=on_metrics)
-            await svc.add_endpoint(name="cluster", subject=subjects.ROUTER_CLUSTER, handler=router.on_cluster)
+            await svc.add_endpoint(name="generate", subject=subjects.ROUTER_GENERATE, handler=inbox_only(router.on_generate))
+            await svc.add_endpoint(name="metrics", subject=subjects.ROUTER_METRICS, handler=inbox_only(on_metrics))
+            await svc.add_endpoint(name="cluster", subject=subjects.ROUTER_CLUSTER, handler=inbox_only(router.on_cluster))
             await nc.publish(subjects.WORKERS_DISCOVER, encode(Discover(router="router")))
             log.info("router loaded", model=m.info.name, moe_layers=m.info.moe_layers, experts=m.info.num_experts,
                      replicas=cfg.replicas)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shared.messages import WorkerAnnounce
-from shared.subjects import experts_subject
+from shared.subjects import experts_subject, identity
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,9 @@ class WorkerRegistry:
     moe_layers: int
     fingerprint: str
     stale_after_s: float
+    # On a secured bus a worker's identity is its NATS user: one live id each, or one stolen
+    # credential could announce a crowd of ids and be placed nearly every expert.
+    one_per_identity: bool = False
     _seen: dict[str, tuple[WorkerAnnounce, float]] = field(default_factory=dict)
 
     def announce(self, a: WorkerAnnounce, now: float) -> list[str] | None:
@@ -66,8 +69,12 @@ class WorkerRegistry:
         if a.leaving:
             old = self._seen.pop(a.worker, None)
             return [old[0].subject] if old else []
+        replaced = []
+        if self.one_per_identity and a.worker not in self._seen:  # the newest id wins: a restart
+            mine = identity(a.worker)
+            replaced = [self._seen.pop(w)[0].subject for w in list(self._seen) if identity(w) == mine]
         self._seen[a.worker] = (a, now)
-        return []
+        return replaced
 
     def _valid(self, a: WorkerAnnounce) -> bool:
         # A worker answers on its own subject: a forged announce cannot point calls elsewhere.

@@ -222,3 +222,69 @@ async def test_the_operator_sees_every_service(up: Secured):
     finally:
         await admin.close()
     assert names == {subjects.SERVICE_GATEWAY: 1, subjects.SERVICE_ROUTER: 1, subjects.SERVICE_WORKER: 2}
+
+
+async def _placement(up: Secured) -> bytes:
+    """The active placement as stored (read with the router's credentials)."""
+    router = await Peer().connect(up, "router")
+    try:
+        return (await (await router.nc.jetstream().key_value(cluster.BUCKET)).get(cluster.ACTIVE)).value
+    finally:
+        await router.close()
+
+
+async def test_no_peer_can_have_an_answer_sent_onto_the_buckets(up: Secured):
+    """A requester names the reply subject: the router must not answer the gateway onto a
+    JetStream subject (its answer would purge or overwrite with the router's rights), and
+    JetStream must not answer a worker there (its answer would be stored)."""
+    before = await _placement(up)
+    gateway = await Peer().connect(up, "gateway")
+    try:
+        for reply in ("$JS.API.STREAM.PURGE.KV_moebus-cluster", f"$KV.{cluster.BUCKET}.{cluster.ACTIVE}"):
+            await gateway.nc.publish(subjects.ROUTER_STATUS, b"{}", reply=reply)
+            await gateway.nc.publish(subjects.ROUTER_GENERATE, b"not json", reply=reply)  # an error answer too
+        await gateway.nc.flush()
+    finally:
+        await gateway.close()
+    worker = await Peer().connect(up, "worker-16")
+    try:
+        key = f"$KV.{cluster.BUCKET}.{cluster.NEXT}"
+        await worker.nc.publish(f"$JS.API.DIRECT.GET.KV_moebus-cluster.{key}", b"",
+                                reply=f"$KV.{cluster.BUCKET}.{cluster.ACTIVE}")
+        await worker.nc.publish("$JS.API.STREAM.MSG.GET.KV_moebus-cluster", orjson.dumps({"last_by_subj": key}),
+                                reply=f"$KV.{cluster.BUCKET}.{cluster.ACTIVE}")
+        assert await worker.refused("publish", "$JS.API.STREAM.MSG.GET.KV_moebus-cluster"), worker.errors
+    finally:
+        await worker.close()
+    await asyncio.sleep(0.5)
+    assert await _placement(up) == before
+    serves(up)
+
+
+async def test_one_stolen_worker_credential_is_one_worker(up: Secured):
+    """Announcing many ids of its identity gets it one place in the cluster, not many."""
+    attacker = await Peer().connect(up, "worker-16")
+    fakes = [f"worker-16-{i:06x}" for i in range(5)]
+
+    async def announce() -> None:
+        while True:
+            for fake in fakes:
+                a = WorkerAnnounce(worker=fake, subject=subjects.experts_subject(fake), model=fingerprint(up.model),
+                                   layers=LAYERS, experts=[], capacity=NUM_EXPERTS["mixtral"])
+                await attacker.nc.publish(subjects.announce_subject(fake), encode(a))
+            await asyncio.sleep(0.2)
+
+    beats = asyncio.create_task(announce())
+    try:
+        await asyncio.sleep(0.5)
+        seen = await asyncio.to_thread(status, up)
+    finally:
+        beats.cancel()
+        await attacker.close()
+    assert len([w for w in seen["workers"] if w["worker"].startswith("worker-16-")]) == 1, seen["workers"]
+    for _ in range(60):  # the silent fake is dropped; placement settles on the two real workers
+        s = status(up)
+        if len(s["workers"]) == 2 and s["pending_version"] is None and not s["unowned_experts"]:
+            break
+        await asyncio.sleep(0.5)
+    serves(up)

@@ -73,3 +73,15 @@ def test_the_table_routes_to_live_owners_only():
     assert t.without([("s.a", frozenset({1}))]).count.tolist() == [1, 1, 1, 0]  # a 409 for expert 1 only
     assert t.without([]) is t
     assert Table.empty(3).count.tolist() == [0, 0, 0] and np.all(Table.empty(3).owners == -1)
+
+
+def test_on_a_secured_bus_an_identity_has_one_live_worker_the_newest():
+    reg = WorkerRegistry(num_experts=4, moe_layers=2, fingerprint="m", stale_after_s=3, one_per_identity=True)
+    reg.announce(_a("worker-1-aaaaaa"), now=0)
+    reg.announce(_a("worker-2-bbbbbb"), now=0)
+    assert reg.announce(_a("worker-1-cccccc"), now=1) == [experts_subject("worker-1-aaaaaa")]  # a restart
+    assert reg.announce(_a("worker-1-cccccc"), now=2) == []  # its own heartbeat replaces nobody
+    assert reg.workers == ["worker-1-cccccc", "worker-2-bbbbbb"]
+    open_bus = WorkerRegistry(num_experts=4, moe_layers=2, fingerprint="m", stale_after_s=3)
+    open_bus.announce(_a("vm-aaaaaa"), now=0)
+    assert open_bus.announce(_a("vm-bbbbbb"), now=0) == [] and len(open_bus.workers) == 2  # one host, two workers
