@@ -62,17 +62,29 @@ def bus_figures(url: str, shape: dict) -> dict:
             "raw_nats_rtt_us_p50": raw["p50"], "raw_nats_rtt_us_p99": raw["p99"]}
 
 
+_STARTED = time.perf_counter()
+
+
+def progress(line: str) -> None:
+    """One line per configuration, with the time so far: a run takes minutes."""
+    m, s = divmod(int(time.perf_counter() - _STARTED), 60)
+    print(f"[{m:2d}:{s:02d}] {line}", file=sys.stderr, flush=True)
+
+
 def bench_model(path: Path, workers: list[int], concurrency: list[int], tokens: int, log: Path) -> dict:
     # mlx-lm with the BLAS threads each moebus process gets with 1 worker (the ratios use this;
     # with 2-3 workers on more than 3 cores, moebus processes get fewer), and with the whole
     # machine, as a user running it alone would.
+    progress(f"{path.name}: single-process mlx-lm")
     mlx_lm = baseline(path, tokens, blas_threads(os.cpu_count() or 1, 2))
     mlx_lm_all_cores = baseline(path, tokens, os.cpu_count() or 1)
     shape = models.describe(path)["shape"]
     runs, figures, memory = [], {}, {}
     for w in workers:
+        progress(f"{path.name}: starting moebus with {w} worker{'s' if w > 1 else ''}")
         with load.cluster(str(path), w, log) as url:
             for c in concurrency:
+                progress(f"{path.name}: {w} worker{'s' if w > 1 else ''}, {c} stream{'s' if c > 1 else ''}")
                 r = asyncio.run(load.run(url, c, tokens))
                 runs.append({"workers": w, **r})
                 if w == workers[0] and c == 1:  # one message per layer: the bus at its plainest
@@ -85,6 +97,7 @@ def bench_model(path: Path, workers: list[int], concurrency: list[int], tokens: 
     # cluster with one batch shows what the overlap gains.
     overlap = []
     w2 = min(2, workers[-1])
+    progress(f"{path.name}: {w2} workers with one batch (what two micro-batches gain)")
     with load.cluster(str(path), w2, log, ("--micro-batches", "1")) as url:
         for c in concurrency[1:]:
             one = asyncio.run(load.run(url, c, tokens))

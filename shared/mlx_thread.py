@@ -1,9 +1,26 @@
-"""The one thread per process that runs MLX work.
+"""Where code runs in moebus: the thread model, and the thread that runs MLX work.
 
-MLX work (graph building and `mx.eval`) never runs on the event loop: callers submit a
-function and get a concurrent future, or await it with `run`. A process with continuous
-work (the router's decode loop) sets a `background` step: it runs whenever no job waits,
-and returns whether more work remains; with none, the thread sleeps until the next job.
+Every process has one asyncio event loop (the main thread) and it alone owns the NATS
+connection: subscriptions, service handlers, requests, placement. MLX work (graph building and
+`mx.eval`) never runs there; it runs on an `MLXThread`, the one owner of MLX in the process:
+
+- gateway: the event loop only; no MLX.
+- worker: the loop decodes and checks an expert request, submits the compute to the MLX
+  thread, and answers from the loop when the future completes (loop -> MLX -> loop).
+- router: the MLX thread loads the model and runs the engine as its `background` step. With two
+  micro-batches the engine runs the second lane on a thread of its own (`MLXThread("mlx-lane1")`)
+  and the lanes take turns at MLX through the engine's `Baton`: one thread builds or evaluates
+  graphs at a time. A MoE layer's call (`services.router.exchange.ExpertClient.__call__`) runs
+  on its lane's thread: it evaluates the layer's hidden state and gate choices, plans one
+  message per worker, hands the fan-out to the event loop (`run_coroutine_threadsafe`),
+  releases the baton while it waits so the other lane computes, and places the replies into
+  MLX arrays when they are back (lane thread -> loop -> lane thread).
+- Blocking work that is not MLX (tokenizing a prompt, hashing a fetched file) goes to
+  `asyncio.to_thread`, off the loop.
+
+Callers submit a function and get a concurrent future, or await it with `run`. A process with
+continuous work (the router's decode loop) sets a `background` step: it runs whenever no job
+waits, and returns whether more work remains; with none, the thread sleeps until the next job.
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ def pick_lane(sizes: list[int], caps: list[int], split_at: int) -> int:
 
 class Engine:
     def __init__(self, model: nn.Module, tokenizer: Any, limits: EngineLimits, publish: Publish,
-                 baton: Baton | None = None, max_context: int = 1 << 31,
+                 max_context: int = 1 << 31,
                  before_step: Callable[[], None] = lambda: None) -> None:
         self.model = model
         self.before_step = before_step  # e.g. switch to a new placement: never inside a step
@@ -97,7 +97,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.limits = limits
         self.eos = sorted(tokenizer.eos_token_ids)
-        self.baton = baton or Baton()
+        self.baton = Baton()  # the lanes' turns at MLX: the bus client releases it while a lane waits
         self.uids: dict[str, tuple[Lane, int]] = {}
         # Accepted, not yet in a lane: a lane takes a sequence only when it has room, so no
         # generator ever decodes more than its share of max_running (mlx-lm's BatchGenerator

@@ -11,6 +11,7 @@ import concurrent.futures
 import re
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -22,7 +23,6 @@ from shared.arrays import to_mlx, to_numpy, wire_dtype
 from shared.bus import request
 from services.router.registry import Table
 from shared.errors import BusError, BusTimeout, MoebusError, NoResponders, NotReady, RemoteError, WireError
-from shared.mlx_thread import Baton
 from shared.wire import ExpertReply, decode_reply, decode_request, encode_reply, encode_request
 
 _HEADER_ROOM = 64
@@ -81,7 +81,8 @@ class ExpertClient:
         self.latest = Table.empty()  # the newest: adopted at the next step, used by re-sends now
         self._changed = asyncio.Event()  # set when `latest` changes (event loop only)
         self.unplaceable: frozenset[int] = frozenset()
-        self.baton = Baton()  # handed to the other micro-batch while this one waits on the bus
+        # What a lane does while it waits on the bus: the engine hands MLX to the other lane.
+        self.while_waiting: Callable[[], AbstractContextManager] = nullcontext
         self._y = np.empty(0, np.float32)  # replies are gathered here, reused while big enough
         # Calls waiting on each subject (event loop only): a worker found dead ends them at once.
         self._waiting: dict[str, dict[asyncio.Task, float]] = {}
@@ -119,7 +120,7 @@ class ExpertClient:
         start = time.perf_counter()
         gather = asyncio.run_coroutine_threadsafe(self._fan_out(trips), self.loop)
         try:
-            with self.baton.released():
+            with self.while_waiting():
                 replies = gather.result(self.timeout_s + 5)  # the requests time out first
                 seconds = time.perf_counter() - start  # not the wait for the baton to come back
         except concurrent.futures.TimeoutError:
@@ -140,8 +141,8 @@ class ExpertClient:
         return to_mlx(y, code).reshape(*lead, k, dim)
 
     def _buffer(self, size: int, dtype: np.dtype) -> np.ndarray:
-        # Only the thread holding the baton gets here, and to_mlx copies out of it before
-        # handing the baton on, so one buffer serves both micro-batches.
+        # Only the lane holding MLX gets here (shared.mlx_thread), and to_mlx copies out of it
+        # before handing MLX on, so one buffer serves both micro-batches.
         if self._y.dtype != dtype or self._y.size < size:
             self._y = np.empty(size, dtype)
         return self._y[:size]

@@ -76,8 +76,10 @@ def load_router_model(cfg: RouterConfig, client: ExpertClient, publish: Publish)
     tokenizer = load_tokenizer(cfg.model)
     client.stats = ExchangeStats(info.moe_layers, info.num_experts)
     client.table = client.latest = Table.empty(info.num_experts)
+    engine = Engine(model, tokenizer, cfg.limits, publish, info.max_context, before_step=client.adopt)
+    client.while_waiting = engine.baton.released  # a lane waiting on its experts lets the other compute
     return Loaded(
-        Engine(model, tokenizer, cfg.limits, publish, client.baton, info.max_context, before_step=client.adopt),
+        engine,
         PromptEncoder(tokenizer, info.max_context, cfg.max_prompt_tokens),
         info,
         WorkerRegistry(info.num_experts, info.moe_layers, info.fingerprint, 4 * cfg.heartbeat_s,
