@@ -16,8 +16,8 @@ from shared.logs import configure
 from shared.security import DEFAULT_WORKERS, Creds, Role
 
 # Flags `moebus up` passes on to the service that owns them.
-ROUTER_FLAGS = ("share_model", "expert_timeout", "max_running", "max_waiting", "max_prompt_tokens", "prefill_step", "micro_batches",
-                "replicas")
+ROUTER_FLAGS = ("share_model", "expert_timeout", "max_running", "max_waiting", "max_prompt_tokens", "prefill_step",
+                "micro_batches", "replicas")
 WORKER_FLAGS = ("memory_budget",)
 GATEWAY_FLAGS = ("api_key", "max_body_bytes", "request_timeout", "header_timeout", "body_timeout", "keep_alive",
                  "max_connections")
@@ -141,9 +141,13 @@ def cmd_up(a: argparse.Namespace) -> None:
     if a.secure and a.insecure:
         raise ConfigError("--secure and --insecure contradict each other")
     nats_url = setting(a.nats, "MOEBUS_NATS_URL", "", str)
+    creds = setting(a.creds, "MOEBUS_CREDS", "", str)
+    if creds and Path(creds).expanduser().is_file():
+        raise ConfigError("moebus up --creds takes a cluster directory (each service takes its own file from it)")
     if nats_url:  # a server of its own: refuse it now rather than in every child
         _creds(a, "router")
     cfg = UpConfig(
+        creds_dir=str(Path(creds).expanduser().resolve()) if creds else "",
         insecure=_insecure(a), nats_host=setting(a.nats_host, "MOEBUS_NATS_HOST", D.NATS_HOST, str),
         model=_model(a.model), workers=setting(a.workers, "MOEBUS_WORKERS", D.WORKERS, int),
         host=setting(a.host, "MOEBUS_HOST", D.HOST, str), port=setting(a.port, "MOEBUS_PORT", D.PORT, int),

@@ -33,6 +33,7 @@ class UpConfig:
     nats_port: int = defaults.NATS_PORT
     nats_host: str = defaults.NATS_HOST
     insecure: bool = False  # an open bus: no users, no permissions
+    creds_dir: str = ""  # a cluster directory the services take their credentials from; "": this machine's
     ready_timeout_s: float = 300.0
     router_args: tuple[str, ...] = ()
     gateway_args: tuple[str, ...] = ()
@@ -115,12 +116,13 @@ def up(cfg: UpConfig) -> int:
             children.append(nats)
             local = "127.0.0.1" if cfg.nats_host in ("0.0.0.0", "::", "127.0.0.1") else cfg.nats_host
             url = f"{'tls' if 'tls {' in extra else 'nats'}://{local}:{cfg.nats_port}"
-            how = "open to anyone who reaches it (--insecure)" if cfg.insecure else f"users in {cluster_dir()}"
+            how = "open to anyone who reaches it (--insecure)" if cfg.insecure else f"users in {cfg.creds_dir or cluster_dir()}"
             print(f"moebus: nats-server (JetStream) on {cfg.nats_host}:{cfg.nats_port}, {how}", flush=True)
         base = [sys.executable, "-m", "services.cli"]
         threads = str(blas_threads(os.cpu_count() or 1, cfg.workers + 1))  # the router and the workers
         env = {"OPENBLAS_NUM_THREADS": threads, **os.environ, "MOEBUS_PARENT_PID": str(os.getpid())}
-        bus = ["--nats", url, *(["--insecure"] if cfg.insecure else [])]
+        bus = ["--nats", url, *(["--insecure"] if cfg.insecure else []),
+               *(["--creds", cfg.creds_dir] if cfg.creds_dir else [])]
         common = [*bus, "--model", str(cfg.model)]
         commands = [("router", [*base, "router", *common, *cfg.router_args])]
         commands += [(f"worker {i}", [*base, "worker", *common, *cfg.worker_args]) for i in range(cfg.workers)]
@@ -159,7 +161,7 @@ def _secure_nats(cfg: UpConfig) -> str:
         if not is_loopback(cfg.nats_host):
             say(f"WARNING: NATS on {cfg.nats_host} without credentials: anyone on the network reads every prompt")
         return ""
-    directory = cluster_dir()
+    directory = Path(cfg.creds_dir) if cfg.creds_dir else cluster_dir()
     ensure_users(directory, max(DEFAULT_WORKERS, cfg.workers))
     block = server_block(directory)
     if not is_loopback(cfg.nats_host) and "tls {" not in block:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -38,16 +37,17 @@ MODEL = "tiny-mixtral"
 
 
 class Secured(Up):
-    home: Path
+    secrets: Path
     model: Path
 
 
 @pytest.fixture(scope="module")
 def up(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
-    home = tmp_path_factory.mktemp("secured-home")  # a machine of its own: its cluster directory
-    with Up(checkpoints["mixtral"], 2, tmp_path_factory.mktemp("secured"), extra=("--api-key", KEY),
-            env={"MOEBUS_HOME": str(home)}) as cluster_:
-        cluster_.home, cluster_.model = home, checkpoints["mixtral"]
+    # A machine of its own, whose credentials are where `--creds` says (made there by `moebus up`).
+    home = tmp_path_factory.mktemp("secured-home")
+    with Up(checkpoints["mixtral"], 2, tmp_path_factory.mktemp("secured"),
+            extra=("--api-key", KEY, "--creds", str(home / "secrets")), env={"MOEBUS_HOME": str(home)}) as cluster_:
+        cluster_.secrets, cluster_.model = home / "secrets", checkpoints["mixtral"]
         yield cluster_
 
 
@@ -62,7 +62,7 @@ class Peer:
         async def on_error(e: Exception) -> None:
             self.errors.append(str(e))
 
-        creds = read_creds(up.home / "cluster" / f"{user}.creds")
+        creds = read_creds(up.secrets / f"{user}.creds")
         self.nc = await nats.connect(up.nats_url, error_cb=on_error, allow_reconnect=False, **connect_options(creds))
         return self
 
@@ -76,9 +76,9 @@ class Peer:
 
 
 def status(up: Secured) -> dict:
-    """`moebus status --json` on the cluster's machine: it finds the admin credentials itself."""
-    out = subprocess.run([sys.executable, "-m", "services.cli", "status", "--json", "--nats", up.nats_url], cwd=ROOT,
-                         capture_output=True, text=True, timeout=30, env={**os.environ, "MOEBUS_HOME": str(up.home)})
+    """`moebus status --json`, with the cluster's directory: it takes the admin credentials."""
+    out = subprocess.run([sys.executable, "-m", "services.cli", "status", "--json", "--nats", up.nats_url,
+                          "--creds", str(up.secrets)], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
