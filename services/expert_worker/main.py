@@ -12,6 +12,7 @@ import asyncio
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,8 @@ from nats.micro.request import Request, ServiceError
 
 from services.expert_worker.experts import LocalExperts, NotHeld, expert_bytes, load_experts, load_fetched
 from shared import cluster, modelstore, subjects
-from shared.config import home
 from shared.bus import Throttled, close, connect, inbox_only, stop_event, stop_service, wait
+from shared.config import home
 from shared.cluster import PlacementRecord
 from shared.errors import ConfigError, ModelError, WireError
 from shared.logs import get_logger
@@ -181,7 +182,7 @@ class Worker:
         else:
             await self.mlx.run(self._swap, lambda: load_experts(self.cfg.model, held)[0])
 
-    def _swap(self, make) -> None:
+    def _swap(self, make: Callable[[], LocalExperts]) -> None:
         # On the MLX thread: no request computes with half of the swap.
         self.experts = make()
 
@@ -227,9 +228,13 @@ def mlx_memory() -> dict[str, int]:
 
 async def _shared_model(js: JetStreamContext, stop: asyncio.Event) -> ModelManifest | None:
     """The model the router shares, once it has shared it all (None: stopped before)."""
+    refused = Throttled(30.0)
     while not stop.is_set():
         try:
             manifest = await modelstore.current(js)
+        except ModelError as e:  # the store holds something it cannot use: say what, keep waiting
+            refused.warning("shared model refused", error=str(e))
+            manifest = None
         except Exception as e:  # noqa: BLE001 - the bus may be restarting
             log.debug("model store not read", error=repr(e))
             manifest = None
