@@ -9,9 +9,9 @@ its owners, as the router does. Imbalance = the busiest worker's load / the mean
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from bench.table import write_and_show
 from shared.placement import place
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,11 +39,10 @@ def case(experts: int, workers: int, skew: float, spare: float) -> dict:
 def main() -> None:
     rows = [case(e, w, s, 0.5) for e in (8, 64, 128) for w in (2, 4) for s in (0.8, 1.2)]
     out = ROOT / "bench" / "balance.json"
-    out.write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"{'experts':>7} {'workers':>7} {'zipf s':>6} {'imbalance plain':>15} {'with hot replicas':>17} {'extra':>5}")
-    for r in rows:
-        print(f"{r['experts']:>7} {r['workers']:>7} {r['zipf_s']:>6} {r['imbalance_without_hot_replicas']:>15} "
-              f"{r['imbalance_with_hot_replicas']:>17} {r['extra_replicas']:>5}")
+    write_and_show(out, rows, rows, [("experts", "experts", 7), ("workers", "workers", 7), ("zipf s", "zipf_s", 6),
+                                     ("imbalance plain", "imbalance_without_hot_replicas", 15),
+                                     ("with hot replicas", "imbalance_with_hot_replicas", 17),
+                                     ("extra", "extra_replicas", 5)])
     print(f"wrote {out}")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import signal
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from openai import AsyncOpenAI
 
+from bench.table import write_and_show
 from services.launcher import healthy
 from shared.natsd import free_port
 
@@ -105,11 +105,9 @@ def main() -> None:
     report = {"machine": {"cores": os.cpu_count(), "os": platform.platform(), "python": platform.python_version()},
               "workers": a.workers, "max_tokens": a.tokens, "runs": runs,
               "speedup": round(runs[1]["tok_s"] / runs[0]["tok_s"], 2)}
-    a.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'streams':>8} {'done':>5} {'tok/s':>8} {'TTFT p50 ms':>12} {'ITL p50 ms':>11} {'ITL p99 ms':>11}")
-    for r in runs:
-        print(f"{r['concurrency']:>8} {r['completed']:>5} {r['tok_s']:>8} {r['ttft_ms_p50']:>12} "
-              f"{r['itl_ms_p50']:>11} {r['itl_ms_p99']:>11}")
+    write_and_show(a.out, report, runs, [("streams", "concurrency", 8), ("done", "completed", 5), ("tok/s", "tok_s", 8),
+                                         ("TTFT p50 ms", "ttft_ms_p50", 12), ("ITL p50 ms", "itl_ms_p50", 11),
+                                         ("ITL p99 ms", "itl_ms_p99", 11)])
     print(f"aggregate tokens/s, {a.concurrency} streams vs 1: {report['speedup']}x ({a.workers} workers)")
 
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services import defaults
+from shared.access import cluster_dir, ensure_users, server_block, tls_dir
 from shared.blas import blas_threads
 from shared.errors import ConfigError
 from shared.model import describe, find_experts, load_lazy
-from shared.access import cluster_dir, ensure_users, server_block
 from shared.natsd import start_nats
 from shared.security import DEFAULT_WORKERS, is_loopback
 
@@ -110,12 +110,12 @@ def up(cfg: UpConfig) -> int:
     try:
         url = cfg.nats_url
         if not url:  # the embedded server restarts on the same port and store: services reconnect
-            extra = _secure_nats(cfg)
+            extra, tls = _secure_nats(cfg)
             nats = Child("nats-server", lambda: start_nats(cfg.nats_port, Path(tmp.name), cfg.nats_host, extra=extra))
             nats.proc = nats.start()
             children.append(nats)
             local = "127.0.0.1" if cfg.nats_host in ("0.0.0.0", "::", "127.0.0.1") else cfg.nats_host
-            url = f"{'tls' if 'tls {' in extra else 'nats'}://{local}:{cfg.nats_port}"
+            url = f"{'tls' if tls else 'nats'}://{local}:{cfg.nats_port}"
             how = "open to anyone who reaches it (--insecure)" if cfg.insecure else f"users in {cfg.creds_dir or cluster_dir()}"
             print(f"moebus: nats-server (JetStream) on {cfg.nats_host}:{cfg.nats_port}, {how}", flush=True)
         base = [sys.executable, "-m", "services.cli"]
@@ -155,19 +155,20 @@ def up(cfg: UpConfig) -> int:
         tmp.cleanup()
 
 
-def _secure_nats(cfg: UpConfig) -> str:
-    """The users part of the embedded server's config: this machine's cluster, made if missing."""
+def _secure_nats(cfg: UpConfig) -> tuple[str, bool]:
+    """The users part of the embedded server's config (this machine's cluster, made if
+    missing), and whether it speaks TLS."""
     if cfg.insecure:
         if not is_loopback(cfg.nats_host):
             say(f"WARNING: NATS on {cfg.nats_host} without credentials: anyone on the network reads every prompt")
-        return ""
+        return "", False
     directory = Path(cfg.creds_dir) if cfg.creds_dir else cluster_dir()
     ensure_users(directory, max(DEFAULT_WORKERS, cfg.workers))
-    block = server_block(directory)
-    if not is_loopback(cfg.nats_host) and "tls {" not in block:
+    tls = tls_dir(directory) is not None
+    if not tls and not is_loopback(cfg.nats_host):
         say(f"WARNING: NATS on {cfg.nats_host} without TLS: passwords, prompts and hidden states cross the "
             "network in clear (README: TLS)")
-    return block
+    return server_block(directory), tls
 
 
 def healthy(url: str) -> bool:

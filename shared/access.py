@@ -18,13 +18,38 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import home
-from shared.errors import ConfigError
-from shared.security import (
-    DEFAULT_WORKERS, Creds, Role, ca_of, cluster_users, is_loopback, make_creds, read_creds, server_conf,
-    to_json, worker_user, write_private,
-)
+from shared.errors import ConfigError, WireError
+from shared.messages import decode, encode
+from shared.security import DEFAULT_WORKERS, Creds, Role, is_loopback, make_creds, server_conf, worker_user
 
 _held_locks: list[int] = []  # descriptors kept open for the life of the process: the identity's lock
+
+
+def read_creds(path: Path) -> Creds:
+    try:
+        return decode(Creds, path.read_bytes())
+    except OSError as e:
+        raise ConfigError(f"cannot read credentials {path}: {e.strerror}") from None
+    except WireError as e:
+        raise ConfigError(f"{path} is not a moebus credentials file: {e}") from None
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """A file only its owner reads (secrets), written whole or not at all."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.touch(mode=0o600)
+    tmp.chmod(0o600)
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def cluster_users(cluster_dir: Path) -> list[Creds]:
+    return [read_creds(p) for p in sorted(cluster_dir.glob("*.creds"))]
+
+
+def ca_of(cluster_dir: Path) -> str:
+    ca = cluster_dir / "tls" / "ca.pem"
+    return ca.read_text() if ca.is_file() else ""
 
 
 def cluster_dir() -> Path:
@@ -67,9 +92,9 @@ def ensure_users(directory: Path, workers: int = DEFAULT_WORKERS, tls: Tls | Non
         if path.is_file():
             old = read_creds(path)
             if old.ca != ca:  # TLS added (or changed) since: same secret, new CA
-                write_private(path, to_json(old.model_copy(update={"ca": ca})))
+                write_private(path, encode(old.model_copy(update={"ca": ca})))
             continue
-        write_private(path, to_json(make_creds(role, user, ca)))
+        write_private(path, encode(make_creds(role, user, ca)))
         made.append(path)
     return made
 
@@ -84,10 +109,15 @@ def _install_tls(tls_dir: Path, tls: Tls) -> None:
     shutil.copyfile(tls.ca or tls.cert, tls_dir / "ca.pem")
 
 
+def tls_dir(directory: Path) -> Path | None:
+    """Where this cluster directory keeps the server's certificate; None: no TLS."""
+    found = directory / "tls"
+    return found if (found / "server-cert.pem").is_file() else None
+
+
 def server_block(directory: Path) -> str:
     """The users and TLS part of nats-server's config for this cluster directory."""
-    tls_dir = directory / "tls"
-    return server_conf(cluster_users(directory), tls_dir if (tls_dir / "server-cert.pem").is_file() else None)
+    return server_conf(cluster_users(directory), tls_dir(directory))
 
 
 def has_cluster(directory: Path) -> bool:

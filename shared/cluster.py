@@ -17,10 +17,11 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSe
 from nats.js.kv import KeyValue
 from pydantic import Field
 
+from shared import subjects
 from shared.errors import WireError
 from shared.messages import Big, Message, Name, Subject, decode, encode
 
-BUCKET = "moebus-cluster"
+BUCKET = subjects.CLUSTER_BUCKET
 ACTIVE, NEXT, LEADER = "active", "next", "leader"
 LEADER_LEASE_S = 5.0  # a leader that stops renewing is replaced after this long
 
@@ -49,10 +50,8 @@ async def bucket(js: JetStreamContext) -> KeyValue:
     """The cluster bucket, made on first use (file storage: it outlives a nats-server restart)."""
     try:
         return await js.key_value(BUCKET)
-    except BucketNotFoundError:
-        pass
-    # direct: workers read by direct gets alone (see DirectKV)
-    return await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1, direct=True,
+    except BucketNotFoundError:  # direct: workers read by direct gets alone (see DirectKV)
+        return await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1, direct=True,
                                                         description="moebus cluster state: expert placement"))
 
 
@@ -67,7 +66,7 @@ class DirectKV:
 
     async def get(self, key: str) -> KeyValue.Entry:
         try:
-            msg = await self._js.get_last_msg(f"KV_{BUCKET}", f"$KV.{BUCKET}.{key}", direct=True)
+            msg = await self._js.get_last_msg(subjects.CLUSTER_STREAM, f"{subjects.CLUSTER_KEYS}.{key}", direct=True)
         except NotFoundError:
             raise KeyNotFoundError from None
         if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
@@ -90,7 +89,7 @@ async def read(kv: KeyValue | DirectKV, key: str) -> tuple[PlacementRecord | Non
         return None, entry.revision or 0
 
 
-async def write(kv: KeyValue | DirectKV, key: str, record: PlacementRecord) -> int:
+async def write(kv: KeyValue, key: str, record: PlacementRecord) -> int:
     return await kv.put(key, encode(record))
 
 
@@ -106,7 +105,7 @@ async def _lease(kv: KeyValue | DirectKV) -> tuple[Lease | None, int | None]:
         return None, entry.revision
 
 
-async def lead(kv: KeyValue | DirectKV, router: str, now: float | None = None) -> bool:
+async def lead(kv: KeyValue, router: str, now: float | None = None) -> bool:
     """Take or renew the writer's lease; False while another live router holds it."""
     now = time.time() if now is None else now
     held, revision = await _lease(kv)
@@ -128,7 +127,7 @@ async def leader_alive(kv: KeyValue | DirectKV) -> bool:
     return held is not None and held.until > time.time()
 
 
-async def resign(kv: KeyValue | DirectKV, router: str) -> None:
+async def resign(kv: KeyValue, router: str) -> None:
     held, revision = await _lease(kv)
     if held is not None and held.router == router and revision is not None:
         await kv.update(LEADER, b"", revision)

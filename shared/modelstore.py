@@ -22,7 +22,7 @@ import hashlib
 import io
 import json
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,12 +34,12 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.object_store import ObjectStore
 from pydantic import Field, model_validator
 
+from shared import subjects
 from shared.errors import ModelError, WireError
 from shared.messages import Big, Message, decode, encode
 from shared.model import ExpertSlot, ModelInfo, describe, find_experts, load_lazy
 
-MODEL_BUCKET = "moebus-model"
-_STREAM = f"OBJ_{MODEL_BUCKET}"
+MODEL_BUCKET = subjects.MODEL_BUCKET
 POINTER = "current"
 # What mlx-lm's load_model reads besides weights (hf_quant_config.json: ModelOpt exports).
 SMALL_FILES = ("config.json", "hf_quant_config.json")
@@ -164,9 +164,9 @@ async def _store(js: JetStreamContext) -> ObjectStore | None:
 
 async def _info(js: JetStreamContext, name: str) -> api.ObjectInfo | None:
     """An object's metadata (None: no such object, or no store yet), by a direct get."""
-    meta = f"$O.{MODEL_BUCKET}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+    meta = f"{subjects.MODEL_OBJECTS}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
     try:
-        msg = await js.get_last_msg(_STREAM, meta, direct=True)
+        msg = await js.get_last_msg(subjects.MODEL_STREAM, meta, direct=True)
     except (NotFoundError, NoRespondersError):
         return None
     try:
@@ -180,9 +180,7 @@ async def _read(js: JetStreamContext, name: str) -> bytes | None:
     info = await _info(js, name)
     if info is None:
         return None
-    data = bytearray()
-    await _get(js, info, data)
-    return bytes(data)
+    return b"".join([chunk async for chunk in _chunks(js, info)])
 
 
 async def _pointer(js: JetStreamContext) -> str | None:
@@ -277,50 +275,46 @@ async def _prune(store: ObjectStore, key: str) -> None:
             await store.delete(obj.name)
 
 
-class _HashingWriter:
-    """The file an object is written into, hashed as it goes."""
-
-    def __init__(self, path: Path) -> None:
-        self.file = path.open("wb")
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        self.size += len(data)
-        return self.file.write(data)
-
-
 def _sha256(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+# Files this process fetched or checked, with the (size, mtime) they had then: a placement
+# change reloads the whole share, and its unchanged files need not be hashed again.
+_verified: dict[Path, tuple[int, int]] = {}
+
+
 async def _fetch_object(js: JetStreamContext, obj: StoredObject, target: Path) -> None:
-    if (target.is_file() and target.stat().st_size == obj.size
-            and await asyncio.to_thread(_sha256, target) == obj.sha256):
-        return
+    if target.is_file():
+        st = target.stat()
+        if st.st_size == obj.size and (_verified.get(target) == (st.st_size, st.st_mtime_ns)
+                                       or await asyncio.to_thread(_sha256, target) == obj.sha256):
+            _verified[target] = (st.st_size, st.st_mtime_ns)
+            return
     info = await _info(js, obj.name)
     if info is None:
         raise ModelError(f"{obj.name}: not in the object store {MODEL_BUCKET}")
     if info.size != obj.size:
         raise _size_error(obj, info.size)
     part = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}.part")  # two workers may share a cache
-    writer = _HashingWriter(part)
+    sha, size = hashlib.sha256(), 0
     try:
-        await _get(js, info, writer)
+        with part.open("wb") as f:
+            async for chunk in _chunks(js, info):
+                sha.update(chunk)
+                size += len(chunk)
+                f.write(chunk)
+        if size != obj.size:
+            raise _size_error(obj, size)
+        if sha.hexdigest() != obj.sha256:
+            raise ModelError(f"{obj.name}: corrupt: sha256 {sha.hexdigest()} is not the manifest's {obj.sha256}")
     except BaseException:
-        writer.file.close()
         part.unlink(missing_ok=True)
         raise
-    writer.file.close()
-    got = writer.sha256.hexdigest()
-    if writer.size != obj.size or got != obj.sha256:
-        part.unlink()
-        if writer.size != obj.size:
-            raise _size_error(obj, writer.size)
-        raise ModelError(f"{obj.name}: corrupt: sha256 {got} is not the manifest's {obj.sha256}")
     part.replace(target)
+    st = target.stat()
+    _verified[target] = (st.st_size, st.st_mtime_ns)
 
 
 def _size_error(obj: StoredObject, size: int) -> ModelError:
@@ -328,20 +322,17 @@ def _size_error(obj: StoredObject, size: int) -> ModelError:
     return ModelError(f"{obj.name}: {what}: got {size} of {obj.size} bytes")
 
 
-async def _get(js: JetStreamContext, info: api.ObjectInfo, writer: _HashingWriter | bytearray) -> None:
+async def _chunks(js: JetStreamContext, info: api.ObjectInfo) -> AsyncIterator[bytes]:
     """An object's bytes by direct gets, chunk after chunk. Not nats-py's `get`: it makes a
     consumer, which a worker may not (a consumer's deliver subject is the creator's choice,
     see shared.security); and each get here has the bus's timeout, so nothing waits forever."""
-    chunks = f"$O.{MODEL_BUCKET}.C.{info.nuid}"
-    seq = 0
+    chunks = f"{subjects.MODEL_OBJECTS}.C.{info.nuid}"
+    seq, got = 0, 0
     for _ in range(info.chunks or 0):
         try:
-            msg = await js.get_msg(_STREAM, seq=seq + 1, subject=chunks, next=True, direct=True)
+            msg = await js.get_msg(subjects.MODEL_STREAM, seq=seq + 1, subject=chunks, next=True, direct=True)
         except (NotFoundError, NoRespondersError):
-            got = len(writer) if isinstance(writer, bytearray) else writer.size
             raise ModelError(f"{info.name}: chunks missing after {got} bytes (deleted meanwhile?)") from None
         seq = msg.seq or seq + 1
-        if isinstance(writer, bytearray):
-            writer += msg.data or b""
-        else:
-            writer.write(msg.data or b"")
+        got += len(msg.data or b"")
+        yield msg.data or b""

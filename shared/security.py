@@ -28,12 +28,10 @@ from urllib.parse import urlparse
 from pydantic import Field
 
 from shared import subjects as S
-from shared.errors import ConfigError, WireError
-from shared.messages import Message, Name, decode, encode
+from shared.errors import ConfigError
+from shared.messages import Message, Name
 
 Role = Literal["router", "gateway", "worker", "admin"]
-KV_STREAM = "KV_moebus-cluster"  # shared.cluster.BUCKET's stream
-OBJ_STREAM = "OBJ_moebus-model"  # shared.modelstore.MODEL_BUCKET's stream
 SERVICES = {"router": S.SERVICE_ROUTER, "gateway": S.SERVICE_GATEWAY, "worker": S.SERVICE_WORKER}
 DEFAULT_WORKERS = 16  # worker identities made by default: one per worker process of the cluster
 
@@ -78,13 +76,13 @@ def permissions(role: Role, user: str) -> dict:
     inbox = f"_INBOX.{user}.>"
     if role == "router":
         pub = [f"{S.PREFIX}.experts.>", S.WORKERS_DISCOVER, f"{S.STREAM_PREFIX}.>", "$JS.API.INFO",
-               *_js_write(KV_STREAM, "$KV.moebus-cluster.>"), *_js_write(OBJ_STREAM, "$O.moebus-model.>")]
+               *_js_write(S.CLUSTER_STREAM, f"{S.CLUSTER_KEYS}.>"), *_js_write(S.MODEL_STREAM, f"{S.MODEL_OBJECTS}.>")]
         sub = [f"{S.PREFIX}.router.>", S.ANNOUNCEMENTS, inbox, *_micro(role)]
     elif role == "gateway":
         pub = [S.ROUTER_GENERATE, S.ROUTER_CANCEL, S.ROUTER_STATUS, S.ROUTER_METRICS, S.ROUTER_CLUSTER]
         sub = [f"{S.STREAM_PREFIX}.>", S.GATEWAY_HEALTH, inbox, *_micro(role)]
     elif role == "worker":
-        pub = [S.announce_subject_of(user), *_js_read(KV_STREAM), *_js_read(OBJ_STREAM)]
+        pub = [S.announce_subject_of(user), *_js_read(S.CLUSTER_STREAM), *_js_read(S.MODEL_STREAM)]
         sub = [S.experts_subject_of(user), S.WORKERS_DISCOVER, inbox, *_micro(role)]
     elif role == "admin":
         pub = ["$SRV.>", S.ROUTER_STATUS, S.ROUTER_CLUSTER, S.GATEWAY_HEALTH]
@@ -108,39 +106,12 @@ def server_conf(users: list[Creds], tls_dir: Path | None = None) -> str:
     return out
 
 
-def read_creds(path: Path) -> Creds:
-    try:
-        return decode(Creds, path.read_bytes())
-    except OSError as e:
-        raise ConfigError(f"cannot read credentials {path}: {e.strerror}") from None
-    except WireError as e:
-        raise ConfigError(f"{path} is not a moebus credentials file: {e}") from None
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """A file only its owner reads (secrets), written whole or not at all."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.touch(mode=0o600)
-    tmp.chmod(0o600)
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def make_creds(role: Role, user: str, ca: str = "") -> Creds:
     return Creds(user=user, role=role, password=secrets.token_urlsafe(32), ca=ca)
 
 
-def cluster_users(cluster_dir: Path) -> list[Creds]:
-    return [read_creds(p) for p in sorted(cluster_dir.glob("*.creds"))]
-
-
 def worker_user(n: int) -> str:
     return f"worker-{n}"
-
-
-def ca_of(cluster_dir: Path) -> str:
-    ca = cluster_dir / "tls" / "ca.pem"
-    return ca.read_text() if ca.is_file() else ""
 
 
 def is_loopback(url: str) -> bool:
@@ -154,7 +125,3 @@ def _loopback_ip(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback  # a name such as 127.x.example.com is not
     except ValueError:
         return False
-
-
-def to_json(c: Creds) -> bytes:
-    return encode(c)

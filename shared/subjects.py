@@ -33,6 +33,12 @@ GATEWAY_HEALTH = f"{PREFIX}.gateway.health"
 ANNOUNCEMENTS = f"{WORKERS_ANNOUNCE}.>"  # the router's subscription
 STREAM_PREFIX = f"{PREFIX}.stream"  # GenerateRequest.stream = STREAM_PREFIX.<request id>
 
+# JetStream buckets, and the streams and subjects JetStream keeps them in.
+CLUSTER_BUCKET = "moebus-cluster"  # key-value: placement (shared.cluster)
+CLUSTER_STREAM, CLUSTER_KEYS = f"KV_{CLUSTER_BUCKET}", f"$KV.{CLUSTER_BUCKET}"
+MODEL_BUCKET = "moebus-model"  # object store: the shared model (shared.modelstore)
+MODEL_STREAM, MODEL_OBJECTS = f"OBJ_{MODEL_BUCKET}", f"$O.{MODEL_BUCKET}"
+
 # NATS micro service names, as `nats micro ls` shows them.
 SERVICE_GATEWAY = "moebus-gateway"
 SERVICE_ROUTER = "moebus-router"

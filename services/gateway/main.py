@@ -18,10 +18,10 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.middleware import HttpSettings
 from services.gateway.upstream import RouterClient
 from shared import subjects
-from shared.security import Creds
 from shared.bus import close, connect, inbox_only, stop_event, stop_service
 from shared.errors import MoebusError
 from shared.logs import get_logger
+from shared.security import Creds
 
 VERSION = "0.2.0"
 log = get_logger("gateway")

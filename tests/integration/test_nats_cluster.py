@@ -13,7 +13,7 @@ from openai import OpenAI
 
 from shared.access import connect_options, init_cluster, server_block
 from shared.natsd import free_port, start_nats
-from shared.security import read_creds
+from shared.access import read_creds
 from tests.checkpoints import LAYERS, NUM_EXPERTS, reference_greedy, vocab
 from tests.cluster import cli, tail, wait_healthy
 

@@ -15,7 +15,8 @@ from shared import subjects
 from shared.access import Tls, connect_options, init_cluster, load, resolve, server_block
 from shared.errors import ConfigError
 from shared.natsd import free_port, start_nats
-from shared.security import permissions, read_creds
+from shared.access import read_creds
+from shared.security import permissions
 from tests.cluster import ROOT
 
 
