@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU
 from mlx_lm.utils import _get_classes, load_model, maybe_set_recommended_wired_limit
 
 from shared.arrays import to_mlx, to_numpy
@@ -36,23 +36,44 @@ class StackedExperts:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 
-    def __call__(self, x: mx.array, rows: np.ndarray, local: np.ndarray) -> mx.array:
-        y = self.module(x[mx.array(rows)], mx.array(local)[:, None])  # (pairs, 1, D)
-        return y.reshape(len(local), -1)
+    def __call__(self, x: np.ndarray, code: int, rows: np.ndarray, local: np.ndarray) -> np.ndarray:
+        xm = to_mlx(x, code)
+        y = self.module(xm[mx.array(rows)], mx.array(local)[:, None])  # (pairs, 1, D)
+        y = y.reshape(len(local), -1).astype(xm.dtype)
+        mx.eval(y)
+        return to_numpy(y)
 
     def keep(self, idx: mx.array) -> None:
         self.module.update(tree_map(lambda a: a[idx], self.module.parameters()))
         mx.eval(self.module.parameters())
 
 
+# Up to this many rows for one expert, float32 weights are read as matrix-vector products, one
+# per row. MLX's CPU matmul goes through BLAS gemm, which packs (copies) the weight matrix
+# before it multiplies: for one row that reads the weights about three times where gemv reads
+# them once (mixtral-0.5b's gate|up, 16.8 MB: 4.4 ms in MLX, 1.1 ms as gemv; at 4 rows both
+# take ~4.5 ms). Decode at a few streams is all single rows.
+GEMV_ROWS = 3
+
+
+def groups(local: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """The request's pairs by expert: their order sorted by expert, and (expert, lo, hi) slices
+    of that order, one per distinct expert."""
+    order = np.argsort(local, kind="stable")
+    ids, starts = np.unique(local[order], return_index=True)
+    bounds = [*starts.tolist(), len(local)]
+    return order, list(zip(ids.tolist(), bounds, bounds[1:]))
+
+
 class GroupedExperts:
-    """CPU with float weights: one dense matmul pair per distinct expert.
+    """CPU with float weights: each distinct expert's rows multiplied together.
 
     On the CPU, gather_mm reads an expert's weights once per (token, expert) pair; grouping
     the pairs reads them once per expert, which is most of the time at batch 16. The weights
     stay stacked, gate|up as one (E, 2F, D) array and down as (E, D, F), in the checkpoint's
     (out, in) layout: `x @ take(w, e).T` read them from DRAM as fast as separate per-expert
-    arrays and faster than a sliced `w[e]` (which copies) or an (in, out) layout.
+    arrays and faster than a sliced `w[e]` (which copies) or an (in, out) layout. An expert
+    with at most GEMV_ROWS rows is read by numpy's gemv through a view of the same arrays.
     """
 
     def __init__(self, glu: SwitchGLU) -> None:
@@ -65,24 +86,53 @@ class GroupedExperts:
         width = gate.shape[1]
         activation = glu.activation  # the model's own, e.g. silu(gate) * up
         self._act = mx.compile(lambda h: activation(h[:, width:], h[:, :width]))
+        # mlx-lm's SwiGLU is silu(gate) * up: in numpy, the single rows never wait on an MLX
+        # evaluation (each one a hand-off to MLX's CPU thread, 70-250 us here).
+        self._np_act = _swiglu if isinstance(activation, SwiGLU) else None
+        self._views()
+
+    def _views(self) -> None:
+        # numpy views share MLX's buffers (no copy); only float32 has a fast numpy gemv.
+        fp32 = self.gate_up.dtype == mx.float32
+        self._np = (np.array(self.gate_up, copy=False), np.array(self.down, copy=False)) if fp32 else None
 
     def keep(self, idx: mx.array) -> None:
         self.gate_up, self.down = mx.take(self.gate_up, idx, axis=0), mx.take(self.down, idx, axis=0)
         mx.eval(self.gate_up, self.down)
+        self._views()
 
-    def __call__(self, x: mx.array, rows: np.ndarray, local: np.ndarray) -> mx.array:
-        order = np.argsort(local, kind="stable")
-        ids, starts = np.unique(local[order], return_index=True)
-        xs = x[mx.array(rows[order])]
-        bounds = [*starts.tolist(), len(local)]
-        outs = [self._act(xs[lo:hi] @ mx.take(self.gate_up, j, axis=0).T) @ mx.take(self.down, j, axis=0).T
-                for j, lo, hi in zip(ids.tolist(), bounds, bounds[1:])]
-        y = mx.concatenate(outs) if len(outs) > 1 else outs[0]
-        if (np.diff(order) < 0).any():  # back to the request's order
-            inverse = np.empty_like(order)
-            inverse[order] = np.arange(len(order))
-            y = y[mx.array(inverse)]
-        return y
+    def __call__(self, x: np.ndarray, code: int, rows: np.ndarray, local: np.ndarray) -> np.ndarray:
+        order, slices = groups(local)
+        xs = x[rows[order]]  # (pairs, D) in expert order
+        out = np.empty((len(local), x.shape[1]), x.dtype)
+        few = [g for g in slices if g[2] - g[1] <= GEMV_ROWS] if self._np is not None else []
+        many = [g for g in slices if g[2] - g[1] > GEMV_ROWS] if few else slices
+        if many:
+            xm = to_mlx(xs, code)
+            ys = [self._act(xm[lo:hi] @ mx.take(self.gate_up, j, axis=0).T) @ mx.take(self.down, j, axis=0).T
+                  for j, lo, hi in many]
+            y = (mx.concatenate(ys) if len(ys) > 1 else ys[0]).astype(xm.dtype)
+            mx.eval(y)
+            at = np.concatenate([order[lo:hi] for _, lo, hi in many])
+            out[at] = to_numpy(y)
+        if few:
+            gate_up, down = self._np
+            pairs = [(j, i) for j, lo, hi in few for i in range(lo, hi)]
+            # Another activation runs in MLX on a power-of-two number of rows: its allocator then
+            # meets a handful of sizes and reuses its buffers (a worker's memory stays flat).
+            rows_h = len(pairs) if self._np_act else 1 << (len(pairs) - 1).bit_length()
+            h = np.zeros((rows_h, gate_up.shape[1]), gate_up.dtype)
+            for n, (j, i) in enumerate(pairs):
+                np.matmul(gate_up[j], xs[i], out=h[n])  # one gemv per row
+            a = self._np_act(h) if self._np_act else np.array(self._act(mx.array(h)), copy=False)
+            out[order[[i for _, i in pairs]]] = np.stack([down[j] @ a[n] for n, (j, _) in enumerate(pairs)])
+        return out
+
+
+def _swiglu(h: np.ndarray) -> np.ndarray:
+    """mlx-lm's SwiGLU on gate|up rows: silu(gate) * up."""
+    gate, up = np.split(h, 2, axis=1)
+    return gate / (1 + np.exp(-gate)) * up
 
 
 def groupable(module: nn.Module) -> bool:
@@ -138,10 +188,8 @@ class LocalExperts:
         local = self.check(req)
         if not len(local):
             return encode_reply(req.dtype, req.x[:0])
-        x = to_mlx(req.x, req.dtype)  # (rows, D)
-        y = self.layers[req.layer](x, req.rows, local).astype(x.dtype)  # (pairs, D)
-        mx.eval(y)
-        return encode_reply(req.dtype, to_numpy(y), int(1e6 * (time.perf_counter() - start)))
+        y = self.layers[req.layer](req.x, req.dtype, req.rows, local)  # (pairs, D), in request order
+        return encode_reply(req.dtype, y, int(1e6 * (time.perf_counter() - start)))
 
 
 def load_experts(path: Path, held: list[int]) -> tuple[LocalExperts, ModelInfo]:

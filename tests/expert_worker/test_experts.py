@@ -102,3 +102,30 @@ def test_memory_scales_with_the_share_of_experts(model_dir: Path):
     assert active4 == pytest.approx(EXPERT_BYTES / 4, rel=0.01)
     # the process really holds less: RSS falls by at least half of the 3/4 it gave up
     assert rss1 - rss4 > 0.5 * 0.75 * EXPERT_BYTES
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "other"])
+def test_grouped_compute_equals_switchglu_for_single_rows_and_groups(activation: str):
+    """Experts with few rows take numpy's gemv, the others MLX's matmul: both must equal
+    mlx-lm's SwitchGLU, with its own SwiGLU and with an activation only MLX computes."""
+    import mlx.nn as nn
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    from services.expert_worker.experts import GEMV_ROWS, GroupedExperts
+    from shared.wire import DTYPE_CODES
+
+    class GeluGLU(nn.Module):
+        def __call__(self, x, gate):
+            return nn.gelu(gate) * x
+
+    mx.random.seed(3)
+    kwargs = {} if activation == "swiglu" else {"activation": GeluGLU()}
+    glu = SwitchGLU(64, 96, 6, **kwargs)
+    x = mx.random.normal((8, 64))
+    # expert 0: one row; 1: GEMV_ROWS rows; 2: one more than that (MLX's path); 5: every token
+    local = np.array([0] + [1] * GEMV_ROWS + [2] * (GEMV_ROWS + 1) + [5] * 8, np.int32)
+    rows = np.array(list(range(len(local) - 8)) + list(range(8)), np.int32) % 8
+    want = np.array(glu(x[mx.array(rows)], mx.array(local)[:, None])).reshape(len(local), -1)
+    grouped = GroupedExperts(glu)
+    got = grouped(np.array(x), DTYPE_CODES["float32"], rows, local)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
