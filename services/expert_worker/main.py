@@ -32,7 +32,7 @@ from shared.cluster import PlacementRecord
 from shared.errors import ConfigError, ModelError, WireError
 from shared.logs import get_logger
 from shared.messages import WorkerAnnounce, encode
-from shared.mlx_thread import MLXThread
+from shared.mlx_thread import LoopThread
 from shared.model import ModelInfo
 from shared.modelstore import ModelManifest
 from shared.security import Creds
@@ -90,7 +90,7 @@ def measure_speed() -> float:
 
 
 class Worker:
-    def __init__(self, cfg: WorkerConfig, me: str, info: ModelInfo, capacity: int, mlx: MLXThread,
+    def __init__(self, cfg: WorkerConfig, me: str, info: ModelInfo, capacity: int, mlx: LoopThread,
                  max_payload: int) -> None:
         self.cfg, self.me, self.info, self.capacity, self.mlx = cfg, me, info, capacity, mlx
         self.max_payload = max_payload
@@ -111,39 +111,26 @@ class Worker:
         self.changed = asyncio.Event()  # announce now: something the router waits on happened
 
     async def handle(self, req: Request) -> None:
-        """Decode here (cheap, and a bad message is refused at once), compute on the MLX thread
-        and return, so the next request of this subject is decoded and queued meanwhile."""
+        """On the MLX thread's own loop (shared.mlx_thread.LoopThread): decode, check and
+        compute right here, then answer; a bad message is refused before any compute."""
         try:
             expert_req = decode_request(req.data)
-        except WireError as e:
-            raise ServiceError("400", str(e)) from None
-        try:
-            self.experts.check(expert_req)  # here too, not only on the MLX thread: STATS counts refusals
-        except NotHeld as e:
+            size = reply_size(len(expert_req.experts), expert_req.x.shape[1], DTYPES[expert_req.dtype].itemsize)
+            if size > self.max_payload:  # refused before any compute: the reply could not be sent
+                raise ServiceError("413", f"the reply would be {size} bytes, over the server's maximum message "
+                                          f"of {self.max_payload}: send fewer pairs per request")
+            reply = self.experts.compute(expert_req)
+        except NotHeld as e:  # placement moved on: the router asks the new owner
             raise ServiceError("409", str(e)) from None
         except WireError as e:
             raise ServiceError("400", str(e)) from None
-        size = reply_size(len(expert_req.experts), expert_req.x.shape[1], DTYPES[expert_req.dtype].itemsize)
-        if size > self.max_payload:  # refused before any compute: the reply could not be sent
-            raise ServiceError("413", f"the reply would be {size} bytes, over the server's maximum message "
-                                      f"of {self.max_payload}: send fewer pairs per request")
-        # `self.experts` is looked up when the job runs: a placement change swaps it on the same thread.
-        work = asyncio.wrap_future(self.mlx.submit(lambda: self.experts.compute(expert_req)))
-        task = asyncio.create_task(self._answer(req, work, len(expert_req.experts)))
-        self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
-
-    async def _answer(self, req: Request, work: asyncio.Future, pairs: int) -> None:
-        try:
-            await req.respond(await work)
-            self.tokens += pairs
-        except NotHeld as e:  # placement moved on: the router asks the new owner
-            await req.respond_error("409", str(e))
-        except WireError as e:
-            await req.respond_error("400", str(e))
+        except ServiceError:
+            raise
         except Exception as e:  # noqa: BLE001 - a bad request must never kill the worker
             log.exception("expert compute failed")
-            await req.respond_error("500", f"expert compute failed: {e!r}")
+            raise ServiceError("500", f"expert compute failed: {e!r}") from None
+        await req.respond(reply)
+        self.tokens += len(expert_req.experts)
 
     def announcement(self, leaving: bool = False) -> bytes:
         return encode(WorkerAnnounce(
@@ -269,11 +256,15 @@ async def _may_leave(worker: Worker, kv: cluster.DirectKV, connected: bool, left
 
 async def serve(cfg: WorkerConfig) -> None:
     stop = stop_event()
-    mlx = MLXThread()
+    mlx = LoopThread()
     try:
         async with AsyncExitStack() as stack:
             nc = await connect(cfg.nats_url, name="moebus-worker", creds=cfg.creds)
             stack.push_async_callback(close, nc)
+            # Expert requests arrive on a connection of the MLX thread's own loop (no hand-off);
+            # this loop keeps heartbeats and placement, so a long load never silences them.
+            hot = await mlx.call(connect(cfg.nats_url, name="moebus-worker-experts", creds=cfg.creds))
+            stack.push_async_callback(lambda: mlx.call(close(hot)))
             js = nc.jetstream()
             kv = cluster.DirectKV(js)  # until the router made the bucket, reads fail and are retried
             if cfg.model is None:
@@ -293,12 +284,16 @@ async def serve(cfg: WorkerConfig) -> None:
             worker = Worker(cfg, me, info, capacity, mlx, nc.max_payload)
             worker.source = (js, manifest) if cfg.model is None else None
             worker.speed = await mlx.run(measure_speed)
-            svc = await add_service(
-                nc, name=subjects.SERVICE_WORKER, version=VERSION,
-                description="moebus expert worker: the experts the placement gives it, in every MoE layer",
-                metadata={"worker": me, "model": info.name, "capacity": str(capacity)},
-            )
-            await svc.add_endpoint(name="experts", subject=worker.subject, handler=inbox_only(worker.handle))
+            async def start_service():  # on the MLX thread's loop
+                svc = await add_service(
+                    hot, name=subjects.SERVICE_WORKER, version=VERSION,
+                    description="moebus expert worker: the experts the placement gives it, in every MoE layer",
+                    metadata={"worker": me, "model": info.name, "capacity": str(capacity)},
+                )
+                await svc.add_endpoint(name="experts", subject=worker.subject, handler=inbox_only(worker.handle))
+                return svc
+
+            svc = await mlx.call(start_service())
 
             async def on_discover(_: Msg) -> None:
                 await nc.publish(worker.announce_subject, worker.announcement())
@@ -327,7 +322,7 @@ async def serve(cfg: WorkerConfig) -> None:
                 task.cancel()
             try:  # every step bounded (Ctrl-C may have stopped nats-server first); close() flushes
                 await nc.publish(worker.announce_subject, worker.announcement(leaving=True))
-                await stop_service(svc)  # no new requests; answer those already taken
+                await mlx.call(stop_service(svc))  # no new requests; answer those already taken
                 if worker.pending and nc.is_connected:
                     await asyncio.wait(list(worker.pending), timeout=10)
             except Exception as e:  # noqa: BLE001 - the server may have gone first

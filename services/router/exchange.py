@@ -44,16 +44,22 @@ def plan_trips(layer: int, dtype: int, x: np.ndarray, inds: np.ndarray, table: T
     long prefill would pass the server's maximum message size. An expert with several owners
     has its tokens spread over them."""
     n, dim = x.shape
-    count = table.count[inds]  # (N, k) live owners of each pair's expert
-    pick = np.arange(n)[:, None] % np.maximum(count, 1)
-    holder = np.where(count > 0, table.owners[inds, pick], -1)  # (N, k) index into subjects
+    if table.owners.shape[1] == 1:  # one owner each (-1: none live)
+        holder = table.owners[inds, 0]
+    else:  # (N, k) index into subjects; an expert with no live owner has -1 in column 0
+        holder = table.owners[inds, np.arange(n)[:, None] % np.maximum(table.count[inds], 1)]
     per_msg = max(1, (max_payload - _HEADER_ROOM) // (dim * x.itemsize + 8))
     trips = []
-    for w in np.unique(holder):
-        t, s = np.nonzero(holder == w)
+    for w in sorted(set(holder.ravel().tolist())):
+        mask = holder == w
+        t, s = np.nonzero(mask)
         for lo in range(0, len(t), per_msg):
             tc, sc = t[lo:lo + per_msg], s[lo:lo + per_msg]
-            rows, row_of_pair = np.unique(tc, return_inverse=True)
+            if len(t) <= per_msg:  # the usual case: the rows this worker needs, without a sort
+                used = mask.any(axis=1)
+                rows, row_of_pair = np.flatnonzero(used), (np.cumsum(used) - 1)[tc]
+            else:
+                rows, row_of_pair = np.unique(tc, return_inverse=True)
             payload = encode_request(
                 layer, dtype, x[rows], row_of_pair.astype(np.int32), inds[tc, sc].astype(np.int32)
             )
@@ -126,12 +132,16 @@ class ExpertClient:
         except concurrent.futures.TimeoutError:
             gather.cancel()
             raise BusTimeout(f"layer {layer}: no expert replies within {self.timeout_s + 5:g}s") from None
-        y = self._buffer(xn.shape[0] * k * dim, xn.dtype).reshape(xn.shape[0], k, dim)
         compute_us = 0  # the slowest worker's own time: the rest of the round trip is the bus's
-        for trip, data in zip(trips, replies):
-            reply = _checked(data, trip, code, dim)
-            y[trip.t, trip.s] = reply.y
-            compute_us = max(compute_us, reply.compute_us)
+        if len(trips) == 1:  # one worker had every pair, in (token, slot) order: its reply is y
+            reply = _checked(replies[0], trips[0], code, dim)
+            y, compute_us = reply.y.reshape(xn.shape[0], k, dim), reply.compute_us
+        else:
+            y = self._buffer(xn.shape[0] * k * dim, xn.dtype).reshape(xn.shape[0], k, dim)
+            for trip, data in zip(trips, replies):
+                reply = _checked(data, trip, code, dim)
+                y[trip.t, trip.s] = reply.y
+                compute_us = max(compute_us, reply.compute_us)
         if self.stats is not None:
             pairs: dict[str, int] = {}
             for trip in trips:
