@@ -1,4 +1,5 @@
-"""Single-process mlx-lm on the same model: decode tokens/s at batch 1 and at batch 16.
+"""Single-process mlx-lm on the same model: decode tokens/s at batch 1 and at batch 16, and
+the time per token outside the experts at batch 1.
 
 Run as `python -m bench.baseline MODEL_DIR TOKENS` (its own process, with the fast BLAS, like
 the services); prints one JSON line.
@@ -29,12 +30,26 @@ def batch16(model, tokenizer, tokens: int) -> float:
     return 16 * tokens / (time.perf_counter() - t0)  # aggregate, as moebus's concurrency-16 figure
 
 
+def without_experts(model) -> None:
+    """The same model with every experts module answering zeros at once (through moebus's
+    own seam): what is left of a token's time is mlx-lm's time outside the experts."""
+    from services.router.bus_experts import install
+    from shared.model import find_experts
+
+    install(model, find_experts(model),
+            lambda layer, x, inds: mx.zeros((*x.shape[:-1], inds.shape[-1], x.shape[-1]), x.dtype))
+
+
 def main() -> None:
     path, tokens = sys.argv[1], int(sys.argv[2])
     model, tokenizer = load(path)
     batch1(model, [8, 9, 10], 4)  # warm up
-    print(json.dumps({"batch1_tok_s": round(batch1(model, [8, 9, 10], tokens), 2),
-                      "batch16_tok_s": round(batch16(model, tokenizer, tokens), 2)}))
+    out = {"batch1_tok_s": round(batch1(model, [8, 9, 10], tokens), 2),
+           "batch16_tok_s": round(batch16(model, tokenizer, tokens), 2)}
+    without_experts(model)
+    batch1(model, [8, 9, 10], 4)
+    out["non_expert_ms"] = round(1000 / batch1(model, [8, 9, 10], tokens), 2)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

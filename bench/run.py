@@ -59,6 +59,9 @@ def bus_figures(url: str, shape: dict) -> dict:
             # the round trip less the slowest worker's own compute: what the bus and hops cost
             "worker_compute_us_p50": round(1e6 * metric(text, "moebus_expert_compute_recent_seconds", '{quantile="0.5"}'), 1),
             "bus_share_us_p50": round(1e6 * metric(text, "moebus_expert_bus_recent_seconds", '{quantile="0.5"}'), 1),
+            # a decode step's time outside its expert round trips, p50 (one stream: one token)
+            "router_non_expert_ms": round(1e3 * metric(text, "moebus_router_step_outside_experts_recent_seconds",
+                                                       '{quantile="0.5"}'), 2),
             "raw_nats_rtt_us_p50": raw["p50"], "raw_nats_rtt_us_p99": raw["p99"]}
 
 
@@ -105,6 +108,7 @@ def bench_model(path: Path, workers: list[int], concurrency: list[int], tokens: 
             overlap.append({"workers": w2, "concurrency": c, "tok_s_one_batch": one["tok_s"],
                             "tok_s_two_micro_batches": two["tok_s"], "itl_ms_p50_one_batch": one["itl_ms_p50"],
                             "gain": round(two["tok_s"] / one["tok_s"], 2)})
+    figures["mlx_lm_non_expert_ms"] = mlx_lm["non_expert_ms"]
     return {"model": models.describe(path), "mlx_lm_tok_s": mlx_lm, "mlx_lm_tok_s_all_cores": mlx_lm_all_cores,
             "runs": runs, "bus": figures,
             "overlap": overlap, "worker_memory": memory,
@@ -129,6 +133,8 @@ def ratios(runs: list[dict], mlx_lm: dict, figures: dict, workers: list[int], co
         "bus_vs_raw": round(figures["layer_rtt_us_p50"] / figures["raw_nats_rtt_us_p50"], 2),
         "bus_share_vs_raw": round(figures["bus_share_us_p50"] / figures["raw_nats_rtt_us_p50"], 2),
         "one_worker_vs_mlx_lm": round(decode_1 / mlx_lm["batch1_tok_s"], 2),
+        "two_workers_vs_mlx_lm": round(1000 / get(min(2, workers[-1]), 1)["itl_ms_p50"] / mlx_lm["batch1_tok_s"], 2),
+        "router_vs_mlx_lm_non_expert": round(figures["router_non_expert_ms"] / mlx_lm["non_expert_ms"], 2),
         "c16_vs_mlx_lm_batch16": round(get(min(2, workers[-1]), top)["tok_s"] / mlx_lm["batch16_tok_s"], 2),
         "more_workers_never_slower": all(b >= a for a, b in zip(at_top, at_top[1:])),
     }
@@ -149,6 +155,8 @@ def table(name: str, res: dict) -> str:
                  f"bare nats-py {b['raw_nats_rtt_us_p50']}/{b['raw_nats_rtt_us_p99']} µs")
     lines.append(f"  of which the slowest worker's compute p50 {b['worker_compute_us_p50']} µs, "
                  f"the bus and its hops {b['bus_share_us_p50']} µs")
+    lines.append(f"time per token outside the experts, one stream: router {b['router_non_expert_ms']} ms, "
+                 f"mlx-lm {b['mlx_lm_non_expert_ms']} ms")
     for o in res["overlap"]:
         lines.append(f"two micro-batches, {o['workers']} workers, {o['concurrency']} streams: "
                      f"{o['tok_s_two_micro_batches']} vs {o['tok_s_one_batch']} tok/s ({o['gain']}x)")

@@ -88,9 +88,11 @@ def pick_lane(sizes: list[int], caps: list[int], split_at: int) -> int:
 class Engine:
     def __init__(self, model: nn.Module, tokenizer: Any, limits: EngineLimits, publish: Publish,
                  max_context: int = 1 << 31,
-                 before_step: Callable[[], None] = lambda: None) -> None:
+                 before_step: Callable[[], None] = lambda: None,
+                 after_step: Callable[[float], None] = lambda seconds: None) -> None:
         self.model = model
         self.before_step = before_step  # e.g. switch to a new placement: never inside a step
+        self.after_step = after_step  # a decode step's wall time, for the metrics
         self.max_context = max_context
         self.publish = publish
         self._out: list[tuple[str, GenerateEvent]] = []
@@ -209,6 +211,7 @@ class Engine:
     def _step(self) -> bool:
         self.before_step()
         busy = [lane for lane in self.lanes if lane.seqs]
+        started = time.perf_counter()
         # Lanes with threads start at once and take turns (the baton) with the one run here.
         pending = [lane.thread.submit(self._lane_step, lane) for lane in busy if lane.thread is not None]
         try:
@@ -218,6 +221,8 @@ class Engine:
         finally:  # never leave a lane running on its own past this step
             for fut in pending:
                 fut.result()
+        if busy:
+            self.after_step(time.perf_counter() - started)
         now = time.monotonic()
         for seq in [s for s in self.queue if now > s.deadline]:
             self.queue.remove(seq)

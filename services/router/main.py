@@ -76,7 +76,8 @@ def load_router_model(cfg: RouterConfig, client: ExpertClient, publish: Publish)
     tokenizer = load_tokenizer(cfg.model)
     client.stats = ExchangeStats(info.moe_layers, info.num_experts)
     client.table = client.latest = Table.empty(info.num_experts)
-    engine = Engine(model, tokenizer, cfg.limits, publish, info.max_context, before_step=client.adopt)
+    engine = Engine(model, tokenizer, cfg.limits, publish, info.max_context, before_step=client.adopt,
+                    after_step=client.stats.record_step)
     client.while_waiting = engine.baton.released  # a lane waiting on its experts lets the other compute
     return Loaded(
         engine,

@@ -25,17 +25,28 @@ class ExchangeStats:
         self.recent = np.zeros(2048)  # the last round trips, for exact quantiles
         self.recent_compute = np.zeros(2048)  # the slowest worker's own compute in each of them
         self.calls = 0
+        # Each decode step's wall time less the round trips it waited on: the router's own time
+        # (attention, gates, sampling, planning). Two lanes overlap, so there it is a lower bound.
+        self.recent_outside = np.zeros(512)
+        self.steps = 0
+        self._in_step = 0.0
 
     def record(self, layer: int, seconds: float, compute: float, experts: np.ndarray,
                pairs: dict[str, int], nbytes: int) -> None:
         self.rtt_counts[layer, np.searchsorted(RTT_BUCKETS, seconds)] += 1
         self.rtt_sum[layer] += seconds
+        self._in_step += seconds
         self.recent[self.calls % len(self.recent)] = seconds
         self.recent_compute[self.calls % len(self.recent)] = compute
         self.calls += 1
         self.expert_tokens += np.bincount(experts.ravel(), minlength=len(self.expert_tokens))
         self.worker_pairs.update(pairs)
         self.payload_bytes += nbytes
+
+    def record_step(self, seconds: float) -> None:
+        self.recent_outside[self.steps % len(self.recent_outside)] = max(0.0, seconds - self._in_step)
+        self.steps += 1
+        self._in_step = 0.0
 
 
 class RouterCollector:
@@ -79,6 +90,13 @@ class RouterCollector:
             for q in (0.5, 0.99):
                 family.add_metric([str(q)], float(np.quantile(values, q)) if n else 0.0)
             yield family
+        outside = GaugeMetricFamily("moebus_router_step_outside_experts_recent_seconds",
+                                    f"Quantiles of the last {len(s.recent_outside)} decode steps' time outside "
+                                    "their expert round trips", labels=["quantile"])
+        n = min(s.steps, len(s.recent_outside))
+        for q in (0.5, 0.99):
+            outside.add_metric([str(q)], float(np.quantile(s.recent_outside[:n], q)) if n else 0.0)
+        yield outside
         for name, value in self.gauges().items():
             yield GaugeMetricFamily(f"moebus_{name}", name.replace("_", " "), value=value)
         steps = CounterMetricFamily("moebus_micro_batch_steps", "Decode steps each micro-batch lane ran",

@@ -21,14 +21,18 @@ def test_quick_benchmark_writes_results(tmp_path: Path):
                    cwd=ROOT, check=True, capture_output=True, timeout=600)
     r = json.loads(out.read_text())
     assert r["machine"]["cores"] >= 1 and r["model"]["shape"]["num_local_experts"] == 4
-    assert set(r["mlx_lm_tok_s"]) == set(r["mlx_lm_tok_s_all_cores"]) == {"batch1_tok_s", "batch16_tok_s", "blas_threads"}
+    assert set(r["mlx_lm_tok_s"]) == set(r["mlx_lm_tok_s_all_cores"]) == {"batch1_tok_s", "batch16_tok_s",
+                                                                          "non_expert_ms", "blas_threads"}
     assert {(x["workers"], x["concurrency"]) for x in r["runs"]} == {(1, 1), (1, 2), (2, 1), (2, 2)}
     assert all(x["completed"] == x["concurrency"] and x["tokens"] == 3 * x["concurrency"] for x in r["runs"])
     assert {"payload_bytes", "layer_rtt_us_p50", "layer_rtt_us_p99", "raw_nats_rtt_us_p50"} <= set(r["bus"])
     assert r["bus"]["payload_bytes"] > 64 * 4  # at least one token's hidden state travelled
-    assert set(r["ratios"]) == {"bus_vs_raw", "bus_share_vs_raw", "one_worker_vs_mlx_lm",
-                                "c16_vs_mlx_lm_batch16", "more_workers_never_slower"}
+    assert set(r["ratios"]) == {"bus_vs_raw", "bus_share_vs_raw", "one_worker_vs_mlx_lm", "two_workers_vs_mlx_lm",
+                                "router_vs_mlx_lm_non_expert", "c16_vs_mlx_lm_batch16", "more_workers_never_slower"}
     assert 0 < r["bus"]["worker_compute_us_p50"] < r["bus"]["layer_rtt_us_p50"]
+    # a token's time outside the experts: the router's own, and mlx-lm's with its experts answering zeros
+    assert 0 < r["bus"]["router_non_expert_ms"] and 0 < r["bus"]["mlx_lm_non_expert_ms"]
+    assert r["mlx_lm_tok_s"]["non_expert_ms"] < 1000 / r["mlx_lm_tok_s"]["batch1_tok_s"]
     # the overlap run: two micro-batches at every concurrency above 1
     assert [(o["workers"], o["concurrency"]) for o in r["overlap"]] == [(2, 2)]
     assert r["overlap"][0]["tok_s_two_micro_batches"] > 0
