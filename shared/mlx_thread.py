@@ -12,11 +12,14 @@ MLX work (graph building and `mx.eval`) never runs there; it runs on one MLX own
 - router: the MLX thread loads the model and runs the engine as its `background` step. With two
   micro-batches the engine runs the second lane on a thread of its own (`MLXThread("mlx-lane1")`)
   and the lanes take turns at MLX through the engine's `Baton`: one thread builds or evaluates
-  graphs at a time. A MoE layer's call (`services.router.exchange.ExpertClient.__call__`) runs
-  on its lane's thread: it evaluates the layer's hidden state and gate choices, plans one
-  message per worker, hands the fan-out to the event loop (`run_coroutine_threadsafe`),
-  releases the baton while it waits so the other lane computes, and places the replies into
-  MLX arrays when they are back (lane thread -> loop -> lane thread).
+  graphs at a time. Each lane thread has a NATS connection and event loop of its own
+  (`services.router.exchange.LaneBus`). A MoE layer's call (`ExpertClient.__call__`) runs on
+  its lane's thread: it evaluates the layer's hidden state and gate choices, plans one message
+  per worker, runs the fan-out on the lane's own loop while the baton is released (so the
+  other lane computes meanwhile), and places the replies into MLX arrays: no thread crossed.
+  The main loop tells the lanes of placement changes and dead workers through
+  `call_soon_threadsafe` on their loops, and has each idle lane's loop run every few seconds
+  so its connection answers the server's PINGs.
 - Blocking work that is not MLX (tokenizing a prompt, hashing a fetched file) goes to
   `asyncio.to_thread`, off the loop.
 

@@ -1,18 +1,19 @@
 """One MoE layer's trip over the bus: split the pairs by worker, fan out, gather.
 
-Called on the router's MLX thread from inside the model's forward pass; the requests
-themselves run on the event loop, and the MLX thread waits for them.
+Called on a lane's MLX thread from inside the model's forward pass; the requests run on that
+thread too, on its own connection and event loop (LaneBus), so a layer call crosses no thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import re
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import mlx.core as mx
 import numpy as np
@@ -20,12 +21,15 @@ from nats.aio.client import Client
 
 from services.router.metrics import ExchangeStats
 from shared.arrays import to_mlx, to_numpy, wire_dtype
-from shared.bus import request
+from shared.bus import close, request
+from shared.mlx_thread import new_loop
 from services.router.registry import Table
 from shared.errors import BusError, BusTimeout, MoebusError, NoResponders, NotReady, RemoteError, WireError
 from shared.wire import ExpertReply, decode_reply, decode_request, encode_reply, encode_request
 
 _HEADER_ROOM = 64
+_PUMP_AFTER_S = 1.0  # an idle lane's loop runs this often, to answer the server's PINGs
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -75,25 +79,86 @@ class Resend(Exception):
         self.experts = experts  # those the worker does not hold; None: avoid it altogether
 
 
-class ExpertClient:
-    """The `Exchange` the router's BusExperts call; routes by the active placement's table."""
+class LaneBus:
+    """A lane thread's own NATS connection and event loop: its layer calls publish, wait and
+    read their replies on that thread, never handing off to the main loop. The loop runs only
+    inside a call, or in a `pump` between steps (to answer the server's PINGs)."""
 
-    def __init__(self, nc: Client, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+    def __init__(self) -> None:
+        self.loop = new_loop()
+        asyncio.set_event_loop(self.loop)
+        self.nc: Client | None = None
+        self.ran_at = time.monotonic()
+        # Calls waiting on each subject (this loop only): a worker found dead ends them at once.
+        self.waiting: dict[str, dict[asyncio.Task, float]] = {}
+        self.lost: dict[asyncio.Task, str] = {}
+        self.changed = asyncio.Event()  # set when the routing table changes
+
+    def pulse(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        try:
+            return self.loop.run_until_complete(coro)
+        finally:
+            self.ran_at = time.monotonic()
+
+    def soon(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run `fn` on this lane's loop, from any thread (when it next runs)."""
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # closed: the lane has stopped
+            pass
+
+
+class ExpertClient:
+    """The `Exchange` the router's BusExperts call; routes by the active placement's table.
+
+    Each lane thread `attach`es a LaneBus of its own; the table, failures and readiness come
+    from the main loop, which reaches the lanes' loops only through `LaneBus.soon`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float,
+                 connect: Callable[[Callable[[], None]], Awaitable[Client]]) -> None:
         self.stats: ExchangeStats | None = None  # set once the model is known
-        self.nc = nc
-        self.loop = loop
+        self.loop = loop  # the main loop: readiness (on_failure) is told there
         self.timeout_s = timeout_s
+        self._connect = connect  # a lane's connection, given what to do when it drops
+        self._lanes: dict[int, LaneBus] = {}  # thread id -> its bus
         self.table = Table.empty()  # what this decode step routes by (MLX threads read it)
         self.latest = Table.empty()  # the newest: adopted at the next step, used by re-sends now
-        self._changed = asyncio.Event()  # set when `latest` changes (event loop only)
         self.unplaceable: frozenset[int] = frozenset()
         # What a lane does while it waits on the bus: the engine hands MLX to the other lane.
         self.while_waiting: Callable[[], AbstractContextManager] = nullcontext
         self._y = np.empty(0, np.float32)  # replies are gathered here, reused while big enough
-        # Calls waiting on each subject (event loop only): a worker found dead ends them at once.
-        self._waiting: dict[str, dict[asyncio.Task, float]] = {}
-        self._lost: dict[asyncio.Task, str] = {}
         self.on_failure: Callable[[str, BusError], None] = lambda subject, error: None
+
+    def attach(self) -> None:
+        """On a lane's thread, before its first step: its own connection and loop."""
+        bus = LaneBus()
+        # Calls in flight when it drops are re-sent: nats-py sends them once it has reconnected
+        # (`moebus up` restarts a dead nats-server at once), within each call's deadline.
+        bus.nc = bus.run(self._connect(lambda: self._fail(bus, None, "the bus connection was lost", True)))
+        self._lanes[threading.get_ident()] = bus
+
+    def pump(self) -> None:
+        """On a lane's thread between steps: let an idle lane's connection answer the server,
+        and give one that lost the server time to reconnect before the next step needs it."""
+        bus = self._lanes.get(threading.get_ident())
+        if bus is None or bus.nc is None:
+            return
+        if not bus.nc.is_connected and not bus.nc.is_closed:
+            bus.run(asyncio.sleep(0.2))
+        elif time.monotonic() - bus.ran_at > _PUMP_AFTER_S:
+            bus.run(asyncio.sleep(0.001))
+
+    def detach(self) -> None:
+        """On a lane's thread, at shutdown: close its connection and loop."""
+        bus = self._lanes.pop(threading.get_ident(), None)
+        if bus is not None:
+            if bus.nc is not None:
+                bus.run(close(bus.nc))
+            bus.loop.close()
 
     def set_table(self, table: Table) -> None:
         """A new placement or membership (event loop). Whole objects are swapped, so a thread
@@ -107,8 +172,8 @@ class ExpertClient:
         self._pulse()
 
     def _pulse(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        for bus in list(self._lanes.values()):
+            bus.soon(bus.pulse)
 
     def adopt(self) -> None:
         """Between decode steps (MLX thread): route by the newest table from now on."""
@@ -122,15 +187,15 @@ class ExpertClient:
         mx.eval(xf, idx)
         code = wire_dtype(xf)
         xn, inds = to_numpy(xf), np.asarray(idx)
-        trips = plan_trips(layer, code, xn, inds, self.table, self.nc.max_payload)
+        bus = self._lanes[threading.get_ident()]
+        trips = plan_trips(layer, code, xn, inds, self.table, bus.nc.max_payload)
         start = time.perf_counter()
-        gather = asyncio.run_coroutine_threadsafe(self._fan_out(trips), self.loop)
         try:
             with self.while_waiting():
-                replies = gather.result(self.timeout_s + 5)  # the requests time out first
+                # the requests time out first
+                replies = bus.run(asyncio.wait_for(self._fan_out(bus, trips), self.timeout_s + 5))
                 seconds = time.perf_counter() - start  # not the wait for the baton to come back
-        except concurrent.futures.TimeoutError:
-            gather.cancel()
+        except asyncio.TimeoutError:
             raise BusTimeout(f"layer {layer}: no expert replies within {self.timeout_s + 5:g}s") from None
         compute_us = 0  # the slowest worker's own time: the rest of the round trip is the bus's
         if len(trips) == 1:  # one worker had every pair, in (token, slot) order: its reply is y
@@ -160,44 +225,51 @@ class ExpertClient:
     def fail_calls(self, subject: str | None, why: str, resend: bool = True) -> None:
         """Every call waiting on `subject` (None: on any) ends now: its worker is gone (dropped,
         or the bus itself went), so no reply will come. With `resend` its pairs go to their
-        experts' other or new owners."""
-        for s in [subject] if subject is not None else list(self._waiting):
-            for task in self._waiting.get(s, ()):
-                self._lost[task] = why if not resend else ""
+        experts' other or new owners. From the main loop; each lane ends its own calls."""
+        for bus in list(self._lanes.values()):
+            bus.soon(self._fail, bus, subject, why, resend)
+
+    @staticmethod
+    def _fail(bus: LaneBus, subject: str | None, why: str, resend: bool) -> None:
+        for s in [subject] if subject is not None else list(bus.waiting):
+            for task in bus.waiting.get(s, ()):
+                bus.lost[task] = why if not resend else ""
                 task.cancel()
 
     def stuck(self, after_s: float) -> list[str]:
         """Subjects with a call waiting longer than `after_s`: is their worker still there?"""
         now = time.monotonic()
-        return [s for s, calls in self._waiting.items() if any(now - t > after_s for t in calls.values())]
+        return sorted({s for bus in list(self._lanes.values()) for s, calls in list(bus.waiting.items())
+                       if any(now - t > after_s for t in list(calls.values()))})
 
-    async def _fan_out(self, trips: list[Trip]) -> list[bytes]:
+    async def _fan_out(self, bus: LaneBus, trips: list[Trip]) -> list[bytes]:
         deadline = time.monotonic() + self.timeout_s
-        tasks = [asyncio.ensure_future(self._call(t, deadline)) for t in trips]
+        tasks = [asyncio.ensure_future(self._call(bus, t, deadline)) for t in trips]
         try:
             return await asyncio.gather(*tasks)
-        except MoebusError:
+        except (MoebusError, asyncio.CancelledError):
             for task in tasks:
                 task.cancel()
+            await asyncio.wait(tasks)  # none is left pending on a loop that stops after this call
             raise
 
-    async def _call(self, trip: Trip, deadline: float, avoid: Avoid = (), cause: str = "") -> bytes:
+    async def _call(self, bus: LaneBus, trip: Trip, deadline: float, avoid: Avoid = (), cause: str = "") -> bytes:
         if not trip.subject:
-            return await self._resend(trip, deadline, avoid, cause)
+            return await self._resend(bus, trip, deadline, avoid, cause)
         try:
-            return await self._request(trip, deadline)
+            return await self._request(bus, trip, deadline)
         except Resend as e:
-            return await self._resend(trip, deadline, (*avoid, (trip.subject, e.experts)), str(e))
+            return await self._resend(bus, trip, deadline, (*avoid, (trip.subject, e.experts)), str(e))
 
-    async def _request(self, trip: Trip, deadline: float) -> bytes:
+    async def _request(self, bus: LaneBus, trip: Trip, deadline: float) -> bytes:
         task = asyncio.current_task()
-        assert task is not None
-        waiting = self._waiting.setdefault(trip.subject, {})
+        assert task is not None and bus.nc is not None
+        waiting = bus.waiting.setdefault(trip.subject, {})
         started = waiting[task] = time.monotonic()
         try:
-            return await request(self.nc, trip.subject, trip.payload, max(0.01, deadline - started))
+            return await request(bus.nc, trip.subject, trip.payload, max(0.01, deadline - started))
         except asyncio.CancelledError:
-            why = self._lost.get(task)
+            why = bus.lost.get(task)
             if why is None or task.cancelling() > 1:  # cancelled by its layer call too: stop
                 raise
             task.uncancel()
@@ -207,7 +279,8 @@ class ExpertClient:
         except (NoResponders, BusTimeout) as e:
             waiting.pop(task, None)  # not among the calls its drop ends: this one re-sends itself
             if isinstance(e, NoResponders) or deadline - started >= 0.9 * self.timeout_s:
-                self.on_failure(trip.subject, e)  # readiness follows real failures, not only heartbeats
+                # readiness follows real failures, not only heartbeats (told on the main loop)
+                self.loop.call_soon_threadsafe(self.on_failure, trip.subject, e)
             if time.monotonic() >= deadline:
                 raise
             raise Resend(str(e)) from None
@@ -216,12 +289,12 @@ class ExpertClient:
                 raise Resend(str(e), not_held(e.description)) from None
             raise
         finally:
-            self._lost.pop(task, None)
+            bus.lost.pop(task, None)
             waiting.pop(task, None)
             if not waiting:
-                self._waiting.pop(trip.subject, None)
+                bus.waiting.pop(trip.subject, None)
 
-    async def _resend(self, trip: Trip, deadline: float, avoid: Avoid, cause: str) -> bytes:
+    async def _resend(self, bus: LaneBus, trip: Trip, deadline: float, avoid: Avoid, cause: str) -> bytes:
         """Ask the trip's experts of their current owners, once the placement gives every one of
         them a live owner other than those that failed; until the call's deadline."""
         req = decode_request(trip.payload)
@@ -239,11 +312,11 @@ class ExpertClient:
                 raise NotReady(f"experts {missing} of layer {req.layer} found no live worker within "
                                f"{self.timeout_s:g}s{why}")
             try:
-                await asyncio.wait_for(self._changed.wait(), deadline - time.monotonic())
+                await asyncio.wait_for(bus.changed.wait(), deadline - time.monotonic())
             except asyncio.TimeoutError:
                 pass
-        trips = plan_trips(req.layer, req.dtype, x, inds, table, self.nc.max_payload)
-        replies = await asyncio.gather(*(self._call(t, deadline, avoid, cause) for t in trips))
+        trips = plan_trips(req.layer, req.dtype, x, inds, table, bus.nc.max_payload)
+        replies = await asyncio.gather(*(self._call(bus, t, deadline, avoid, cause) for t in trips))
         y = np.empty((len(req.experts), x.shape[1]), x.dtype)
         compute_us = 0
         for sub, data in zip(trips, replies):

@@ -79,6 +79,8 @@ def load_router_model(cfg: RouterConfig, client: ExpertClient, publish: Publish)
     engine = Engine(model, tokenizer, cfg.limits, publish, info.max_context, before_step=client.adopt,
                     after_step=client.stats.record_step)
     client.while_waiting = engine.baton.released  # a lane waiting on its experts lets the other compute
+    for lane in engine.lanes:
+        lane.call(client.attach)  # each lane's own connection (shared.mlx_thread)
     return Loaded(
         engine,
         PromptEncoder(tokenizer, info.max_context, cfg.max_prompt_tokens),
@@ -265,11 +267,10 @@ async def serve(cfg: RouterConfig) -> None:
     router: Router | None = None
     try:
         async with AsyncExitStack() as stack:
-            # With the bus gone, no reply to a call in flight will come: fail them now.
-            nc = await connect(cfg.nats_url, name="moebus-router", creds=cfg.creds,
-                               on_disconnect=lambda: client.fail_calls(None, "the bus connection was lost",
-                                                                       resend=False))
-            client = ExpertClient(nc, loop, cfg.expert_timeout_s)
+            nc = await connect(cfg.nats_url, name="moebus-router", creds=cfg.creds)
+            # Each lane's connection: with it gone, no reply to its calls will come; they fail now.
+            client = ExpertClient(loop, cfg.expert_timeout_s, lambda on_disconnect: connect(
+                cfg.nats_url, name="moebus-router-lane", creds=cfg.creds, on_disconnect=on_disconnect))
             stack.push_async_callback(close, nc)
             router = Router(cfg, client, mlx)
 
@@ -320,6 +321,8 @@ async def serve(cfg: RouterConfig) -> None:
             log.info("router loaded", model=m.info.name, moe_layers=m.info.moe_layers, experts=m.info.num_experts,
                      replicas=cfg.replicas)
             async for _ in ticks(stop, cfg.tick_s):
+                for lane in m.engine.lanes:  # an idle lane's connection answers the server's PINGs
+                    (lane.thread or mlx).submit(client.pump)
                 router.expire()
                 await router.probe(nc)
                 router.advance()
@@ -329,5 +332,7 @@ async def serve(cfg: RouterConfig) -> None:
             await asyncio.sleep(0.1)
     finally:
         if router is not None and router.m is not None:
+            for lane in router.m.engine.lanes:
+                await asyncio.wrap_future((lane.thread or mlx).submit(router.client.detach))
             await mlx.run(router.m.engine.close)  # its lane thread frees its MLX streams
         mlx.stop()

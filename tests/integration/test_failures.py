@@ -23,10 +23,11 @@ BODY = {"model": MODEL, "prompt": "w1 w2", "max_tokens": 3, "temperature": 0}
 
 
 class Services:
-    def __init__(self, model: Path, tmp: Path, router_args: tuple[str, ...] = ("--expert-timeout", "2")) -> None:
+    def __init__(self, model: Path, tmp: Path, router_args: tuple[str, ...] = ("--expert-timeout", "2"),
+                 nats_conf: str = "") -> None:
         self.model, self.tmp = model, tmp
         port = free_port()
-        self.nats = start_nats(port, tmp / "nats")
+        self.nats = start_nats(port, tmp / "nats", extra=nats_conf)
         self.nats_url = f"nats://127.0.0.1:{port}"
         self.http_port = free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
