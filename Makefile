@@ -33,6 +33,7 @@ clean:
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.hops
 	$(BIN)/python -m bench.load
 	$(BIN)/python -m bench.balance
 

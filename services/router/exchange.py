@@ -28,6 +28,9 @@ from shared.errors import BusError, BusTimeout, MoebusError, NoResponders, NotRe
 from shared.wire import ExpertReply, decode_reply, decode_request, encode_reply, encode_request
 
 _HEADER_ROOM = 64
+# What a call ended from outside does next (LaneBus.lost): fail, or ask its experts' other
+# owners (its worker left), or ask the same worker again (only the connection dropped).
+FAIL, ELSEWHERE, AGAIN = "fail", "elsewhere", "again"
 _PUMP_AFTER_S = 1.0  # an idle lane's loop runs this often, to answer the server's PINGs
 T = TypeVar("T")
 
@@ -91,7 +94,7 @@ class LaneBus:
         self.ran_at = time.monotonic()
         # Calls waiting on each subject (this loop only): a worker found dead ends them at once.
         self.waiting: dict[str, dict[asyncio.Task, float]] = {}
-        self.lost: dict[asyncio.Task, str] = {}
+        self.lost: dict[asyncio.Task, tuple[str, str]] = {}  # a call ended from outside: (then, why)
         self.changed = asyncio.Event()  # set when the routing table changes
 
     def pulse(self) -> None:
@@ -136,9 +139,10 @@ class ExpertClient:
     def attach(self) -> None:
         """On a lane's thread, before its first step: its own connection and loop."""
         bus = LaneBus()
-        # Calls in flight when it drops are re-sent: nats-py sends them once it has reconnected
-        # (`moebus up` restarts a dead nats-server at once), within each call's deadline.
-        bus.nc = bus.run(self._connect(lambda: self._fail(bus, None, "the bus connection was lost", True)))
+        # Calls in flight when it drops are sent again, to the same workers: nats-py sends them
+        # once it has reconnected (`moebus up` restarts a dead nats-server at once), within each
+        # call's deadline.
+        bus.nc = bus.run(self._connect(lambda: self._fail(bus, None, "its connection dropped", AGAIN)))
         self._lanes[threading.get_ident()] = bus
 
     def pump(self) -> None:
@@ -227,13 +231,13 @@ class ExpertClient:
         or the bus itself went), so no reply will come. With `resend` its pairs go to their
         experts' other or new owners. From the main loop; each lane ends its own calls."""
         for bus in list(self._lanes.values()):
-            bus.soon(self._fail, bus, subject, why, resend)
+            bus.soon(self._fail, bus, subject, why, ELSEWHERE if resend else FAIL)
 
     @staticmethod
-    def _fail(bus: LaneBus, subject: str | None, why: str, resend: bool) -> None:
+    def _fail(bus: LaneBus, subject: str | None, why: str, then: str) -> None:
         for s in [subject] if subject is not None else list(bus.waiting):
             for task in bus.waiting.get(s, ()):
-                bus.lost[task] = why if not resend else ""
+                bus.lost[task] = (then, why)
                 task.cancel()
 
     def stuck(self, after_s: float) -> list[str]:
@@ -269,13 +273,15 @@ class ExpertClient:
         try:
             return await request(bus.nc, trip.subject, trip.payload, max(0.01, deadline - started))
         except asyncio.CancelledError:
-            why = bus.lost.get(task)
-            if why is None or task.cancelling() > 1:  # cancelled by its layer call too: stop
+            lost = bus.lost.get(task)
+            if lost is None or task.cancelling() > 1:  # cancelled by its layer call too: stop
                 raise
             task.uncancel()
-            if why:
+            then, why = lost
+            if then == FAIL:
                 raise BusError(f"{trip.subject}: {why}") from None
-            raise Resend(f"{trip.subject}: its worker left") from None
+            # ELSEWHERE: to its experts' other or new owners; AGAIN: to the same worker
+            raise Resend(f"{trip.subject}: {why}", None if then == ELSEWHERE else frozenset()) from None
         except (NoResponders, BusTimeout) as e:
             waiting.pop(task, None)  # not among the calls its drop ends: this one re-sends itself
             if isinstance(e, NoResponders) or deadline - started >= 0.9 * self.timeout_s:

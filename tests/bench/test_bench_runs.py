@@ -32,7 +32,6 @@ def test_quick_benchmark_writes_results(tmp_path: Path):
     assert 0 < r["bus"]["worker_compute_us_p50"] < r["bus"]["layer_rtt_us_p50"]
     # a token's time outside the experts: the router's own, and mlx-lm's with its experts answering zeros
     assert 0 < r["bus"]["router_non_expert_ms"] and 0 < r["bus"]["mlx_lm_non_expert_ms"]
-    assert r["mlx_lm_tok_s"]["non_expert_ms"] < 1000 / r["mlx_lm_tok_s"]["batch1_tok_s"]
     # the overlap run: two micro-batches at every concurrency above 1
     assert [(o["workers"], o["concurrency"]) for o in r["overlap"]] == [(2, 2)]
     assert r["overlap"][0]["tok_s_two_micro_batches"] > 0
@@ -41,3 +40,17 @@ def test_quick_benchmark_writes_results(tmp_path: Path):
     assert mem["at_end"]["layer_calls"] > mem["after_warm_up"]["layer_calls"]
     workers = {w for w in mem["at_end"] if w != "layer_calls"}
     assert len(workers) == 2 and all(mem["at_end"][w]["active"] > 0 for w in workers)
+
+
+@pytest.mark.slow
+def test_hops_measures_a_hand_off_and_a_worker_answered_directly(tmp_path: Path):
+    from bench import models
+
+    model = models.build("tiny", tmp_path / "models")
+    out = subprocess.run([sys.executable, "-m", "bench.hops", "--model", str(model), "--n", "20"],
+                         cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    r = json.loads(out.stdout)
+    assert r["hand_off"]["other_thread_loop_us"] > 0 and r["hand_off"]["own_loop_us"] > 0
+    w = r["worker_direct"]
+    assert w["request_bytes"] > 64 * 4 and w["reply_bytes"] > 64 * 4
+    assert 0 < w["compute_us_p50"] < w["rtt_us_p50"] and w["bare_nats_us_p50"] > 0
