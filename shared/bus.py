@@ -109,11 +109,20 @@ async def close(nc: Client, timeout_s: float = 5.0) -> None:
     """Drain (finish in-flight handlers, flush), but never hang when the server is gone."""
     try:
         await asyncio.wait_for(nc.drain(), timeout_s)
-    except Exception:  # noqa: BLE001 - shutting down either way
+    except (Exception, asyncio.CancelledError):  # noqa: BLE001 - shutting down either way
+        _reraise_if_cancelled()
         try:
             await asyncio.wait_for(nc.close(), 2.0)
-        except Exception:  # noqa: BLE001 - the server went first: nothing left to close
-            pass
+        except (Exception, asyncio.CancelledError):  # noqa: BLE001 - the server went first
+            _reraise_if_cancelled()
+
+
+def _reraise_if_cancelled() -> None:
+    """With the server gone, nats-py's drain and close can raise CancelledError from their own
+    reconnect task; only a cancellation of the caller itself goes on up."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 _stopping: weakref.WeakSet = weakref.WeakSet()

@@ -159,9 +159,19 @@ class ExpertClient:
     def detach(self) -> None:
         """On a lane's thread, at shutdown: close its connection and loop."""
         bus = self._lanes.pop(threading.get_ident(), None)
-        if bus is not None:
+        if bus is None:
+            return
+        try:
             if bus.nc is not None:
                 bus.run(close(bus.nc))
+        except Exception:  # noqa: BLE001 - the server went first (Ctrl-C): nothing left to send
+            pass
+        finally:
+            left = asyncio.all_tasks(bus.loop)  # its reconnect attempts: ended, not destroyed pending
+            for task in left:
+                task.cancel()
+            if left:
+                bus.loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
             bus.loop.close()
 
     def set_table(self, table: Table) -> None:
