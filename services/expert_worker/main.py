@@ -284,6 +284,7 @@ async def serve(cfg: WorkerConfig) -> None:
             worker = Worker(cfg, me, info, capacity, mlx, nc.max_payload)
             worker.source = (js, manifest) if cfg.model is None else None
             worker.speed = await mlx.run(measure_speed)
+
             async def start_service():  # on the MLX thread's loop
                 svc = await add_service(
                     hot, name=subjects.SERVICE_WORKER, version=VERSION,
