@@ -24,13 +24,10 @@ GATEWAY_FLAGS = ("api_key", "max_body_bytes", "request_timeout", "header_timeout
 
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:
+    from shared.bus import new_loop
+
     try:
-        import uvloop  # ~1.5x faster bus round trips than the default loop
-        factory = uvloop.new_event_loop
-    except ImportError:
-        factory = None
-    try:
-        with asyncio.Runner(loop_factory=factory) as runner:
+        with asyncio.Runner(loop_factory=new_loop) as runner:
             runner.run(coro)
     finally:
         if "mlx.core" in sys.modules:  # this thread's streams, before the interpreter goes

@@ -44,6 +44,15 @@ class Throttled:
         log.warning(event, **kw, **({"repeats_held_back": held} if held else {}))
 
 
+def new_loop() -> asyncio.AbstractEventLoop:
+    """An event loop for a service's thread: uvloop's where installed."""
+    try:
+        import uvloop  # ~1.5x faster bus round trips than the default loop
+        return uvloop.new_event_loop()
+    except ImportError:
+        return asyncio.new_event_loop()
+
+
 async def connect(url: str, name: str, on_disconnect: Callable[[], None] | None = None,
                   creds: Creds | None = None) -> Client:
     throttled = Throttled()

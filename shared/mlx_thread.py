@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 import mlx.core as mx
 
+from shared.bus import new_loop
 from shared.logs import get_logger
 
 T = TypeVar("T")
@@ -97,20 +98,17 @@ class MLXThread:
                 mx.clear_streams()
                 return
             fn, fut = job
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn())
-                except BaseException as e:  # the caller decides what an error means
-                    fut.set_exception(e)
+            _settle(fut, fn)
             busy = self.background is not None  # a job may have added work: step next
 
 
-def new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop  # ~1.5x faster bus round trips than the default loop
-        return uvloop.new_event_loop()
-    except ImportError:
-        return asyncio.new_event_loop()
+def _settle(fut: Future, fn: Callable[[], Any]) -> None:
+    """Run a submitted job into its future, unless its caller cancelled it first."""
+    if fut.set_running_or_notify_cancel():
+        try:
+            fut.set_result(fn())
+        except BaseException as e:  # the caller decides what an error means
+            fut.set_exception(e)
 
 
 class LoopThread:
@@ -140,15 +138,8 @@ class LoopThread:
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         fut: Future[T] = Future()
 
-        def job() -> None:
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn(*args))
-                except BaseException as e:  # the caller decides what an error means
-                    fut.set_exception(e)
-
         try:
-            self.loop.call_soon_threadsafe(job)
+            self.loop.call_soon_threadsafe(_settle, fut, lambda: fn(*args))
         except RuntimeError:  # the loop is closed: nothing would ever run it
             fut.set_exception(RuntimeError(f"{self._thread.name} has stopped"))
         return fut

@@ -21,8 +21,7 @@ from nats.aio.client import Client
 
 from services.router.metrics import ExchangeStats
 from shared.arrays import to_mlx, to_numpy, wire_dtype
-from shared.bus import close, request
-from shared.mlx_thread import new_loop
+from shared.bus import close, new_loop, request
 from services.router.registry import Table
 from shared.errors import BusError, BusTimeout, MoebusError, NoResponders, NotReady, RemoteError, WireError
 from shared.wire import ExpertReply, decode_reply, decode_request, encode_reply, encode_request
