@@ -32,13 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextmanager
-def cluster(model: str | None, workers: int, log: Path, extra: tuple[str, ...] = ()) -> Iterator[str]:
+def cluster(model: str | None, workers: int, log: Path, extra: tuple[str, ...] = (),
+            env: dict[str, str] | None = None) -> Iterator[str]:
     """`moebus up` on free ports: yields its URL once /health is 200, stops it after."""
     port, nats_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "services.cli", "up", "--workers", str(workers), "--port", str(port),
            "--nats-port", str(nats_port), *extra] + (["--model", model] if model else [])
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(1500):

@@ -2,7 +2,7 @@
 
 `mixtral-0.5b` is the NOTES model (d 1024, 8 layers, 8 experts, ffn 2048, vocab 32000: ~0.49B
 parameters); `thin` is many thin layers where the bus dominates (24 layers, d 512, 32 experts,
-top-4); `tiny` is for the suite's check that the benchmark runs.
+top-4); `flash` has experts much larger than its benchmark's memory budget; `tiny` is for the suite's check that the benchmark runs.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ SPECS: dict[str, dict] = {
                          num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000),
     "thin": dict(hidden_size=512, intermediate_size=256, num_hidden_layers=24, num_attention_heads=8,
                  num_key_value_heads=4, num_local_experts=32, num_experts_per_tok=4, vocab_size=8000),
+    # experts 4x the flash benchmark's budget: 8 layers x 16 experts x 6 MiB records (768 MiB)
+    "flash": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=4, num_local_experts=16, num_experts_per_tok=2, vocab_size=4000),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=300),
 }

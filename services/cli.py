@@ -92,6 +92,40 @@ def cmd_worker(a: argparse.Namespace) -> None:
     _run(serve(cfg))
 
 
+def cmd_bundle(a: argparse.Namespace) -> None:
+    from services.flash_cache.bundle import ensure_bundle, open_bundle
+    path = ensure_bundle(_model(a.model), Path(a.out).expanduser().resolve() if a.out else None, home())
+    m = open_bundle(path)
+    print(f"moebus: bundle of {m.name} in {path}: {m.moe_layers} MoE layers x {m.num_experts} experts, "
+          f"{m.record_bytes} bytes per expert record, {m.moe_layers * m.num_experts * m.stride} bytes")
+
+
+def cmd_flash_cache(a: argparse.Namespace) -> None:
+    from services.expert_worker.main import WorkerConfig, serve, spare_memory
+    from services.flash_cache.bundle import ensure_bundle, open_bundle
+    from services.flash_cache.store import FlashConfig
+    model = setting(a.model, "MOEBUS_MODEL", "", str)
+    if a.bundle and not model:
+        bundle = Path(a.bundle).expanduser().resolve()
+        open_bundle(bundle)
+    else:  # the model's bundle, written on first use
+        bundle = ensure_bundle(_model(model), Path(a.bundle).expanduser().resolve() if a.bundle else None, home())
+    budget = setting(a.memory_budget, "MOEBUS_MEMORY_BUDGET", "", str)
+    window = setting(a.window, "MOEBUS_WINDOW", D.WINDOW, int)
+    if window < 0:
+        raise ConfigError(f"--window must be 0 or more, not {window}")
+    threads = int(positive(setting(a.read_threads, "MOEBUS_READ_THREADS", D.READ_THREADS, int), "--read-threads"))
+    policy, mode = setting(a.policy, "MOEBUS_FLASH_POLICY", D.FLASH_POLICIES[0], str), setting(
+        a.mode, "MOEBUS_FLASH_MODE", D.FLASH_MODES[0], str)
+    trace = setting(a.trace, "MOEBUS_FLASH_TRACE", "", str)
+    flash = FlashConfig(bundle=bundle, budget=parse_size(budget) if budget else spare_memory(), window=window,
+                        policy=policy, mode=mode, read_threads=threads, trace=Path(trace) if trace else None)
+    creds = _creds(a, "worker")
+    cfg = WorkerConfig(nats_url=_nats(a), creds=creds, identity=creds.user if creds else "", model=None,
+                       flash=flash)
+    _run(serve(cfg))
+
+
 def parse_size(text: str) -> int:
     """Bytes from "2G", "512M", "1.5GB" or a plain number."""
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -143,6 +177,7 @@ def cmd_up(a: argparse.Namespace) -> None:
         raise ConfigError("moebus up --creds takes a cluster directory (each service takes its own file from it)")
     if nats_url:  # a server of its own: refuse it now rather than in every child
         _creds(a, "router")
+    budget = setting(a.memory_budget, "MOEBUS_MEMORY_BUDGET", "", str)
     cfg = UpConfig(
         creds_dir=str(Path(creds).expanduser().resolve()) if creds else "",
         insecure=_insecure(a), nats_host=setting(a.nats_host, "MOEBUS_NATS_HOST", D.NATS_HOST, str),
@@ -152,6 +187,8 @@ def cmd_up(a: argparse.Namespace) -> None:
         nats_port=setting(a.nats_port, "MOEBUS_NATS_PORT", D.NATS_PORT, int),
         router_args=_forward(a, ROUTER_FLAGS), gateway_args=_forward(a, GATEWAY_FLAGS),
         worker_args=_forward(a, WORKER_FLAGS),
+        memory_budget=parse_size(budget) if budget else None,
+        window=setting(a.window, "MOEBUS_WINDOW", D.WINDOW, int),
     )
     sys.exit(up(cfg))
 
@@ -199,6 +236,11 @@ def _worker_flags(sp: argparse.ArgumentParser) -> None:
                                             "what the machine has free)")
 
 
+def _flash_flags(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--window", type=int, help="experts used by the last K tokens of a layer stay in memory "
+                                               f"(MOEBUS_WINDOW, default {D.WINDOW})")
+
+
 def _gateway_flags(sp: argparse.ArgumentParser, listen: bool) -> None:
     if listen:
         sp.add_argument("--host", help=f"listen host (MOEBUS_HOST, default {D.HOST})")
@@ -241,6 +283,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--secure", action="store_true", help="the default: per-service NATS users and permissions")
     _router_flags(up)
     _worker_flags(up)
+    _flash_flags(up)
     _gateway_flags(up, listen=True)
     init = sub.add_parser("init-cluster", help="credentials and nats-server config for a secured cluster")
     init.add_argument("--dir", help="where to write them (default: $MOEBUS_HOME/cluster, where services look)")
@@ -257,12 +300,28 @@ def parser() -> argparse.ArgumentParser:
     st = service("status", cmd_status, "workers, placement and expert load of a running cluster", model=False)
     st.add_argument("--json", action="store_true", help="machine-readable output")
     _gateway_flags(service("gateway", cmd_gateway, "the HTTP API", model=False), listen=True)
+    fc = service("flash-cache", cmd_flash_cache, "experts served from SSD through a fixed memory budget")
+    fc.add_argument("--bundle", help="the bundle to serve (default: the model's, written on first use under "
+                                     "$MOEBUS_HOME/bundles)")
+    fc.add_argument("--memory-budget", help="memory for expert slots, e.g. 512MiB (MOEBUS_MEMORY_BUDGET; default: "
+                                            "80%% of what the machine has free)")
+    _flash_flags(fc)
+    fc.add_argument("--policy", choices=D.FLASH_POLICIES, help="eviction outside the window (MOEBUS_FLASH_POLICY, default lfu)")
+    fc.add_argument("--mode", choices=D.FLASH_MODES, help="cache (default); on-demand and naive read every expert anew, the "
+                                                     "benchmark's baselines (MOEBUS_FLASH_MODE)")
+    fc.add_argument("--read-threads", type=int, help=f"parallel reads (MOEBUS_READ_THREADS, default {D.READ_THREADS})")
+    fc.add_argument("--trace", help="write each layer request's experts to this JSON file at exit: the routing "
+                                    "trace the benchmark replays (MOEBUS_FLASH_TRACE)")
+    bd = sub.add_parser("bundle", help="write a model's experts as a bundle for the flash-cache")
+    bd.add_argument("--model", help="local Hugging Face MoE checkpoint dir (default: the demo model)")
+    bd.add_argument("--out", help="bundle directory (default: under $MOEBUS_HOME/bundles)")
+    bd.set_defaults(fn=cmd_bundle)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    if argv is None and args.command in ("router", "worker", "up"):
+    if argv is None and args.command in ("router", "worker", "up", "flash-cache", "bundle"):
         from shared.blas import reexec_with_fast_blas
         reexec_with_fast_blas("services.cli")  # before mlx is imported; children inherit the environment
     configure(args.command, setting(args.log_level, "MOEBUS_LOG_LEVEL", "info", str))

@@ -25,3 +25,8 @@ MAX_CONNECTIONS = 2048
 WORKERS = 2
 NATS_PORT = 4222
 NATS_HOST = "127.0.0.1"
+# flash-cache
+WINDOW = 5  # experts the last K tokens used stay in memory
+FLASH_POLICIES = ("lfu", "lru")  # eviction outside the window
+FLASH_MODES = ("cache", "on-demand", "naive")  # on-demand and naive: the benchmark's baselines
+READ_THREADS = 4

@@ -18,7 +18,6 @@ from services import defaults
 from shared.access import cluster_dir, ensure_users, server_block, tls_dir
 from shared.blas import blas_threads
 from shared.errors import ConfigError
-from shared.model import describe, find_experts, load_lazy
 from shared.natsd import start_nats
 from shared.security import DEFAULT_WORKERS, is_loopback
 
@@ -38,13 +37,22 @@ class UpConfig:
     router_args: tuple[str, ...] = ()
     gateway_args: tuple[str, ...] = ()
     worker_args: tuple[str, ...] = ()
+    memory_budget: int | None = None  # bytes for experts per worker; the whole model's over it: a flash-cache
+    window: int = defaults.WINDOW
 
 
-def check_model(path: Path) -> None:
-    """Fail before starting anything if this is not a MoE model moebus can serve."""
-    model, config = load_lazy(path)
-    info = describe(path, config, find_experts(model))
+def check_model(path: Path) -> int:
+    """Fail before starting anything if this is not a MoE model moebus can serve; the bytes its
+    experts take."""
+    from services.expert_worker.experts import expert_bytes
+    per_expert, info = expert_bytes(path)
     print(f"moebus: {info.name} ({info.model_type}, {info.moe_layers} MoE layers x {info.num_experts} experts)", flush=True)
+    return per_expert * info.num_experts
+
+
+def use_flash(experts_bytes: int, budget: int | None) -> bool:
+    """Serve from SSD when the experts do not fit the memory budget given."""
+    return budget is not None and experts_bytes > budget
 
 
 def restart_delay(failures: list[float], now: float, window_s: float = 60.0, give_up_after: int = 5) -> float | None:
@@ -96,7 +104,14 @@ def say(line: str) -> None:
 def up(cfg: UpConfig) -> int:
     if cfg.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {cfg.workers}")
-    check_model(cfg.model)
+    experts_bytes = check_model(cfg.model)
+    flash = None
+    if use_flash(experts_bytes, cfg.memory_budget):
+        from services.flash_cache.bundle import ensure_bundle
+        from shared.config import home
+        flash = ensure_bundle(cfg.model, None, home())
+        print(f"moebus: the experts ({experts_bytes} bytes) exceed --memory-budget {cfg.memory_budget}: serving them "
+              f"from SSD through the flash-cache (bundle {flash}, window {cfg.window})", flush=True)
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -125,7 +140,11 @@ def up(cfg: UpConfig) -> int:
                *(["--creds", cfg.creds_dir] if cfg.creds_dir else [])]
         common = [*bus, "--model", str(cfg.model)]
         commands = [("router", [*base, "router", *common, *cfg.router_args])]
-        commands += [(f"worker {i}", [*base, "worker", *common, *cfg.worker_args]) for i in range(cfg.workers)]
+        if flash is not None:
+            commands.append(("flash-cache", [*base, "flash-cache", *bus, "--bundle", str(flash), "--memory-budget",
+                                             str(cfg.memory_budget), "--window", str(cfg.window)]))
+        else:
+            commands += [(f"worker {i}", [*base, "worker", *common, *cfg.worker_args]) for i in range(cfg.workers)]
         commands.append(("gateway", [*base, "gateway", *bus, "--host", cfg.host, "--port", str(cfg.port),
                                      *cfg.gateway_args]))
         for name, cmd in commands:

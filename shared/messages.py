@@ -70,6 +70,7 @@ class WorkerAnnounce(Message):
     leaving: bool = False  # gone now
     tokens: Big = 0  # (token, expert) pairs served
     memory: dict[str, Big] = Field(default_factory=dict, max_length=16)  # MLX's counters (bytes)
+    flash: dict[str, Big] = Field(default_factory=dict, max_length=16)  # a flash-cache's counters
 
 
 class Discover(Message):

@@ -43,6 +43,7 @@ MODEL_STREAM, MODEL_OBJECTS = f"OBJ_{MODEL_BUCKET}", f"$O.{MODEL_BUCKET}"
 SERVICE_GATEWAY = "moebus-gateway"
 SERVICE_ROUTER = "moebus-router"
 SERVICE_WORKER = "moebus-expert-worker"
+SERVICE_FLASH = "moebus-flash-cache"  # answers the same experts subjects as a worker
 
 
 def identity(worker: str) -> str:

@@ -25,6 +25,8 @@ from nats.micro import add_service
 from nats.micro.request import Request, ServiceError
 
 from services.expert_worker.experts import LocalExperts, NotHeld, expert_bytes, load_experts, load_fetched
+from services.flash_cache.bundle import open_bundle
+from services.flash_cache.store import FlashConfig, FlashExperts
 from shared import cluster, modelstore, subjects
 from shared.bus import Throttled, close, connect, inbox_only, stop_event, stop_service, wait
 from shared.config import home
@@ -54,6 +56,7 @@ class WorkerConfig:
     poll_s: float = 0.25
     drain_timeout_s: float = 60.0  # a leaving worker waits this long for its experts to move
     release_after_s: float = 1.0  # keeps experts it lost this long, for calls already on their way
+    flash: FlashConfig | None = None  # a flash-cache: the experts stay in a bundle on SSD (services.flash_cache)
 
 
 def worker_id(identity: str) -> str:
@@ -95,6 +98,7 @@ class Worker:
         self.cfg, self.me, self.info, self.capacity, self.mlx = cfg, me, info, capacity, mlx
         self.max_payload = max_payload
         self.source: tuple[JetStreamContext, ModelManifest] | None = None  # the model store, without --model
+        self.flash: FlashExperts | None = None  # a flash-cache's experts: read when used
         # Unique to this process: the router tells a restarted worker from the one it replaced.
         self.subject = subjects.experts_subject(me)
         self.announce_subject = subjects.announce_subject(me)
@@ -137,7 +141,7 @@ class Worker:
             worker=self.me, host=socket.gethostname()[:64], subject=self.subject, model=self.info.fingerprint,
             layers=self.info.moe_layers, experts=self.experts.held, capacity=self.capacity, speed=self.speed,
             loaded=self.loaded, draining=self.draining, leaving=leaving, tokens=self.tokens,
-            memory=mlx_memory(),
+            memory=mlx_memory(), flash=self.flash.stats() if self.flash is not None else {},
         ))
 
     async def on_next(self, rec: PlacementRecord) -> None:
@@ -162,7 +166,9 @@ class Worker:
         self.changed.set()
 
     async def load(self, held: list[int]) -> None:
-        if self.source is not None:  # no checkpoint here: fetch (and check) these experts first
+        if self.flash is not None:  # nothing is read until a request needs it
+            await self.mlx.run(self._swap, lambda: self.flash.hold(held))
+        elif self.source is not None:  # no checkpoint here: fetch (and check) these experts first
             js, manifest = self.source
             dest = await modelstore.fetch(js, manifest, held, home() / "experts")
             await self.mlx.run(self._swap, lambda: load_fetched(dest, manifest, held))
@@ -267,7 +273,10 @@ async def serve(cfg: WorkerConfig) -> None:
             stack.push_async_callback(lambda: mlx.call(close(hot)))
             js = nc.jetstream()
             kv = cluster.DirectKV(js)  # until the router made the bucket, reads fail and are retried
-            if cfg.model is None:
+            if cfg.flash is not None:
+                bundle = open_bundle(cfg.flash.bundle)
+                per_expert, info = bundle.moe_layers * bundle.record_bytes, bundle.info()
+            elif cfg.model is None:
                 log.info("no --model: waiting for the router to share its model over NATS (router --share-model)")
                 manifest = await _shared_model(js, stop)
                 if manifest is None:
@@ -276,19 +285,24 @@ async def serve(cfg: WorkerConfig) -> None:
             else:
                 per_expert, info = await mlx.run(expert_bytes, cfg.model)
             budget = cfg.memory_budget if cfg.memory_budget is not None else spare_memory()
-            capacity = min(info.num_experts, budget // max(1, per_expert))
+            # A flash-cache's budget is its DRAM slots; the experts it can serve are all on SSD.
+            capacity = info.num_experts if cfg.flash else min(info.num_experts, budget // max(1, per_expert))
             if capacity < 1:
                 raise ConfigError(f"--memory-budget {budget} bytes holds no expert of {info.name} "
                                   f"({per_expert} bytes each)")
             me = worker_id(cfg.identity or host_identity())
             worker = Worker(cfg, me, info, capacity, mlx, nc.max_payload)
-            worker.source = (js, manifest) if cfg.model is None else None
+            worker.source = (js, manifest) if cfg.model is None and cfg.flash is None else None
+            if cfg.flash is not None:
+                worker.flash = worker.experts = await mlx.run(FlashExperts, bundle, cfg.flash)
+                stack.push_async_callback(lambda: mlx.run(worker.flash.close))
             worker.speed = await mlx.run(measure_speed)
 
             async def start_service():  # on the MLX thread's loop
                 svc = await add_service(
-                    hot, name=subjects.SERVICE_WORKER, version=VERSION,
-                    description="moebus expert worker: the experts the placement gives it, in every MoE layer",
+                    hot, name=subjects.SERVICE_FLASH if cfg.flash else subjects.SERVICE_WORKER, version=VERSION,
+                    description="moebus flash-cache: experts read from SSD into a fixed DRAM budget" if cfg.flash
+                    else "moebus expert worker: the experts the placement gives it, in every MoE layer",
                     metadata={"worker": me, "model": info.name, "capacity": str(capacity)},
                 )
                 await svc.add_endpoint(name="experts", subject=worker.subject, handler=inbox_only(worker.handle))

@@ -305,7 +305,7 @@ async def serve(cfg: RouterConfig) -> None:
                 sharing = asyncio.create_task(_share(nc, cfg.model, mlx))
                 stack.callback(sharing.cancel)
             stack.push_async_callback(lambda: placer.resign() if nc.is_connected else asyncio.sleep(0))
-            metrics = registry(client.stats, router.gauges, m.registry.memory,
+            metrics = registry(client.stats, router.gauges, m.registry.reports,
                                lambda: [lane.steps for lane in m.engine.lanes])
 
             async def on_metrics(req: Request) -> None:

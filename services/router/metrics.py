@@ -51,10 +51,10 @@ class ExchangeStats:
 
 class RouterCollector:
     def __init__(self, stats: ExchangeStats, gauges: Callable[[], dict[str, float]],
-                 memory: Callable[[], dict[str, dict]], lanes: Callable[[], list[int]]) -> None:
+                 workers: Callable[[], dict], lanes: Callable[[], list[int]]) -> None:
         self.stats = stats
         self.gauges = gauges
-        self.memory = memory
+        self.workers = workers
         self.lanes = lanes
 
     def collect(self) -> Iterator:
@@ -104,18 +104,42 @@ class RouterCollector:
         for lane, n in enumerate(self.lanes()):
             steps.add_metric([str(lane)], n)
         yield steps
+        reports = self.workers()
         memory = GaugeMetricFamily("moebus_worker_mlx_memory_bytes",
                                    "Each worker's MLX allocator counters, from its last heartbeat",
                                    labels=["worker", "kind"])
-        for worker, counters in sorted(self.memory().items()):
-            for kind, value in sorted(counters.items()):
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    memory.add_metric([worker, kind], float(value))
+        for worker, a in sorted(reports.items()):
+            for kind, value in sorted(a.memory.items()):
+                memory.add_metric([worker, kind], float(value))
         yield memory
+        yield from _flash(reports)
+
+
+# A flash-cache's counters (services.flash_cache.store) as Prometheus families.
+_FLASH = {"bytes_read": ("counter", 1.0, "bytes_read", "Expert bytes read from the bundle on SSD"),
+          "records_read": ("counter", 1.0, "records_read", "Expert records read from the bundle"),
+          "hits": ("counter", 1.0, "hits", "Expert uses served from DRAM slots"),
+          "misses": ("counter", 1.0, "misses", "Expert uses that needed a read"),
+          "io_us": ("counter", 1e-6, "io_seconds", "Time spent reading experts"),
+          "compute_us": ("counter", 1e-6, "compute_seconds", "Time spent computing experts"),
+          "resident_bytes": ("gauge", 1.0, "resident_bytes", "Expert bytes held in DRAM slots"),
+          "slot_bytes": ("gauge", 1.0, "slot_bytes", "DRAM reserved for expert slots (the budget used)"),
+          "peak_rss_bytes": ("gauge", 1.0, "peak_rss_bytes", "The flash-cache process's peak resident memory")}
+
+
+def _flash(reports: dict) -> Iterator:
+    flash = {w: a.flash for w, a in reports.items() if a.flash}
+    for key, (kind, scale, name, doc) in _FLASH.items():
+        family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+            f"moebus_flash_{name}", doc, labels=["worker"])
+        for worker, counters in sorted(flash.items()):
+            if key in counters:
+                family.add_metric([worker], scale * counters[key])
+        yield family
 
 
 def registry(stats: ExchangeStats, gauges: Callable[[], dict[str, float]],
-             memory: Callable[[], dict[str, dict]], lanes: Callable[[], list[int]]) -> Callable[[], bytes]:
+             workers: Callable[[], dict], lanes: Callable[[], list[int]]) -> Callable[[], bytes]:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(RouterCollector(stats, gauges, memory, lanes))
+    reg.register(RouterCollector(stats, gauges, workers, lanes))
     return lambda: generate_latest(reg)

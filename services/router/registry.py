@@ -114,9 +114,9 @@ class WorkerRegistry:
         a = self.get(worker)
         return a.loaded if a else -1
 
-    def memory(self) -> dict[str, dict]:
-        """Each live worker's last reported MLX memory counters."""
-        return {w: a.memory for w, (a, _) in self._seen.items()}
+    def reports(self) -> dict[str, WorkerAnnounce]:
+        """Each live worker's last announcement (its MLX memory and flash-cache counters)."""
+        return {w: a for w, (a, _) in self._seen.items()}
 
     def heartbeats(self, now: float) -> dict[str, float]:
         return {w: now - t for w, (_, t) in self._seen.items()}

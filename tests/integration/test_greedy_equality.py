@@ -58,3 +58,40 @@ async def test_two_micro_batches_overlapping_keep_the_greedy_tokens(family, chec
                  if line.startswith("moebus_micro_batch_steps")]
     assert got == references[family] * 6
     assert len(steps) == 2 and min(steps) > 0, steps  # both lanes decoded
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+async def test_flash_cache_keeps_the_greedy_tokens_while_evicting(family, checkpoints, references, tmp_path):
+    """`moebus up --memory-budget` under the experts' size serves them from SSD: 2 slots per
+    layer, so experts are evicted and read again during the run, alone and 12 at once."""
+    from services.flash_cache.bundle import open_bundle
+    words = {w: i for i, w in enumerate(vocab())}
+    home = tmp_path / "home"
+    budget = 2 * 2 * 3 * 64 * 128 * 4  # 2 slots x 2 MoE layers x one fp32 expert (gate, up, down)
+    with Up(checkpoints[family], 1, tmp_path, extra=("--memory-budget", str(budget), "--window", "1"),
+            env={"MOEBUS_HOME": str(home)}) as up:
+        async with AsyncOpenAI(base_url=f"{up.url}/v1", api_key="-", max_retries=0) as client:
+            async def one(prompt: list[int]) -> list[int]:
+                r = await client.completions.create(model=f"tiny-{family}", prompt=prompt,
+                                                    max_tokens=NEW_TOKENS, temperature=0)
+                return [words[w] for w in r.choices[0].text.split()]
+            alone = [await one(p) for p in PROMPTS]
+            together = await asyncio.gather(*(one(p) for p in PROMPTS * 6))
+        (bundle,) = (home / "bundles").iterdir()
+        m = open_bundle(bundle)
+        for _ in range(50):  # the counters come with the flash-cache's next heartbeat
+            text = httpx.get(f"{up.url}/metrics").text
+            if _metric(text, "moebus_flash_records_read_total") > m.moe_layers * m.num_experts:
+                break
+            await asyncio.sleep(0.1)
+    assert alone == references[family]
+    assert together == references[family] * 6
+    # more records read than the model has: experts were evicted and read again
+    assert _metric(text, "moebus_flash_records_read_total") > m.moe_layers * m.num_experts
+    assert _metric(text, "moebus_flash_slot_bytes") <= budget
+    assert "flash-cache" in up.log.read_text()

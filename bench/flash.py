@@ -1,0 +1,197 @@
+"""`make bench-flash`: the flash-cache against all experts in DRAM, naive and on-demand reads.
+
+    python -m bench.flash [--tokens 24] [--quick]
+
+On the `flash` model (experts 4x the memory budget) twice: as made (random weights: uniform
+routing), and with its gates shaped for locality (`shape_locality`). One stream each; the
+bundle's pages are dropped from the OS cache before every mode. Each cache run records its
+routing trace, on which the bytes an optimal (Belady) cache of the same slots would read are
+computed offline. Writes bench/flash.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from bench import load, models
+from bench.run import metric, progress, scrape
+from bench.table import write_and_show
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET_FRACTION = 4  # the experts are this many times the budget
+ZIPF = 1.1  # popularity of the shaped model's experts: the r-th most used gets weight ~ r^-ZIPF
+
+
+def shape_locality(src: Path, dst: Path, seed: int = 0) -> Path:
+    """`src` with routing that has locality, as trained routers show: every token carries a
+    constant component (the embeddings' first dimension set to a constant), and each layer's
+    gate reads it with a per-expert bias following a Zipf law over a layer-specific order of
+    the experts, so a few experts of each layer are popular and are chosen again and again."""
+    import mlx.core as mx
+    import numpy as np
+
+    if (dst / "model.safetensors").is_file():
+        return dst
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors"))
+    w = dict(mx.load(str(src / "model.safetensors")))
+    rng = np.random.default_rng(seed)
+    embed = np.array(w["model.embed_tokens.weight"])
+    embed[:, 0] = 4 * embed.std()  # the constant component: the gates' bias input
+    w["model.embed_tokens.weight"] = mx.array(embed)
+    for name in [k for k in w if k.endswith("block_sparse_moe.gate.weight")]:
+        gate = np.array(w[name])
+        ranks = rng.permutation(gate.shape[0]) + 1
+        # log-weights of a Zipf law, scaled to the gate logits' own spread
+        gate[:, 0] = -ZIPF * np.log(ranks) * 2.0 * gate[:, 1:].std() * np.sqrt(gate.shape[1])
+        w[name] = mx.array(gate)
+    mx.save_safetensors(str(dst / "model.safetensors"), w)
+    return dst
+
+
+def drop_cache(path: Path) -> None:
+    """Evict the bundle's pages from the OS cache: every mode starts from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def peak_rss(pattern: str) -> int:
+    """VmHWM of the running process whose command line matches `pattern`."""
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    for pid in out:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        m = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+        if m:
+            return int(m.group(1)) * 1024
+    return 0
+
+
+def run_mode(model: Path, mode: dict, budget: int, tokens: int, log: Path, trace: Path | None) -> dict:
+    env = {"MOEBUS_FLASH_MODE": mode.get("mode", "cache"), "MOEBUS_WINDOW": str(mode.get("window", 5)),
+           "MOEBUS_FLASH_POLICY": mode.get("policy", "lfu"), "MOEBUS_FLASH_TRACE": str(trace or "")}
+    extra = () if mode["name"] == "dram" else ("--memory-budget", str(budget))
+    with load.cluster(str(model), 1, log, extra, env) as url:
+        r = asyncio.run(load.run(url, 1, tokens))
+        time.sleep(1.5)  # the counters of the flash-cache's next heartbeat
+        text = scrape(url)
+        rss = peak_rss(r"services\.cli (worker|flash-cache) ")
+    read = metric(text, "moebus_flash_bytes_read_total", '{worker="' + _worker(text) + '"}') if _worker(text) else 0
+    hits = metric(text, "moebus_flash_hits_total", '{worker="' + _worker(text) + '"}') if _worker(text) else 0
+    misses = metric(text, "moebus_flash_misses_total", '{worker="' + _worker(text) + '"}') if _worker(text) else 0
+    generated = r["tokens"] + 4  # the warm-up request's 4 tokens read too
+    return {"mode": mode["name"], "tok_s": r["tok_s"], "itl_ms_p50": r["itl_ms_p50"],
+            "bytes_read_per_token": int(read / generated), "bytes_read": int(read),
+            "hit_rate": round(hits / (hits + misses), 3) if hits + misses else None,
+            "peak_rss_bytes": rss, "tokens": generated}
+
+
+def _worker(text: str) -> str:
+    m = re.search(r'^moebus_flash_bytes_read_total\{worker="([^"]+)"\}', text, re.M)
+    return m.group(1) if m else ""
+
+
+def offline(trace_file: Path, slots: int, record: int, tokens: int) -> dict:
+    """Belady's bytes on the recorded trace, what each policy and window would read on it, and
+    the trace's reuse within K steps."""
+    from services.flash_cache.policy import belady_misses, reuse_within, simulate
+
+    t = json.loads(trace_file.read_text())
+    per_layer: list[list[list[int]]] = [[] for _ in range(t["layers"])]
+    for layer, experts in t["requests"]:
+        per_layer[layer].append(experts)
+    belady = sum(belady_misses(steps, slots) for steps in per_layer)
+    out = {"belady_bytes_per_token": int(belady * record / tokens),
+           "trace_reuse": {f"k{k}": round(sum(reuse_within(s, k) * len(s) for s in per_layer)
+                                          / max(1, sum(len(s) for s in per_layer)), 3) for k in (1, 5, 10)},
+           "simulated_records": {}}
+    for policy in ("lru", "lfu"):
+        for k in (1, 5, 10):
+            out["simulated_records"][f"{policy}_k{k}"] = sum(simulate(s, slots, k, policy) for s in per_layer)
+    out["simulated_records"]["belady"] = belady
+    return out
+
+
+def bench_model(model: Path, label: str, tokens: int, quick: bool, log: Path) -> dict:
+    from services.flash_cache.bundle import ensure_bundle, open_bundle
+    from services.flash_cache.store import slots_per_layer
+    from shared.config import home
+
+    bundle = ensure_bundle(model, None, home())
+    m = open_bundle(bundle)
+    experts = m.moe_layers * m.num_experts * m.record_bytes
+    budget = max(experts // BUDGET_FRACTION, m.moe_layers * m.top_k * m.record_bytes)
+    slots = slots_per_layer(m, budget)
+    windows = (1, 5) if quick else (1, 5, 10)
+    modes = [{"name": "dram"}, {"name": "naive", "mode": "naive"}, {"name": "on-demand", "mode": "on-demand"}]
+    modes += [{"name": f"cache-k{k}", "window": k} for k in windows]
+    modes += [{"name": "cache-k5-lru", "window": 5, "policy": "lru"}]
+    runs, traces = [], {}
+    for mode in modes:
+        progress(f"flash {label}: {mode['name']}")
+        drop_cache(bundle / "experts.bin")
+        trace = log.parent / f"flash-trace-{label}-{mode['name']}.json" if mode["name"].startswith("cache") else None
+        runs.append(run_mode(model, mode, budget, tokens, log, trace))
+        if trace is not None and trace.is_file():
+            traces[mode["name"]] = offline(trace, slots, m.record_bytes, runs[-1]["tokens"])
+            runs[-1]["bytes_vs_belady"] = round(runs[-1]["bytes_read_per_token"]
+                                                / max(1, traces[mode["name"]]["belady_bytes_per_token"]), 2)
+    by = {r["mode"]: r for r in runs}
+    best = max((r for r in runs if r["mode"].startswith("cache")), key=lambda r: r["tok_s"])
+    first = traces[next(iter(traces))] if traces else {}
+    return {"model": models.describe(model), "experts_bytes": experts, "budget_bytes": budget,
+            "slots_per_layer": slots, "record_bytes": m.record_bytes, "runs": runs, "offline": traces,
+            "belady_bytes_per_token": first.get("belady_bytes_per_token"), "trace_reuse": first.get("trace_reuse"),
+            "ratios": {"best_mode": best["mode"],
+                       "speedup_vs_naive": round(best["tok_s"] / by["naive"]["tok_s"], 2),
+                       "speedup_vs_on_demand": round(best["tok_s"] / by["on-demand"]["tok_s"], 2),
+                       "bytes_vs_belady": best.get("bytes_vs_belady"),
+                       "vs_dram": round(best["tok_s"] / by["dram"]["tok_s"], 2)}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--quick", action="store_true", help="the tiny model, fewer modes: checks the benchmark runs")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "flash.json")
+    ap.add_argument("--models-dir", type=Path, default=ROOT / "bench" / "models")
+    a = ap.parse_args()
+    os.environ.setdefault("MOEBUS_HOME", str(a.models_dir / "home"))  # the bundles live with the models
+    started = time.perf_counter()
+    base = models.build("tiny" if a.quick else "flash", a.models_dir)
+    log = a.out.with_suffix(".log")
+    report: dict = {"machine": {"cores": os.cpu_count(), "os": platform.platform(),
+                                "disk": "the bundle's filesystem, OS page cache dropped before each mode"}}
+    for label, model in (("uniform", base), ("locality", shape_locality(base, base.with_name(base.name + "-local")))):
+        report[label] = bench_model(model, label, a.tokens, a.quick, log)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    rows = [{"routing": label, **r, "hit_rate": r["hit_rate"] if r["hit_rate"] is not None else "-",
+             "MB_per_token": round(r["bytes_read_per_token"] / 2**20, 1), "peak_rss_MB": r["peak_rss_bytes"] >> 20}
+            for label in ("uniform", "locality") for r in report[label]["runs"]]
+    write_and_show(a.out, report, rows, [("routing", "routing", 8), ("mode", "mode", 13), ("tok/s", "tok_s", 7),
+                                         ("MiB read/token", "MB_per_token", 14), ("hit rate", "hit_rate", 8),
+                                         ("peak RSS MiB", "peak_rss_MB", 12)])
+    for label in ("uniform", "locality"):
+        r = report[label]
+        print(f"{label}: budget {r['budget_bytes'] >> 20} MiB for {r['experts_bytes'] >> 20} MiB of experts "
+              f"({r['slots_per_layer']} slots per layer); Belady {r['belady_bytes_per_token'] / 2**20:.1f} MiB/token; "
+              f"reuse within K {r['trace_reuse']}; ratios {r['ratios']}")
+    print(f"wrote {a.out} in {report['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()

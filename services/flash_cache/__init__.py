@@ -1,0 +1,1 @@
+"""flash-cache: experts served from SSD through a fixed DRAM budget."""
