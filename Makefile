@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test bench bench-load install install-test clean
+.PHONY: run test bench bench-load bench-flash install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.hops
 	$(BIN)/python -m bench.load
 	$(BIN)/python -m bench.balance
+
+bench-flash: $(VENV)/.installed-test
+	$(BIN)/python -m bench.flash $(BENCH_ARGS)
 
 bench-load: $(VENV)/.installed-test
 	$(BIN)/python -m bench.load $(BENCH_ARGS)

@@ -2,8 +2,8 @@
 
     python -m bench.flash [--tokens 24] [--quick]
 
-On the `flash` model (experts 4x the memory budget) twice: as made (random weights: uniform
-routing), and with its gates shaped for locality (`shape_locality`). One stream each; the
+On the `flash` model (experts 4x the memory budget) twice: with routing that varies token by
+token (uniform), and with its gates shaped for locality (`shape_routing`). One stream each; the
 bundle's pages are dropped from the OS cache before every mode. Each cache run records its
 routing trace, on which the bytes an optimal (Belady) cache of the same slots would read are
 computed offline. Writes bench/flash.json and prints a table.
@@ -19,6 +19,7 @@ import platform
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,14 +29,21 @@ from bench.table import write_and_show
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_FRACTION = 4  # the experts are this many times the budget
-ZIPF = 1.1  # popularity of the shaped model's experts: the r-th most used gets weight ~ r^-ZIPF
+EMBED_SCALE = 30.0  # token-dominated hidden states: routing near uniform (reuse within 1 step ~ top_k / experts)
+LOCALITY_BIAS = 0.12  # the shaped model's popularity bias: measured reuse within 1 step ~0.3 (uniform: 0.125)
+# Sampled, seeded tokens: a random model decoding greedily repeats one token, and its routing
+# with it, which no real text does; with a seed every mode decodes the same tokens.
+SAMPLING = {"temperature": 1.0, "seed": 7}
 
 
-def shape_locality(src: Path, dst: Path, seed: int = 0) -> Path:
-    """`src` with routing that has locality, as trained routers show: every token carries a
-    constant component (the embeddings' first dimension set to a constant), and each layer's
-    gate reads it with a per-expert bias following a Zipf law over a layer-specific order of
-    the experts, so a few experts of each layer are popular and are chosen again and again."""
+def shape_routing(src: Path, dst: Path, bias: float, seed: int = 0) -> Path:
+    """`src` with routing that varies token by token, and, with `bias`, locality as trained
+    routers show. A random model's residual stream is dominated by what every token shares,
+    so its tokens all route alike; scaled embeddings make each token's own embedding dominate,
+    and sampled tokens then route almost uniformly. With `bias`, every token also carries a
+    constant component (the embeddings' first dimension) that each layer's gate reads with a
+    per-expert bias of -bias * ln(rank) (in units of the gate logits' spread) over a
+    layer-specific order of the experts: a few experts of each layer are popular."""
     import mlx.core as mx
     import numpy as np
 
@@ -45,15 +53,15 @@ def shape_locality(src: Path, dst: Path, seed: int = 0) -> Path:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors"))
     w = dict(mx.load(str(src / "model.safetensors")))
     rng = np.random.default_rng(seed)
-    embed = np.array(w["model.embed_tokens.weight"])
-    embed[:, 0] = 4 * embed.std()  # the constant component: the gates' bias input
+    embed = np.array(w["model.embed_tokens.weight"]) * EMBED_SCALE
+    if bias:
+        embed[:, 0] = 4 * embed.std()  # the constant component: the gates' bias input
+        for name in [k for k in w if k.endswith("block_sparse_moe.gate.weight")]:
+            gate = np.array(w[name])
+            ranks = rng.permutation(gate.shape[0]) + 1
+            gate[:, 0] = -bias * np.log(ranks) * 2.0 * gate[:, 1:].std() * np.sqrt(gate.shape[1])
+            w[name] = mx.array(gate)
     w["model.embed_tokens.weight"] = mx.array(embed)
-    for name in [k for k in w if k.endswith("block_sparse_moe.gate.weight")]:
-        gate = np.array(w[name])
-        ranks = rng.permutation(gate.shape[0]) + 1
-        # log-weights of a Zipf law, scaled to the gate logits' own spread
-        gate[:, 0] = -ZIPF * np.log(ranks) * 2.0 * gate[:, 1:].std() * np.sqrt(gate.shape[1])
-        w[name] = mx.array(gate)
     mx.save_safetensors(str(dst / "model.safetensors"), w)
     return dst
 
@@ -83,21 +91,25 @@ def peak_rss(pattern: str) -> int:
 
 def run_mode(model: Path, mode: dict, budget: int, tokens: int, log: Path, trace: Path | None) -> dict:
     env = {"MOEBUS_FLASH_MODE": mode.get("mode", "cache"), "MOEBUS_WINDOW": str(mode.get("window", 5)),
-           "MOEBUS_FLASH_POLICY": mode.get("policy", "lfu"), "MOEBUS_FLASH_TRACE": str(trace or "")}
+           "MOEBUS_FLASH_POLICY": mode.get("policy", "lfu"), "MOEBUS_FLASH_TRACE": str(trace or ""),
+           "MOEBUS_FLASH_PREFETCH": "1" if mode.get("prefetch") else ""}
     extra = () if mode["name"] == "dram" else ("--memory-budget", str(budget))
     with load.cluster(str(model), 1, log, extra, env) as url:
-        r = asyncio.run(load.run(url, 1, tokens))
+        r = asyncio.run(load.run(url, 1, tokens, **SAMPLING))
         time.sleep(1.5)  # the counters of the flash-cache's next heartbeat
         text = scrape(url)
         rss = peak_rss(r"services\.cli (worker|flash-cache) ")
     read = metric(text, "moebus_flash_bytes_read_total", '{worker="' + _worker(text) + '"}') if _worker(text) else 0
+    ahead = {k: metric(text, f"moebus_flash_{k}_total", '{worker="' + _worker(text) + '"}') if _worker(text) else 0
+             for k in ("prefetched", "prefetch_used")}
     hits = metric(text, "moebus_flash_hits_total", '{worker="' + _worker(text) + '"}') if _worker(text) else 0
     misses = metric(text, "moebus_flash_misses_total", '{worker="' + _worker(text) + '"}') if _worker(text) else 0
     generated = r["tokens"] + 4  # the warm-up request's 4 tokens read too
     return {"mode": mode["name"], "tok_s": r["tok_s"], "itl_ms_p50": r["itl_ms_p50"],
             "bytes_read_per_token": int(read / generated), "bytes_read": int(read),
             "hit_rate": round(hits / (hits + misses), 3) if hits + misses else None,
-            "peak_rss_bytes": rss, "tokens": generated}
+            "peak_rss_bytes": rss, "tokens": generated,
+            "prefetch_accuracy": round(ahead["prefetch_used"] / ahead["prefetched"], 3) if ahead["prefetched"] else None}
 
 
 def _worker(text: str) -> str:
@@ -126,7 +138,7 @@ def offline(trace_file: Path, slots: int, record: int, tokens: int) -> dict:
     return out
 
 
-def bench_model(model: Path, label: str, tokens: int, quick: bool, log: Path) -> dict:
+def bench_model(model: Path, label: str, tokens: int, quick: bool, log: Path, traces_dir: Path) -> dict:
     from services.flash_cache.bundle import ensure_bundle, open_bundle
     from services.flash_cache.store import slots_per_layer
     from shared.config import home
@@ -139,12 +151,13 @@ def bench_model(model: Path, label: str, tokens: int, quick: bool, log: Path) ->
     windows = (1, 5) if quick else (1, 5, 10)
     modes = [{"name": "dram"}, {"name": "naive", "mode": "naive"}, {"name": "on-demand", "mode": "on-demand"}]
     modes += [{"name": f"cache-k{k}", "window": k} for k in windows]
+    modes += [{"name": f"cache-k{k}-prefetch", "window": k, "prefetch": True} for k in windows]
     modes += [{"name": "cache-k5-lru", "window": 5, "policy": "lru"}]
     runs, traces = [], {}
     for mode in modes:
         progress(f"flash {label}: {mode['name']}")
         drop_cache(bundle / "experts.bin")
-        trace = log.parent / f"flash-trace-{label}-{mode['name']}.json" if mode["name"].startswith("cache") else None
+        trace = traces_dir / f"{label}-{mode['name']}.json" if mode["name"].startswith("cache") else None
         runs.append(run_mode(model, mode, budget, tokens, log, trace))
         if trace is not None and trace.is_file():
             traces[mode["name"]] = offline(trace, slots, m.record_bytes, runs[-1]["tokens"])
@@ -176,8 +189,11 @@ def main() -> None:
     log = a.out.with_suffix(".log")
     report: dict = {"machine": {"cores": os.cpu_count(), "os": platform.platform(),
                                 "disk": "the bundle's filesystem, OS page cache dropped before each mode"}}
-    for label, model in (("uniform", base), ("locality", shape_locality(base, base.with_name(base.name + "-local")))):
-        report[label] = bench_model(model, label, a.tokens, a.quick, log)
+    variants = {"uniform": 0.0, "locality": LOCALITY_BIAS}
+    for label, bias in variants.items():
+        model = shape_routing(base, base.with_name(f"{base.name}-{label}"), bias)
+        with tempfile.TemporaryDirectory(prefix="flash-traces-") as traces:
+            report[label] = bench_model(model, label, a.tokens, a.quick, log, Path(traces))
     report["seconds"] = round(time.perf_counter() - started, 1)
     rows = [{"routing": label, **r, "hit_rate": r["hit_rate"] if r["hit_rate"] is not None else "-",
              "MB_per_token": round(r["bytes_read_per_token"] / 2**20, 1), "peak_rss_MB": r["peak_rss_bytes"] >> 20}

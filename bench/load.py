@@ -57,13 +57,13 @@ def cluster(model: str | None, workers: int, log: Path, extra: tuple[str, ...] =
         proc.wait(60)
 
 
-async def stream_one(client: AsyncOpenAI, model: str, prompt: str, tokens: int) -> dict:
+async def stream_one(client: AsyncOpenAI, model: str, prompt: str, tokens: int, **sampling) -> dict:
     t0 = time.perf_counter()
     stamps: list[float] = []
     used = 0
     stream = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=tokens, temperature=0,
-        stream=True, stream_options={"include_usage": True})
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=tokens,
+        stream=True, stream_options={"include_usage": True}, **{"temperature": 0, **sampling})
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             stamps.append(time.perf_counter())
@@ -73,12 +73,13 @@ async def stream_one(client: AsyncOpenAI, model: str, prompt: str, tokens: int) 
     return {"tokens": used, "ttft": stamps[0] - t0 if stamps else None, "gaps": gaps}
 
 
-async def run(url: str, concurrency: int, tokens: int) -> dict:
+async def run(url: str, concurrency: int, tokens: int, **sampling) -> dict:
+    """`sampling`: the requests' temperature, seed...; greedy by default."""
     async with AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=600) as client:
         model = (await client.models.list()).data[0].id
-        await stream_one(client, model, "warm up", 4)
+        await stream_one(client, model, "warm up", 4, **sampling)
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(stream_one(client, model, f"the river {i}", tokens)
+        results = await asyncio.gather(*(stream_one(client, model, f"the river {i}", tokens, **sampling)
                                          for i in range(concurrency)))
         wall = time.perf_counter() - t0
     gaps = sorted(g for r in results for g in r["gaps"])

@@ -103,7 +103,7 @@ def cmd_bundle(a: argparse.Namespace) -> None:
 def cmd_flash_cache(a: argparse.Namespace) -> None:
     from services.expert_worker.main import WorkerConfig, serve, spare_memory
     from services.flash_cache.bundle import ensure_bundle, open_bundle
-    from services.flash_cache.store import FlashConfig
+    from services.flash_cache.store import FlashConfig, slots_per_layer
     model = setting(a.model, "MOEBUS_MODEL", "", str)
     if a.bundle and not model:
         bundle = Path(a.bundle).expanduser().resolve()
@@ -119,7 +119,10 @@ def cmd_flash_cache(a: argparse.Namespace) -> None:
         a.mode, "MOEBUS_FLASH_MODE", D.FLASH_MODES[0], str)
     trace = setting(a.trace, "MOEBUS_FLASH_TRACE", "", str)
     flash = FlashConfig(bundle=bundle, budget=parse_size(budget) if budget else spare_memory(), window=window,
-                        policy=policy, mode=mode, read_threads=threads, trace=Path(trace) if trace else None)
+                        policy=policy, mode=mode, read_threads=threads, trace=Path(trace) if trace else None,
+                        prefetch=bool(a.prefetch or setting(None, "MOEBUS_FLASH_PREFETCH", "", str) in ("1", "true", "yes")))
+    if flash.mode != "naive":
+        slots_per_layer(open_bundle(bundle), flash.budget)  # refused now, not after joining
     creds = _creds(a, "worker")
     cfg = WorkerConfig(nats_url=_nats(a), creds=creds, identity=creds.user if creds else "", model=None,
                        flash=flash)
@@ -310,6 +313,8 @@ def parser() -> argparse.ArgumentParser:
     fc.add_argument("--mode", choices=D.FLASH_MODES, help="cache (default); on-demand and naive read every expert anew, the "
                                                      "benchmark's baselines (MOEBUS_FLASH_MODE)")
     fc.add_argument("--read-threads", type=int, help=f"parallel reads (MOEBUS_READ_THREADS, default {D.READ_THREADS})")
+    fc.add_argument("--prefetch", action="store_true", help="after each layer, read ahead the experts the next "
+                                                            "layer's gate picks (MOEBUS_FLASH_PREFETCH=1)")
     fc.add_argument("--trace", help="write each layer request's experts to this JSON file at exit: the routing "
                                     "trace the benchmark replays (MOEBUS_FLASH_TRACE)")
     bd = sub.add_parser("bundle", help="write a model's experts as a bundle for the flash-cache")

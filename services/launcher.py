@@ -107,9 +107,11 @@ def up(cfg: UpConfig) -> int:
     experts_bytes = check_model(cfg.model)
     flash = None
     if use_flash(experts_bytes, cfg.memory_budget):
-        from services.flash_cache.bundle import ensure_bundle
+        from services.flash_cache.bundle import ensure_bundle, open_bundle
+        from services.flash_cache.store import slots_per_layer
         from shared.config import home
         flash = ensure_bundle(cfg.model, None, home())
+        slots_per_layer(open_bundle(flash), cfg.memory_budget)  # too small for one token: refused now
         print(f"moebus: the experts ({experts_bytes} bytes) exceed --memory-budget {cfg.memory_budget}: serving them "
               f"from SSD through the flash-cache (bundle {flash}, window {cfg.window})", flush=True)
     stopping = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,13 +12,22 @@ from shared.natsd import free_port, start_nats
 from tests.checkpoints import FAMILIES, build_checkpoint
 
 
+@contextmanager
+def nats_server(store: Path) -> Iterator[str]:
+    """A nats-server with JetStream on a free port, for as long as the block runs."""
+    port = free_port()
+    proc = start_nats(port, store)
+    try:
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 @pytest.fixture(scope="session")
 def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    proc = start_nats(port, tmp_path_factory.mktemp("nats"))
-    yield f"nats://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(10)
+    with nats_server(tmp_path_factory.mktemp("nats")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,8 @@ def test_status_names_workers_ranges_and_unowned_experts():
 
 
 @pytest.mark.parametrize("text, size", [("512", 512), ("2K", 2048), ("1.5G", 3 << 29), ("8GB", 8 << 30),
-                                        ("4GiB", 4 << 30), ("16m", 16 << 20)])
+                                        ("4GiB", 4 << 30), ("16m", 16 << 20), ("512KiB", 512 << 10),
+                                        ("300MB", 300 << 20)])
 def test_memory_budgets_read_as_people_write_them(text, size):
     assert parse_size(text) == size
 

@@ -304,6 +304,8 @@ async def serve(cfg: WorkerConfig) -> None:
                     description="moebus flash-cache: experts read from SSD into a fixed DRAM budget" if cfg.flash
                     else "moebus expert worker: the experts the placement gives it, in every MoE layer",
                     metadata={"worker": me, "model": info.name, "capacity": str(capacity)},
+                    # `nats micro stats`: a flash-cache's reads, hits and memory next to the endpoint's
+                    stats_handler=(lambda _: worker.flash.stats()) if cfg.flash else None,
                 )
                 await svc.add_endpoint(name="experts", subject=worker.subject, handler=inbox_only(worker.handle))
                 return svc

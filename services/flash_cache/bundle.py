@@ -3,6 +3,8 @@
 
     DIR/experts.bin   records [layer][expert], each at a 4 KiB-aligned offset: gate rows, up rows
                       (together the (2F, D) gate|up matrix the compute reads), then down (D, F)
+    DIR/gates.bin     each MoE layer's gate (experts, D), float32: the flash-cache's guess of the
+                      next layer's experts (prefetch); absent where the model's gate is not a plain Linear
     DIR/bundle.json   BundleManifest: the model it came from, the record layout, one crc32 per record
 
 One record holds all three projections of an expert, so fetching an expert is one read of one
@@ -18,6 +20,7 @@ import zlib
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import SwiGLU, SwitchGLU
 from pydantic import Field
@@ -26,9 +29,9 @@ from shared.errors import ModelError
 from shared.messages import Big, Message
 from shared.model import ExpertSlot, ModelInfo, describe, find_experts, load_lazy
 
-MANIFEST, DATA = "bundle.json", "experts.bin"
+MANIFEST, DATA, GATES = "bundle.json", "experts.bin", "gates.bin"
 ALIGN = 4096
-FORMAT = 1
+FORMAT = 2  # 2: gates.bin
 # float32 and float16 are stored as they are and computed in numpy; bfloat16 (which numpy has
 # no type for) is widened to float32.
 DTYPES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "float32"}
@@ -48,6 +51,7 @@ class BundleManifest(Message):
     dtype: str = Field(pattern=r"^(float32|float16)$")
     stride: Big  # bytes between records: the payload rounded up to ALIGN
     crc32: list[list[Big]]  # [layer][expert]
+    gates_crc32: Big | None = None  # GATES written
 
     @property
     def gate_up_bytes(self) -> int:
@@ -85,6 +89,18 @@ def _projections(slot: ExpertSlot) -> tuple[mx.array, mx.array, mx.array]:
     return glu.gate_proj.weight, glu.up_proj.weight, glu.down_proj.weight
 
 
+def _gate(slot: ExpertSlot) -> np.ndarray | None:
+    """The layer's router weights (experts, D) where they are one plain Linear (Mixtral's and
+    Qwen's `gate`, DBRX's `router.layer`)."""
+    for path in (("gate",), ("router", "layer")):
+        module = slot.owner
+        for name in path:
+            module = getattr(module, name, None)
+        if isinstance(module, nn.Linear) and module.weight.shape[0] == slot.num_experts and "bias" not in module:
+            return np.asarray(module.weight.astype(mx.float32))
+    return None
+
+
 def write_bundle(model_path: Path, out: Path, progress=None) -> BundleManifest:
     """Write the bundle of the checkpoint at `model_path` into `out`, one MoE layer in memory
     at a time. `progress(done, total)` is called after each layer."""
@@ -95,6 +111,7 @@ def write_bundle(model_path: Path, out: Path, progress=None) -> BundleManifest:
     (out / MANIFEST).unlink(missing_ok=True)  # no manifest until the records are all there
     tmp = out / (DATA + ".part")
     crcs: list[list[int]] = []
+    gates: list[np.ndarray | None] = []
     shape = None
     with open(tmp, "wb") as f:
         for n, slot in enumerate(slots):
@@ -115,16 +132,23 @@ def write_bundle(model_path: Path, out: Path, progress=None) -> BundleManifest:
                 row.append(zlib.crc32(record))
                 f.write(record + bytes(stride - payload))
             crcs.append(row)
+            gates.append(_gate(slot))
             del arrays, gate, up, down
             if progress:
                 progress(n + 1, len(slots))
         f.flush()
         os.fsync(f.fileno())
     ffn, hidden, dtype = shape
+    gates_crc = None
+    if all(g is not None for g in gates):
+        blob = np.stack(gates).astype("<f4").tobytes()
+        (out / GATES).write_bytes(blob)
+        gates_crc = zlib.crc32(blob)
     manifest = BundleManifest(
         format=FORMAT, name=info.name, model_type=info.model_type, fingerprint=info.fingerprint,
         max_context=info.max_context, num_experts=info.num_experts, moe_layers=info.moe_layers,
         top_k=top_k(config), hidden=hidden, ffn=ffn, dtype=dtype, stride=stride, crc32=crcs,
+        gates_crc32=gates_crc,
     )
     os.replace(tmp, out / DATA)
     (out / MANIFEST).write_text(manifest.model_dump_json())
@@ -156,6 +180,16 @@ def open_bundle(path: Path, fingerprint: str | None = None) -> BundleManifest:
     if size != want:
         raise ModelError(f"{path / DATA}: truncated or padded: {size} bytes, the manifest says {want}")
     return manifest
+
+
+def read_gates(path: Path, m: BundleManifest) -> np.ndarray | None:
+    """The gates (layers, experts, D) of the bundle at `path`, checked; None if it has none."""
+    if m.gates_crc32 is None:
+        return None
+    blob = (path / GATES).read_bytes()
+    if len(blob) != m.moe_layers * m.num_experts * m.hidden * 4 or zlib.crc32(blob) != m.gates_crc32:
+        raise ModelError(f"{path / GATES}: corrupt (size or crc32 is not the manifest's): write the bundle again")
+    return np.frombuffer(blob, "<f4").reshape(m.moe_layers, m.num_experts, m.hidden)
 
 
 def bundle_key(model_path: Path) -> str:

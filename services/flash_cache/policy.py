@@ -71,6 +71,29 @@ class LayerSlots:
             reads.append((e, slot))
         return reads
 
+    def prefetch(self, guess: Sequence[int]) -> list[tuple[int, int]]:
+        """Read ahead experts a coming request will likely need: the (expert, slot) pairs to
+        read, as `admit` returns them, for those of `guess` not resident. A guess counts no use
+        and takes only free slots or those of experts outside the window, so it never pushes out
+        what the last tokens used; it stops where none is left."""
+        reads: list[tuple[int, int]] = []
+        for e in guess:
+            if e in self.slot_of:
+                continue
+            if self._free:
+                slot = self._free.pop()
+            else:
+                old = [x for x in self.slot_of if x not in guess and self._last[x] <= self.now - self.window]
+                if not old:
+                    break
+                slot = self.slot_of.pop(self._rank(old))
+                self.evictions += 1
+            # unused until a request needs it: the first to go, after its own history if any
+            self._last.setdefault(e, self.now - self.window - 1)
+            self.slot_of[e] = slot
+            reads.append((e, slot))
+        return reads
+
     def tick(self) -> None:
         """Advance the clock by one step (one request to this layer = one token step at
         concurrency 1)."""
@@ -98,9 +121,13 @@ class LayerSlots:
         slot budget is hard, so inside it otherwise), then by policy, then smallest id."""
         candidates = [e for e in self.slot_of if e not in wanted]
         old = [e for e in candidates if self._last[e] <= self.now - self.window]
+        return self._rank(old or candidates)
+
+    def _rank(self, candidates: list[int]) -> int:
+        """The one to evict by policy, then smallest id."""
         if self.policy == "lru":
-            return min(old or candidates, key=lambda e: (self._last[e], e))
-        return min(old or candidates, key=lambda e: (self._decayed(e), self._last[e], e))
+            return min(candidates, key=lambda e: (self._last[e], e))
+        return min(candidates, key=lambda e: (self._decayed(e), self._last[e], e))
 
 
 def _check_distinct(needed: Sequence[int]) -> None:

@@ -17,7 +17,7 @@ import resource
 import sys
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +26,15 @@ import numpy as np
 
 from services.defaults import FLASH_MODES, READ_THREADS, WINDOW
 from services.expert_worker.experts import GEMV_ROWS, NotHeld, _swiglu, groups
-from services.flash_cache.bundle import DATA, BundleManifest
+from services.flash_cache.bundle import DATA, BundleManifest, read_gates
 from services.flash_cache.policy import LayerSlots
 from shared.arrays import to_mlx, to_numpy
 from shared.errors import ConfigError, ModelError, WireError
 from shared.wire import DTYPE_NAMES, ExpertRequest, encode_reply
 
+
+
+TRACE_MAX = 1 << 20  # requests a --trace keeps: a benchmark's, not a server's lifetime
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,9 @@ class FlashConfig:
     read_threads: int = READ_THREADS  # positioned reads in flight at once: SSDs serve parallel reads faster
     drop_page_cache: bool = True
     trace: Path | None = None  # written at close: each request's (layer, distinct experts)
+    # After a request to layer L, read ahead the experts layer L+1's gate picks for the same
+    # hidden states (the bundle keeps the gates): an early guess of the next request.
+    prefetch: bool = False
 
 
 def slots_per_layer(manifest: BundleManifest, budget: int) -> int:
@@ -84,8 +90,14 @@ class FlashExperts:
         self.held: list[int] = []
         self.local = np.zeros(self.num_experts, bool)  # held here
         self.trace: list[tuple[int, list[int]]] = []
+        self.gates = read_gates(cfg.bundle, manifest) if cfg.prefetch and cfg.mode == "cache" else None
+        if cfg.prefetch and self.gates is None:
+            raise ConfigError("--prefetch needs --mode cache and a bundle with its model's gates "
+                              "(a gate that is one plain Linear)")
+        self.ahead: dict[int, tuple[list[tuple[int, int]], list[Future]]] = {}  # layer -> reads in flight
+        self.guessed: dict[int, set[int]] = {}  # layer -> experts read ahead for its next request
         self.counters = dict.fromkeys(("requests", "pairs", "hits", "misses", "records_read", "bytes_read",
-                                       "io_us", "compute_us"), 0)
+                                       "io_us", "compute_us", "prefetched", "prefetch_used"), 0)
 
     def hold(self, held: list[int]) -> FlashExperts:
         """Serve `held` from now on (nothing is read until a request needs it)."""
@@ -95,12 +107,16 @@ class FlashExperts:
         return self
 
     def keep(self, held: list[int]) -> None:
+        for layer in list(self.ahead):
+            self._settle(layer)
         gone = sorted(set(self.held) - set(held))
         for layer in self.slots:
             layer.drop(gone)
         self.hold(sorted(set(held) & set(self.held)))
 
     def close(self) -> None:
+        for layer in list(self.ahead):
+            self._settle(layer)
         self.pool.shutdown(wait=True)
         os.close(self.fd)
         if self.cfg.trace is not None:
@@ -135,9 +151,10 @@ class FlashExperts:
         xs = x[req.rows[order]]
         out = np.empty((len(req.experts), x.shape[1]), x.dtype)
         layer = self.slots[req.layer]
-        io = 0.0
+        io = self._settle(req.layer)
+        guessed = self.guessed.pop(req.layer, set())
         by_expert = {e: (lo, hi) for e, lo, hi in slices}
-        if self.cfg.trace is not None:
+        if self.cfg.trace is not None and len(self.trace) < TRACE_MAX:
             self.trace.append((req.layer, list(by_expert)))
         for chunk in self._passes(req.layer, list(by_expert)):
             io += self._admit(req.layer, chunk)
@@ -149,12 +166,15 @@ class FlashExperts:
             if self.cfg.mode == "on-demand":
                 layer.drop(chunk)
         layer.tick()
+        if self.gates is not None and req.layer + 1 < self.moe_layers:
+            self._read_ahead(req.layer + 1, x)
         y = out if DTYPE_NAMES[req.dtype] == self.m.dtype else to_numpy(
             mx.array(out).astype(to_mlx(req.x[:0], req.dtype).dtype))
         spent = time.perf_counter() - start
         c = self.counters
         c["requests"] += 1
         c["pairs"] += len(req.experts)
+        c["prefetch_used"] += len(guessed & by_expert.keys())
         c["io_us"] += int(1e6 * io)
         c["compute_us"] += int(1e6 * (spent - io))
         return encode_reply(req.dtype, y, int(1e6 * spent))
@@ -183,11 +203,42 @@ class FlashExperts:
             return 0.0
         start = time.perf_counter()
         gate_up, down = self._buffers(layer)
-        bad = [r for r in self.pool.map(lambda es: self._read(layer, es[0], gate_up[es[1]], down[es[1]]), loads) if r]
+        try:
+            bad = [r for r in self.pool.map(lambda es: self._read(layer, es[0], gate_up[es[1]], down[es[1]]), loads) if r]
+        except BaseException:  # a read failed (the disk, the file): those slots hold unknown bytes
+            slots.drop([e for e, _ in loads])
+            raise
         if bad:  # nothing of this pass is computed: those slots now hold unknown bytes
             slots.drop([e for e, _ in loads])
             raise ModelError(f"{self.cfg.bundle / DATA}: {bad[0]}; the bundle is corrupt: write it again "
                              "(moebus bundle)")
+        self.counters["records_read"] += len(loads)
+        self.counters["bytes_read"] += len(loads) * self.m.record_bytes
+        return time.perf_counter() - start
+
+    def _read_ahead(self, layer: int, x: np.ndarray) -> None:
+        """Start reading the experts `layer`'s gate picks for `x` (returns at once)."""
+        self._settle(layer)  # one read-ahead per layer in flight
+        logits = x.astype(np.float32, copy=False) @ self.gates[layer].T
+        k = self.m.top_k
+        top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+        guess = [e for e in dict.fromkeys(top.ravel().tolist()) if self.local[e]][: self.slots[layer].slots]
+        loads = self.slots[layer].prefetch(guess)
+        if loads:
+            gate_up, down = self._buffers(layer)
+            self.ahead[layer] = (loads, [self.pool.submit(self._read, layer, e, gate_up[s], down[s]) for e, s in loads])
+            self.counters["prefetched"] += len(loads)
+        self.guessed[layer] = {e for e, _ in loads}
+
+    def _settle(self, layer: int) -> float:
+        """Wait for `layer`'s read-ahead: the seconds waited (a bad record is let go: a request
+        needing it reads it again and fails by name)."""
+        loads, futures = self.ahead.pop(layer, ([], []))
+        if not loads:
+            return 0.0
+        start = time.perf_counter()
+        bad = [e for (e, _), f in zip(loads, futures) if f.exception() or f.result()]
+        self.slots[layer].drop(bad)
         self.counters["records_read"] += len(loads)
         self.counters["bytes_read"] += len(loads) * self.m.record_bytes
         return time.perf_counter() - start

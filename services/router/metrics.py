@@ -124,6 +124,8 @@ _FLASH = {"bytes_read": ("counter", 1.0, "bytes_read", "Expert bytes read from t
           "compute_us": ("counter", 1e-6, "compute_seconds", "Time spent computing experts"),
           "resident_bytes": ("gauge", 1.0, "resident_bytes", "Expert bytes held in DRAM slots"),
           "slot_bytes": ("gauge", 1.0, "slot_bytes", "DRAM reserved for expert slots (the budget used)"),
+          "prefetched": ("counter", 1.0, "prefetched", "Expert records read ahead on the next layer's gate"),
+          "prefetch_used": ("counter", 1.0, "prefetch_used", "Records read ahead that the next request used"),
           "peak_rss_bytes": ("gauge", 1.0, "peak_rss_bytes", "The flash-cache process's peak resident memory")}
 
 

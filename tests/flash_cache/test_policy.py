@@ -216,3 +216,15 @@ def test_reuse_within_counts_experts_seen_in_the_last_k_steps():
     assert reuse_within(trace, 2) == pytest.approx(1 / 6)
     assert reuse_within(trace, 3) == pytest.approx(2 / 6)
     assert reuse_within(trace, 0) == 0.0 and reuse_within([], 4) == 0.0
+
+
+def test_prefetch_counts_no_use_and_spares_the_window():
+    # catches: a guess evicting what the last tokens used, or a guess counted as a use/hit
+    s = LayerSlots(slots=3, window=2, policy="lfu")
+    s.admit([0, 1])
+    s.tick()
+    s.admit([2])
+    s.tick()  # now 2: expert 2 (used at tick 1) is inside the 2-tick window, 0 and 1 (tick 0) outside
+    assert s.prefetch([5, 6, 7]) == [(5, s.slot_of[5]), (6, s.slot_of[6])]  # no third victim outside the window
+    assert 2 in s.slot_of and (s.hits, s.misses) == (0, 3)
+    assert s.admit([5]) == [] and s.hits == 1  # a read-ahead expert is a hit once used

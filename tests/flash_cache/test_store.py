@@ -167,3 +167,27 @@ def test_a_budget_under_one_tokens_experts_is_refused_at_start(bundle: Path):
     assert slots_per_layer(m, 2 * m.moe_layers * m.record_bytes) == 2
     with pytest.raises(ConfigError, match="under the 2 experts a token routes to"):
         slots_per_layer(m, 2 * m.moe_layers * m.record_bytes - 1)
+
+
+def test_read_ahead_fetches_what_the_next_layers_gate_picks(model_dir: Path, bundle: Path):
+    # catches: reading ahead for the wrong layer, ignoring the gate, or a guess that costs the
+    # next request its reads anyway (it must find them resident)
+    from services.flash_cache.bundle import read_gates
+    m = open_bundle(bundle)
+    fc = FlashExperts(m, FlashConfig(bundle, 4 * m.moe_layers * m.record_bytes, 1, "lfu", prefetch=True))
+    fc.hold(list(range(8)))
+    payload = request(0, [[0, 1]], seed=5)
+    x = decode_request(payload).x
+    guess = sorted(np.argsort(-(x @ read_gates(bundle, m)[1].T)[0])[:2].tolist())
+    fc.compute(decode_request(payload))
+    fc._settle(1)
+    assert sorted(fc.slots[1].resident()) == guess and fc.stats()["prefetched"] == 2
+    before = fc.stats()
+    got = decode_reply(fc.compute(decode_request(request(1, [guess], seed=6)))).y
+    after = fc.stats()
+    assert after["misses"] == before["misses"] and after["hits"] == before["hits"] + 2
+    assert after["prefetch_used"] == 2
+    dram, _ = load_experts(model_dir, list(range(8)))
+    np.testing.assert_allclose(got, decode_reply(dram.compute(decode_request(request(1, [guess], seed=6)))).y,
+                               rtol=1e-5, atol=1e-5)
+    fc.close()
