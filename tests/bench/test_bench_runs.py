@@ -54,3 +54,22 @@ def test_hops_measures_a_hand_off_and_a_worker_answered_directly(tmp_path: Path)
     w = r["worker_direct"]
     assert w["request_bytes"] > 64 * 4 and w["reply_bytes"] > 64 * 4
     assert 0 < w["compute_us_p50"] < w["rtt_us_p50"] and w["bare_nats_us_p50"] > 0
+
+
+@pytest.mark.slow
+def test_quick_flash_benchmark_writes_results(tmp_path: Path):
+    out = tmp_path / "flash.json"
+    subprocess.run([sys.executable, "-m", "bench.flash", "--quick", "--tokens", "4", "--out", str(out),
+                    "--models-dir", str(tmp_path / "models")], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    r = json.loads(out.read_text())["locality"]
+    runs = {x["mode"]: x for x in r["runs"]}
+    assert set(runs) == {"dram", "naive", "on-demand", "cache-k1-prefetch"}
+    assert all({"tok_s", "bytes_read_per_token", "hit_rate", "peak_rss_bytes"} <= set(x) for x in runs.values())
+    assert all(x["tok_s"] > 0 and x["peak_rss_bytes"] > 0 for x in runs.values())
+    # naive reads every expert, on-demand the routed ones, the cache fewer; DRAM reads nothing
+    assert runs["naive"]["bytes_read_per_token"] > runs["on-demand"]["bytes_read_per_token"] \
+        > runs["cache-k1-prefetch"]["bytes_read_per_token"] and runs["dram"]["bytes_read_per_token"] == 0
+    assert runs["cache-k1-prefetch"]["prefetch_accuracy"] is not None
+    assert 0 < r["belady_bytes_per_token"] <= runs["cache-k1-prefetch"]["bytes_read_per_token"]
+    assert set(r["trace_reuse"]) == {"k1", "k5", "k10"}
+    assert {"speedup_vs_naive", "speedup_vs_on_demand", "bytes_vs_belady", "vs_dram"} <= set(r["ratios"])
