@@ -188,3 +188,17 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def save_mlx_mixtral(path: Path, config: dict[str, Any], seed: int) -> Path:
+    """A random Mixtral in mlx-lm's own layout (stacked experts) at `path`: for tests of the
+    experts alone, which need no tokenizer and no transformers reference."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import mixtral
+
+    mx.random.seed(seed)
+    model = mixtral.Model(mixtral.ModelArgs.from_dict(config))
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (path / "config.json").write_text(json.dumps(config))
+    return path

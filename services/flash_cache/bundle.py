@@ -192,24 +192,20 @@ def read_gates(path: Path, m: BundleManifest) -> np.ndarray | None:
     return np.frombuffer(blob, "<f4").reshape(m.moe_layers, m.num_experts, m.hidden)
 
 
-def bundle_key(model_path: Path) -> str:
-    """Where `moebus up --memory-budget` keeps a checkpoint's bundle: the checkpoint's key."""
-    from shared.modelstore import checkpoint_key
-    return checkpoint_key(model_path)
-
-
 def ensure_bundle(model_path: Path, out: Path | None, root: Path) -> Path:
     """The bundle of `model_path`: at `out`, or under `root` by the checkpoint's key, written
     first (with a progress bar) when it is missing or unfinished; refused when it is another
     model's."""
-    out = out or root / "bundles" / bundle_key(model_path)
     from shared.model import fingerprint
+    from shared.modelstore import checkpoint_key
+    out = out or root / "bundles" / checkpoint_key(model_path)
     try:
-        open_bundle(out, fingerprint(model_path))
+        found = open_bundle(out)
+    except ModelError:  # missing, unfinished, truncated or of an older format: written anew
+        found = None
+    if found is not None:
+        open_bundle(out, fingerprint(model_path))  # a bundle of another model: refused, not overwritten
         return out
-    except ModelError as e:
-        if (out / MANIFEST).is_file() and "another model" in str(e):
-            raise
     from tqdm import tqdm
     with tqdm(total=None, desc=f"bundling {model_path.name} into {out}", unit="layer") as bar:
         def progress(done: int, total: int) -> None:

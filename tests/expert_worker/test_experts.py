@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +9,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
-from mlx_lm.models import mixtral
 
 from services.expert_worker.experts import expert_bytes, load_experts
 from shared.errors import WireError
 from shared.wire import decode_reply, decode_request, encode_request
+from tests.checkpoints import save_mlx_mixtral
 from tests.cluster import ROOT
 
 CONFIG = {"model_type": "mixtral", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
@@ -26,12 +24,7 @@ EXPERT_BYTES = 4 * 16 * 3 * 256 * 512 * 4  # layers * experts * matrices * d * f
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("sixteen-experts")
-    mx.random.seed(1)
-    model = mixtral.Model(mixtral.ModelArgs.from_dict(CONFIG))
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    (path / "config.json").write_text(json.dumps(CONFIG))
-    return path
+    return save_mlx_mixtral(tmp_path_factory.mktemp("sixteen-experts"), CONFIG, seed=1)
 
 
 def test_worker_output_equals_the_models_own_experts(model_dir: Path):

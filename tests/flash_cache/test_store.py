@@ -3,21 +3,18 @@ reads counted on a scripted trace, corruption caught before it is served."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
-from mlx_lm.models import mixtral
 
 from services.expert_worker.experts import load_experts
 from services.flash_cache.bundle import DATA, MANIFEST, ensure_bundle, open_bundle, write_bundle
 from services.flash_cache.store import FlashConfig, FlashExperts, slots_per_layer
 from shared.errors import ConfigError, ModelError
 from shared.wire import decode_reply, decode_request, encode_request
-from tests.checkpoints import FAMILIES
+from tests.checkpoints import FAMILIES, save_mlx_mixtral
 
 CONFIG = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
           "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 8,
@@ -27,12 +24,7 @@ RECORD = 3 * 64 * 96 * 4  # gate, up, down of one expert, fp32
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("flash-model")
-    mx.random.seed(3)
-    model = mixtral.Model(mixtral.ModelArgs.from_dict(CONFIG))
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    (path / "config.json").write_text(json.dumps(CONFIG))
-    return path
+    return save_mlx_mixtral(tmp_path_factory.mktemp("flash-model"), CONFIG, seed=3)
 
 
 @pytest.fixture(scope="module")
