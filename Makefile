@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test bench bench-load bench-flash install install-test clean
+.PHONY: run test bench bench-load bench-flash validate-model install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	@./ops/fast-blas.sh
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@ $(VENV)/.installed
+
+$(VENV)/.installed-bench: $(VENV)/.installed-test
+	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
+	touch $@
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
@@ -42,3 +46,6 @@ bench-flash: $(VENV)/.installed-test
 
 bench-load: $(VENV)/.installed-test
 	$(BIN)/python -m bench.load $(BENCH_ARGS)
+
+validate-model: $(VENV)/.installed-bench
+	$(BIN)/python -m bench.validate $(BENCH_ARGS)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 from services import defaults as D
+from shared.blas import blas_threads
 from shared.config import DEFAULT_NATS_URL, home, positive, setting
 from shared.errors import ConfigError, MoebusError
 from shared.logs import configure
@@ -192,8 +194,19 @@ def cmd_up(a: argparse.Namespace) -> None:
         worker_args=_forward(a, WORKER_FLAGS),
         memory_budget=parse_size(budget) if budget else None,
         window=setting(a.window, "MOEBUS_WINDOW", D.WINDOW, int),
+        link=_link(a),
     )
     sys.exit(up(cfg))
+
+
+def _link(a: argparse.Namespace) -> tuple[float, float] | None:
+    """--link-delay-us / --link-gbps: the workers reach the bus through an emulated link."""
+    if a.link_delay_us is None and a.link_gbps is None:
+        return None
+    delay, gbps = a.link_delay_us or 0.0, a.link_gbps or 0.0
+    if delay < 0 or gbps < 0:
+        raise ConfigError("--link-delay-us and --link-gbps cannot be negative")
+    return delay, gbps
 
 
 def _forward(a: argparse.Namespace, names: tuple[str, ...]) -> tuple[str, ...]:
@@ -287,6 +300,9 @@ def parser() -> argparse.ArgumentParser:
     _router_flags(up)
     _worker_flags(up)
     _flash_flags(up)
+    up.add_argument("--link-delay-us", type=float, help="emulate a network between the workers and the bus: one-way "
+                                                        "delay in µs (through `moebus perfmodel proxy`)")
+    up.add_argument("--link-gbps", type=float, help="... and its bandwidth in Gbit/s (default unlimited)")
     _gateway_flags(up, listen=True)
     init = sub.add_parser("init-cluster", help="credentials and nats-server config for a secured cluster")
     init.add_argument("--dir", help="where to write them (default: $MOEBUS_HOME/cluster, where services look)")
@@ -321,13 +337,17 @@ def parser() -> argparse.ArgumentParser:
     bd.add_argument("--model", help="local Hugging Face MoE checkpoint dir (default: the demo model)")
     bd.add_argument("--out", help="bundle directory (default: under $MOEBUS_HOME/bundles)")
     bd.set_defaults(fn=cmd_bundle)
+    from services.perfmodel.cli import add_parser
+    add_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    if argv is None and args.command in ("router", "worker", "up", "flash-cache", "bundle"):
+    if argv is None and args.command in ("router", "worker", "up", "flash-cache", "bundle", "perfmodel"):
         from shared.blas import reexec_with_fast_blas
+        if args.command == "perfmodel" and args.perfmodel == "calibrate":  # each service's BLAS threads under `up`
+            os.environ.setdefault("OPENBLAS_NUM_THREADS", str(blas_threads(os.cpu_count() or 1, 2)))
         reexec_with_fast_blas("services.cli")  # before mlx is imported; children inherit the environment
     configure(args.command, setting(args.log_level, "MOEBUS_LOG_LEVEL", "info", str))
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,7 @@ from services import defaults
 from shared.access import cluster_dir, ensure_users, server_block, tls_dir
 from shared.blas import blas_threads
 from shared.errors import ConfigError
-from shared.natsd import start_nats
+from shared.natsd import die_with_parent, free_port, start_nats
 from shared.security import DEFAULT_WORKERS, is_loopback
 
 
@@ -39,6 +40,7 @@ class UpConfig:
     worker_args: tuple[str, ...] = ()
     memory_budget: int | None = None  # bytes for experts per worker; the whole model's over it: a flash-cache
     window: int = defaults.WINDOW
+    link: tuple[float, float] | None = None  # (one-way delay µs, Gbit/s): workers reach the bus through the link proxy
 
 
 def check_model(path: Path) -> int:
@@ -97,6 +99,23 @@ class Child:
         return True
 
 
+def start_link(base: list[str], upstream: str, port: int, link: tuple[float, float],
+               stdout: int | None = None) -> subprocess.Popen:
+    """The link proxy, once it accepts connections (the workers connect through it at once)."""
+    proc = subprocess.Popen([*base, "perfmodel", "proxy", "--upstream", upstream, "--listen", f"127.0.0.1:{port}",
+                             "--delay-us", str(link[0]), "--gbps", str(link[1])], preexec_fn=die_with_parent,
+                            stdout=stdout)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise ConfigError(f"the link proxy did not start on 127.0.0.1:{port}")
+
+
 def say(line: str) -> None:
     print(f"moebus: {line}", file=sys.stderr, flush=True)
 
@@ -136,17 +155,25 @@ def up(cfg: UpConfig) -> int:
             how = "open to anyone who reaches it (--insecure)" if cfg.insecure else f"users in {cfg.creds_dir or cluster_dir()}"
             print(f"moebus: nats-server (JetStream) on {cfg.nats_host}:{cfg.nats_port}, {how}", flush=True)
         base = [sys.executable, "-m", "services.cli"]
-        threads = str(blas_threads(os.cpu_count() or 1, cfg.workers + 1))  # the router and the workers
-        env = {"OPENBLAS_NUM_THREADS": threads, **os.environ, "MOEBUS_PARENT_PID": str(os.getpid())}
         bus = ["--nats", url, *(["--insecure"] if cfg.insecure else []),
                *(["--creds", cfg.creds_dir] if cfg.creds_dir else [])]
-        common = [*bus, "--model", str(cfg.model)]
-        commands = [("router", [*base, "router", *common, *cfg.router_args])]
+        worker_bus = bus
+        if cfg.link is not None:  # an emulated network between the workers and the bus
+            link_port = free_port()
+            upstream = url.split("//", 1)[1]
+            link = Child("link", lambda: start_link(base, upstream, link_port, cfg.link))
+            link.proc = link.start()
+            children.append(link)
+            worker_bus = ["--nats", f"{url.split('//')[0]}//127.0.0.1:{link_port}", *bus[2:]]
+        threads = str(blas_threads(os.cpu_count() or 1, cfg.workers + 1))  # the router and the workers
+        env = {"OPENBLAS_NUM_THREADS": threads, **os.environ, "MOEBUS_PARENT_PID": str(os.getpid())}
+        commands = [("router", [*base, "router", *bus, "--model", str(cfg.model), *cfg.router_args])]
         if flash is not None:
-            commands.append(("flash-cache", [*base, "flash-cache", *bus, "--bundle", str(flash), "--memory-budget",
+            commands.append(("flash-cache", [*base, "flash-cache", *worker_bus, "--bundle", str(flash), "--memory-budget",
                                              str(cfg.memory_budget), "--window", str(cfg.window)]))
         else:
-            commands += [(f"worker {i}", [*base, "worker", *common, *cfg.worker_args]) for i in range(cfg.workers)]
+            commands += [(f"worker {i}", [*base, "worker", *worker_bus, "--model", str(cfg.model), *cfg.worker_args])
+                         for i in range(cfg.workers)]
         commands.append(("gateway", [*base, "gateway", *bus, "--host", cfg.host, "--port", str(cfg.port),
                                      *cfg.gateway_args]))
         for name, cmd in commands:

@@ -26,7 +26,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # Linux only: nats-server gets SIGTERM if `moebus up` dies, even by SIGKILL.
     if sys.platform.startswith("linux"):
         import ctypes
@@ -49,7 +49,7 @@ def start_nats(port: int, store_dir: Path, host: str = "127.0.0.1", max_payload_
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [server_binary(), "-c", str(conf), "-a", host, "-p", str(port)],
-            stdout=out, stderr=out, preexec_fn=_die_with_parent,
+            stdout=out, stderr=out, preexec_fn=die_with_parent,
         )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

@@ -1,0 +1,1 @@
+"""Predict a cluster before buying it: calibrate, the formula, a delaying link, cost."""
