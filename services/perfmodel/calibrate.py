@@ -27,6 +27,7 @@ class CalibrateConfig:
     call_tokens: tuple[int, ...] = (1, 4)
     expert_tokens: tuple[int, ...] = (1, 2, 4, 8)
     samples: int = 200  # round trips per measurement
+    idle_delays: tuple[float, ...] = (0.0, 500.0, 2000.0)  # link delays the router and a worker wait through
     steps: int = 10  # decode steps per router measurement
 
 
@@ -44,7 +45,8 @@ def calibrate(cfg: CalibrateConfig) -> dict:
     from shared.model import read_config
 
     config = read_config(cfg.model)
-    steps = (2 * len(cfg.contexts) * len(cfg.batches) + 2 * (len(cfg.workers) - 1) + len(cfg.expert_tokens) + 2 * 3
+    steps = (2 * len(cfg.contexts) * len(cfg.batches) + 2 * (len(cfg.workers) - 1) + 2 * len(cfg.idle_delays)
+             + len(cfg.expert_tokens) + 2 * 3
              + 2 * len(cfg.workers) * len(cfg.call_tokens) + 1)
     started = time.perf_counter()
     with tqdm(total=steps, desc="calibrate", unit="part", leave=True) as bar:
@@ -64,6 +66,12 @@ def calibrate(cfg: CalibrateConfig) -> dict:
                 in_place += [{"workers": w, **r} for r in rows]
                 direct += calls.measure_calls(caller, cfg.model, w, cfg.call_tokens, cfg.samples, tick)
         non_expert = [r for r in in_place if r["workers"] == cfg.workers[0]]
+        waiting = []
+        for d in cfg.idle_delays:  # what waiting on a slow link costs the processes beyond the wait itself
+            bar.set_postfix_str(f"router and a worker {d:g} µs away")
+            with calls.cluster(cfg.model, 1, True, d) as caller:
+                rows = measure.non_expert(cfg.model, cfg.batches[:1], cfg.contexts[:1], cfg.steps, tick, caller)
+                waiting += [{"delay_us": d, **r} for r in rows]
         bar.set_postfix_str("expert compute")
         compute = measure.expert_compute(cfg.model, cfg.expert_tokens, cfg.samples // 4, tick)
         bar.set_postfix_str("bare bus")
@@ -72,6 +80,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         linked = calls.layer_calls(cfg.model, cfg.workers, cfg.call_tokens, cfg.samples, True, tick)
     return {"machine": machine(), "model": {"path": str(cfg.model), "config": config},
             "seconds": round(time.perf_counter() - started, 1), "peaks": peaks, "non_expert": non_expert, "in_place": in_place,
+            "waiting": waiting,
             "expert_compute": compute, "bare_bus": bare, "layer_calls": direct, "layer_calls_through_link": linked}
 
 

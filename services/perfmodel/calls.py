@@ -36,10 +36,15 @@ class Caller:
         from services.router.registry import table
         from shared.bus import new_loop
 
+        self.url, self.owners, self.live = url, owners, live
         self.loop = new_loop()
         self.nc = self.loop.run_until_complete(nats.connect(url))
         self.routes = table(owners, live)
         self.pids = pids
+
+    def clone(self) -> Caller:
+        """Another connection and loop, for the calling thread (a second router lane)."""
+        return Caller(self.url, self.owners, self.live, self.pids)
 
     def call(self, trips) -> list[bytes]:
         async def fan_out() -> list[bytes]:
@@ -54,9 +59,9 @@ class Caller:
 
 
 @contextmanager
-def cluster(path: Path, workers: int, through_link: bool = False) -> Iterator[Caller]:
-    """`through_link`: the workers reach the bus through the link proxy at delay 0, in its own
-    process, as under `moebus up --link-delay-us`."""
+def cluster(path: Path, workers: int, through_link: bool = False, delay_us: float = 0.0) -> Iterator[Caller]:
+    """`through_link`: the workers reach the bus through the link proxy (one-way `delay_us`), in
+    its own process, as under `moebus up --link-delay-us`."""
     from services.launcher import start_link
     from shared.natsd import free_port
 
@@ -65,7 +70,7 @@ def cluster(path: Path, workers: int, through_link: bool = False) -> Iterator[Ca
         worker_url = url
         if through_link:
             port = free_port()
-            proxy = start_link([sys.executable, "-m", "services.cli"], url.split("//", 1)[1], port, (0.0, 0.0),
+            proxy = start_link([sys.executable, "-m", "services.cli"], url.split("//", 1)[1], port, (delay_us, 0.0),
                                subprocess.DEVNULL)
             worker_url = f"nats://127.0.0.1:{port}"
         env = {**os.environ, "MOEBUS_HOME": str(tmp),

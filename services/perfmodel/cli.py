@@ -62,7 +62,7 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
     out = Path(a.out).expanduser() if a.out else default_profile()
     cfg = CalibrateConfig(model=_model(a.model), out=out)
     if a.quick:
-        cfg = replace(cfg, workers=(1, 2), batches=(1, 4), contexts=(16,), call_tokens=(1, 4), expert_tokens=(1, 4),
+        cfg = replace(cfg, workers=(1, 2), batches=(1, 8), contexts=(16,), call_tokens=(1, 4), expert_tokens=(1, 4),
                       samples=40, steps=4)
     run(cfg)
     print(f"moebus: wrote the profile {out}", flush=True)

@@ -21,6 +21,7 @@ def _by(rows: list[dict], **match) -> list[dict]:
 def router_costs(rows: list[dict]) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
     """(batches, step_us, layer_us, ctx_us) from `non_expert` rows: full and half depth at the
     shortest context give the per-layer and per-step split; the longest context, the slope."""
+    rows = [r for r in rows if r.get("lanes", 1) <= 1]  # one lane: its time outside the trips is the router's
     full, half = max(r["layers"] for r in rows), min(r["layers"] for r in rows)
     short, long = min(r["context"] for r in rows), max(r["context"] for r in rows)
     batches = tuple(sorted({r["batch"] for r in rows}))
@@ -92,6 +93,30 @@ def in_place_costs(rows: list[dict], shape: Shape, per_us: float) -> tuple[tuple
     return rest, step
 
 
+def lane_costs(rows: list[dict]) -> tuple[tuple[float, ...], tuple[int, ...], tuple[float, ...]]:
+    """(rest_batch_us per one-lane batch, cpu_batches, router_cpu_us) from the router's engine
+    beside one worker, at full depth and the shortest context."""
+    full, short = max(r["layers"] for r in rows), min(r["context"] for r in rows)
+    rows = sorted((r for r in rows if r["layers"] == full and r["context"] == short), key=lambda r: r["batch"])
+    rest = tuple(r.get("trip_rest_us", 0.0) for r in rows if r.get("lanes", 1) <= 1)
+    return rest, tuple(r["batch"] for r in rows), tuple(round(1e3 * r.get("cpu_ms", r["ms"]), 1) for r in rows)
+
+
+def idle_costs(waiting: list[dict]) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """(delays, per-layer cost beyond 2 x delay) from the router and one worker through the link
+    at those delays, against the same link at delay 0: its time outside the trips and the trips."""
+    full = max(r["layers"] for r in waiting)
+    pick = lambda rows: next(r for r in rows if r["layers"] == full)  # noqa: E731
+    base = pick([r for r in waiting if r["delay_us"] == 0])
+    delays = sorted({r["delay_us"] for r in waiting} - {0})
+    extra = []
+    for d in delays:
+        row = pick([r for r in waiting if r["delay_us"] == d])
+        outside = 1e3 * (row["ms"] - base["ms"]) / full
+        extra.append(round(outside + row["trip_rest_us"] - base["trip_rest_us"] - 2 * d, 1))
+    return tuple(int(d) for d in delays), tuple(extra)
+
+
 def costs(profile: dict, shape: Shape) -> Costs:
     """The formula's costs from a calibration profile (`moebus perfmodel calibrate`)."""
     batches, step, layer, ctx = router_costs(profile["non_expert"])
@@ -100,9 +125,12 @@ def costs(profile: dict, shape: Shape) -> Costs:
     serial_rest, cpu, cpu_pair = trip_costs(profile["layer_calls"], shape, per_us)
     rest, with_workers = in_place_costs(profile["in_place"], shape, per_us) if "in_place" in profile \
         else (serial_rest, ())
+    growth, cpu_batches, router_cpu = lane_costs(profile["non_expert"])
+    delays, idle = idle_costs(profile["waiting"]) if profile.get("waiting") else ((), ())
     linked, _, _ = trip_costs(profile["layer_calls_through_link"], shape, per_us)
     emulator = float(np.mean([a - b for a, b in zip(linked, serial_rest)]))  # both measured the same way
     return Costs(batches=batches, step_us=step, layer_us=layer, ctx_us=ctx, call_us=call, expert_us=expert,
                  pair_us=pair, rest_us=rest, bus_bytes_per_us=per_us, cpu_us=cpu, cpu_pair_us=cpu_pair,
                  cores=int(profile["machine"]["cores"]), emulator_us=round(max(0.0, emulator), 1),
-                 workers_step_us=with_workers)
+                 workers_step_us=with_workers, rest_batch_us=growth, cpu_batches=cpu_batches,
+                 router_cpu_us=router_cpu, idle_delays_us=delays, idle_us=idle)

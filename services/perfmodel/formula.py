@@ -4,12 +4,13 @@ and a link. Pure: every input is a number, so it is tested by hand.
 One decode step of c sequences runs every MoE layer once. moebus splits the sequences into m
 micro-batches ("lanes", m = 2 from 8 sequences on) of b = c/m; per layer and lane:
 
-    r     = router compute outside the experts    (step_us(b) + with_us(N))/L + layer_us(b) + ctx * ctx_us(b)
+    r     = router compute outside the experts    (step_us(c) + with_us(N))/L + layer_us(c) + ctx * ctx_us(c)
+            (with two lanes: the CPU the router's own lanes took per step for c, over L, over m)
     x     = expert compute on the busiest worker  call_us + d * expert_us + p * pair_us
             with p = b*k/N pairs and d = (E/N) * (1 - (1 - k/E)^b) distinct experts per worker
-    fixed = the round trip's fixed cost           rest_us(N)
+    fixed = the round trip's fixed cost           rest_us(N) + its growth with the lane's b tokens
     move  = its bytes, over the bus and the link  bytes / bus_bytes_per_us + bytes * 8 / link_bps
-    lat   = the link's latency                    2 * one-way latency
+    lat   = the link's latency                    2 * one-way latency + what waiting it costs (measured)
 
     layer time  T = max(r + x + fixed + move + lat, one lane's chain: compute, trip, compute
                         m * r,                     the router's own work for every lane
@@ -57,6 +58,13 @@ class Costs:
     cores: int
     emulator_us: float = 0.0  # the link proxy's own cost per round trip (validation runs only)
     workers_step_us: tuple[float, ...] = ()  # the router's extra time per step with 1, 2, 3... workers beside it
+    rest_batch_us: tuple[float, ...] = ()  # a trip's fixed cost's growth past one token, per lane batch (`batches`)
+    cpu_batches: tuple[int, ...] = ()  # sequences, with the router's own lanes (two from SPLIT_AT on)
+    router_cpu_us: tuple[float, ...] = ()  # the router's CPU per step for them, every lane together
+    # Waiting costs more than the wait on some machines (a core that idles resumes slowly): per
+    # layer, beyond twice the link's one-way latency, measured at these one-way delays.
+    idle_delays_us: tuple[int, ...] = ()
+    idle_us: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,14 +135,21 @@ def predict(shape: Shape, costs: Costs, workers: int, concurrency: int, link: Li
             context: int = 0) -> Prediction:
     m = micro_batches(concurrency)
     b = math.ceil(concurrency / m)
-    at = lambda ys: interpolate(costs.batches, ys, b)  # noqa: E731
+    at = lambda ys, n=concurrency: interpolate(costs.batches, ys, n)  # noqa: E731
     extra = by_workers(costs.workers_step_us, workers) if costs.workers_step_us else 0.0
-    r = (at(costs.step_us) + extra) / shape.layers + at(costs.layer_us) + context * at(costs.ctx_us)
+    if m > 1 and costs.router_cpu_us:  # every lane's work, as measured with the router's own lanes
+        whole = interpolate(costs.cpu_batches, costs.router_cpu_us, concurrency) + extra
+        r = (whole / shape.layers + context * at(costs.ctx_us)) / m
+    else:
+        r = (at(costs.step_us) + extra) / shape.layers + at(costs.layer_us) + context * at(costs.ctx_us)
     pairs = b * shape.top_k / workers
     x = costs.call_us + distinct_experts(shape.experts, shape.top_k, b, workers) * costs.expert_us + pairs * costs.pair_us
     size = message_bytes(shape, b, workers)
-    fixed = by_workers(costs.rest_us, workers) + (costs.emulator_us if link.emulated else 0.0)
+    growth = max(0.0, at(costs.rest_batch_us, b) - costs.rest_batch_us[0]) if costs.rest_batch_us else 0.0
+    fixed = by_workers(costs.rest_us, workers) + growth + (costs.emulator_us if link.emulated else 0.0)
     latency = 2 * link.latency_us
+    if costs.idle_delays_us and link.latency_us > 0:
+        latency += max(0.0, interpolate((0, *costs.idle_delays_us), (0.0, *costs.idle_us), link.latency_us))
     transfer = size / costs.bus_bytes_per_us + (size * 8 / (link.gbps * 1e3) if link.gbps > 0 else 0.0)
     chain = r + x + fixed + transfer + latency
     cpu = m * (r + by_workers(costs.cpu_us, workers) + b * shape.top_k * costs.cpu_pair_us) / costs.cores

@@ -15,9 +15,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -81,26 +82,31 @@ def non_expert(path: Path, batches: tuple[int, ...], contexts: tuple[int, ...], 
         model.model.layers = layers[:depth]
         for context in contexts:
             for b in batches:
-                engine = Engine(model, tokenizer, EngineLimits(max_running=b, micro_batches=1), lambda events: None)
+                # the router's own limits and lanes: one micro-batch, two from 8 sequences on
+                engine = Engine(model, tokenizer, EngineLimits(), lambda events: None)
+                exchange.baton = engine.baton
                 for i in range(b):
                     req = GenerateRequest(request_id=f"r{i}", stream=f"moebus.v1.stream.calibrate-{i}", max_tokens=steps + 8,
                                           temperature=0.0)
                     engine.add(req, [8 + (i + j) % 200 for j in range(context)])
-                times = []
+                times, cpu = [], []
                 for i in range(steps + 4):
                     if i == 4:
                         exchange.rests.clear()  # past the prefill
-                    t0, waited = time.perf_counter(), exchange.waited
+                    t0, c0, waited = time.perf_counter(), time.process_time(), exchange.waited
                     engine.step()
                     times.append(time.perf_counter() - t0 - (exchange.waited - waited))
+                    cpu.append(time.process_time() - c0)
                 engine.close()
-                row = {"layers": depth, "batch": b, "context": context,
-                       "ms": round(1e3 * statistics.median(times[-steps:]), 3)}
+                row = {"layers": depth, "batch": b, "context": context, "lanes": len([x for x in engine.lanes if x.steps]),
+                       "ms": round(1e3 * statistics.median(times[-steps:]), 3),  # one lane: its time outside the trips
+                       "cpu_ms": round(1e3 * statistics.median(cpu[-steps:]), 3)}  # every lane's CPU
                 if exchange.rests:  # each trip less its slowest worker's compute, in place
                     row["trip_rest_us"] = _median_us(exchange.rests)
                 out.append(row)
                 tick()
     model.model.layers = layers
+    exchange.close()
     return out
 
 
@@ -117,6 +123,21 @@ class _Exchange:
         self.caller = caller
         self.waited = 0.0
         self.rests: list[float] = []
+        self.baton = None  # a lane waiting on its trip lets the other compute, as in the router
+        self._local = threading.local()  # each lane thread its own connection, as a router lane
+        self._clones: list = []
+
+    def _caller(self):
+        if threading.current_thread() is threading.main_thread():
+            return self.caller
+        if not hasattr(self._local, "caller"):
+            self._local.caller = self.caller.clone()
+            self._clones.append(self._local.caller)
+        return self._local.caller
+
+    def close(self) -> None:
+        for c in self._clones:
+            c.close()
 
     def __call__(self, layer: int, x, indices):
         import mlx.core as mx
@@ -134,8 +155,11 @@ class _Exchange:
         trips = plan_trips(layer, code, xn, inds, self.routes, 8 << 20)
         y = np.zeros((xn.shape[0], k, dim), xn.dtype)
         if self.caller is not None:
+            caller = self._caller()
             t0 = time.perf_counter()
-            replies = [decode_reply(d) for d in self.caller.call(trips)]
+            with self.baton.released() if self.baton else nullcontext():
+                data = caller.call(trips)
+            replies = [decode_reply(d) for d in data]
             took = time.perf_counter() - t0
             self.waited += took
             self.rests.append(took - max(r.compute_us for r in replies) * 1e-6)

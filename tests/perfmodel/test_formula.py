@@ -12,7 +12,7 @@ from services.perfmodel.formula import (Costs, Link, Shape, by_workers, distinct
 from services.perfmodel.shapes import Machine, ModelShape, carry, from_config, parse_shape
 
 SHAPE = Shape(layers=2, hidden=4, experts=8, top_k=2)
-COSTS = Costs(batches=(1, 4), step_us=(100.0, 200.0), layer_us=(50.0, 80.0), ctx_us=(0.0, 0.0), call_us=10.0,
+COSTS = Costs(batches=(1, 8), step_us=(100.0, 200.0), layer_us=(50.0, 80.0), ctx_us=(0.0, 0.0), call_us=10.0,
               expert_us=5.0, pair_us=1.0, rest_us=(200.0, 300.0), bus_bytes_per_us=1e12, cpu_us=(0.0, 0.0),
               cpu_pair_us=0.0, cores=2, emulator_us=40.0)
 
@@ -56,7 +56,7 @@ def test_link_bandwidth_moves_the_message_bytes():
 
 
 def test_eight_streams_run_two_lanes_and_the_busiest_term_sets_the_pace():
-    # b = 4 per lane: router 200/2 + 80 = 180; pairs 8, distinct 8*(1-(3/4)^4) = 5.47
+    # 8 sequences: router 200/2 + 80 = 180; b = 4 per lane: pairs 8, distinct 8*(1-(3/4)^4) = 5.47
     p = predict(SHAPE, COSTS, 1, 8)
     x = 10 + 8 * (1 - 0.75 ** 4) * 5 + 8
     assert (p.micro_batches, p.bound) == (2, "chain")
@@ -68,6 +68,19 @@ def test_eight_streams_run_two_lanes_and_the_busiest_term_sets_the_pace():
     busy_cpu = dataclasses.replace(COSTS, cpu_us=(5000.0, 5000.0))  # 2 lanes * (180 + 5000) over 2 cores
     assert predict(SHAPE, busy_cpu, 1, 8).bound == "cpu"
     assert predict(SHAPE, busy_cpu, 1, 8).step_ms == pytest.approx(2 * 5180 / 1e3, rel=1e-6)
+
+
+def test_two_lanes_take_the_routers_measured_cpu_and_a_trip_grows_with_its_batch():
+    # the router's lanes took 4800 us of CPU per 8-sequence step: 2400 per layer, 1200 per lane
+    lanes = dataclasses.replace(COSTS, cpu_batches=(1, 8), router_cpu_us=(300.0, 4800.0))
+    p = predict(SHAPE, lanes, 1, 8)
+    x = 10 + 8 * (1 - 0.75 ** 4) * 5 + 8
+    assert 1200 + x + 200 < 2400 and p.bound == "router"
+    assert p.step_ms == pytest.approx(2 * 2400 / 1e3, abs=1e-3)
+    assert p.router_ms == pytest.approx(2 * 1200 / 1e3, abs=1e-3)
+    assert predict(SHAPE, lanes, 1, 1).step_ms == predict(SHAPE, COSTS, 1, 1).step_ms  # one lane: as before
+    grows = dataclasses.replace(COSTS, rest_batch_us=(800.0, 1500.0))  # 100 us more per token past the first
+    assert predict(SHAPE, grows, 1, 4).fixed_ms - predict(SHAPE, COSTS, 1, 4).fixed_ms == pytest.approx(2 * 0.3)
 
 
 def test_the_split_adds_up_to_the_step():

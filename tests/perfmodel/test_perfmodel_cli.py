@@ -80,7 +80,8 @@ def test_cost_prints_each_configuration_and_takes_predicted_throughput(tmp_path:
     out = moebus("cost", "--config", *files, "--tokens-per-s", "10", "49", "--json")
     assert out.returncode == 0, out.stderr
     mac, h100 = json.loads(out.stdout)
-    assert mac["tokens_per_s"] == 10 and h100["tokens_per_s"] == 49
+    year = 8766 * 3600  # both files: busy all the time for 3 years
+    assert mac["tokens_lifetime"] == pytest.approx(10 * 3 * year) and h100["tokens_lifetime"] == pytest.approx(49 * 3 * year)
     # twice the throughput, half the cost per token
     twice = json.loads(moebus("cost", "--config", files[0], "--tokens-per-s", "20", "--json").stdout)[0]
     assert twice["usd_per_million_tokens"] == pytest.approx(mac["usd_per_million_tokens"] / 2)
@@ -97,7 +98,8 @@ def test_an_emulated_link_delays_every_layer_round_trip(checkpoints, tmp_path: P
     with Up(checkpoints["mixtral"], 1, tmp_path, ("--link-delay-us", "3000"),
             env={"MOEBUS_HOME": str(tmp_path / "home")}) as up:
         with OpenAI(base_url=f"{up.url}/v1", api_key="x", max_retries=0) as client:
-            r = client.completions.create(model="m", prompt="the river", max_tokens=4, temperature=0)
+            r = client.completions.create(model=checkpoints["mixtral"].name, prompt="the river", max_tokens=4,
+                                          temperature=0)
         assert r.usage.completion_tokens == 4
         with urllib.request.urlopen(f"{up.url}/metrics", timeout=10) as m:
             text = m.read().decode()
