@@ -26,7 +26,7 @@ class CalibrateConfig:
     contexts: tuple[int, ...] = (16, 256)
     call_tokens: tuple[int, ...] = (1, 4)
     expert_tokens: tuple[int, ...] = (1, 2, 4, 8)
-    samples: int = 200  # round trips per measurement
+    samples: int = 400  # round trips per measurement
     idle_delays: tuple[float, ...] = (0.0, 500.0, 2000.0)  # link delays the router and a worker wait through
     steps: int = 10  # decode steps per router measurement
 
@@ -79,7 +79,8 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         bar.set_postfix_str("layer calls through the link proxy")
         linked = calls.layer_calls(cfg.model, cfg.workers, cfg.call_tokens, cfg.samples, True, tick)
     return {"machine": machine(), "model": {"path": str(cfg.model), "config": config},
-            "seconds": round(time.perf_counter() - started, 1), "peaks": peaks, "non_expert": non_expert, "in_place": in_place,
+            "seconds": round(time.perf_counter() - started, 1), "peaks": peaks, "non_expert": non_expert,
+            "in_place": in_place,
             "waiting": waiting,
             "expert_compute": compute, "bare_bus": bare, "layer_calls": direct, "layer_calls_through_link": linked}
 

@@ -154,7 +154,8 @@ def cmd_cost(a: argparse.Namespace) -> None:
     try:
         configs = [load_config(Path(f)) for f in a.config]
         if a.tokens_per_s is not None:
-            configs = [type(c).model_validate({**c.model_dump(), "tokens_per_s": t}) for c, t in zip(configs, a.tokens_per_s)]
+            configs = [type(c).model_validate({**c.model_dump(), "tokens_per_s": t})
+                       for c, t in zip(configs, a.tokens_per_s)]
         reports = [cost(c) for c in configs]
     except (ValueError, OSError) as e:
         raise ConfigError(str(e)) from None

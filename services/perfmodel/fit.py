@@ -128,9 +128,9 @@ def costs(profile: dict, shape: Shape) -> Costs:
     growth, cpu_batches, router_cpu = lane_costs(profile["non_expert"])
     delays, idle = idle_costs(profile["waiting"]) if profile.get("waiting") else ((), ())
     linked, _, _ = trip_costs(profile["layer_calls_through_link"], shape, per_us)
-    emulator = float(np.mean([a - b for a, b in zip(linked, serial_rest)]))  # both measured the same way
+    emulator = tuple(round(max(0.0, a - b), 1) for a, b in zip(linked, serial_rest))  # both measured the same way
     return Costs(batches=batches, step_us=step, layer_us=layer, ctx_us=ctx, call_us=call, expert_us=expert,
                  pair_us=pair, rest_us=rest, bus_bytes_per_us=per_us, cpu_us=cpu, cpu_pair_us=cpu_pair,
-                 cores=int(profile["machine"]["cores"]), emulator_us=round(max(0.0, emulator), 1),
+                 cores=int(profile["machine"]["cores"]), emulator_us=emulator,
                  workers_step_us=with_workers, rest_batch_us=growth, cpu_batches=cpu_batches,
                  router_cpu_us=router_cpu, idle_delays_us=delays, idle_us=idle)

@@ -56,7 +56,7 @@ class Costs:
     cpu_us: tuple[float, ...]  # CPU a layer call takes over every process, per 1, 2, 3... workers, one token
     cpu_pair_us: float  # ... and per pair
     cores: int
-    emulator_us: float = 0.0  # the link proxy's own cost per round trip (validation runs only)
+    emulator_us: tuple[float, ...] = ()  # the link proxy's own cost per round trip, per worker count (validation runs)
     workers_step_us: tuple[float, ...] = ()  # the router's extra time per step with 1, 2, 3... workers beside it
     rest_batch_us: tuple[float, ...] = ()  # a trip's fixed cost's growth past one token, per lane batch (`batches`)
     cpu_batches: tuple[int, ...] = ()  # sequences, with the router's own lanes (two from SPLIT_AT on)
@@ -143,10 +143,12 @@ def predict(shape: Shape, costs: Costs, workers: int, concurrency: int, link: Li
     else:
         r = (at(costs.step_us) + extra) / shape.layers + at(costs.layer_us) + context * at(costs.ctx_us)
     pairs = b * shape.top_k / workers
-    x = costs.call_us + distinct_experts(shape.experts, shape.top_k, b, workers) * costs.expert_us + pairs * costs.pair_us
+    d = distinct_experts(shape.experts, shape.top_k, b, workers)
+    x = costs.call_us + d * costs.expert_us + pairs * costs.pair_us
     size = message_bytes(shape, b, workers)
     growth = max(0.0, at(costs.rest_batch_us, b) - costs.rest_batch_us[0]) if costs.rest_batch_us else 0.0
-    fixed = by_workers(costs.rest_us, workers) + growth + (costs.emulator_us if link.emulated else 0.0)
+    emulator = by_workers(costs.emulator_us, workers) if link.emulated and costs.emulator_us else 0.0
+    fixed = by_workers(costs.rest_us, workers) + growth + emulator
     latency = 2 * link.latency_us
     if costs.idle_delays_us and link.latency_us > 0:
         latency += max(0.0, interpolate((0, *costs.idle_delays_us), (0.0, *costs.idle_us), link.latency_us))

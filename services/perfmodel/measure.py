@@ -86,8 +86,8 @@ def non_expert(path: Path, batches: tuple[int, ...], contexts: tuple[int, ...], 
                 engine = Engine(model, tokenizer, EngineLimits(), lambda events: None)
                 exchange.baton = engine.baton
                 for i in range(b):
-                    req = GenerateRequest(request_id=f"r{i}", stream=f"moebus.v1.stream.calibrate-{i}", max_tokens=steps + 8,
-                                          temperature=0.0)
+                    req = GenerateRequest(request_id=f"r{i}", stream=f"moebus.v1.stream.calibrate-{i}",
+                                          max_tokens=steps + 8, temperature=0.0)
                     engine.add(req, [8 + (i + j) % 200 for j in range(context)])
                 times, cpu = [], []
                 for i in range(steps + 4):
@@ -98,7 +98,8 @@ def non_expert(path: Path, batches: tuple[int, ...], contexts: tuple[int, ...], 
                     times.append(time.perf_counter() - t0 - (exchange.waited - waited))
                     cpu.append(time.process_time() - c0)
                 engine.close()
-                row = {"layers": depth, "batch": b, "context": context, "lanes": len([x for x in engine.lanes if x.steps]),
+                row = {"layers": depth, "batch": b, "context": context,
+                       "lanes": len([x for x in engine.lanes if x.steps]),
                        "ms": round(1e3 * statistics.median(times[-steps:]), 3),  # one lane: its time outside the trips
                        "cpu_ms": round(1e3 * statistics.median(cpu[-steps:]), 3)}  # every lane's CPU
                 if exchange.rests:  # each trip less its slowest worker's compute, in place

@@ -18,7 +18,6 @@ actually went out.
 from __future__ import annotations
 
 import ctypes
-import queue
 import select
 import signal
 import socket
@@ -33,10 +32,9 @@ from typing import NamedTuple
 _CHUNK = 64 * 1024
 _QUEUE_CHUNKS = 1024  # bounded, so a sender faster than the link gets TCP backpressure
 _SPIN_S = 50e-6  # the last stretch before a due time is spun, not slept
-_SLICE_S = 0.05  # long sleeps are sliced so stop() is never kept waiting
+_SLICE_S = 0.05  # the longest select, so a connection notices stop() soon
 _CONNECT_TIMEOUT_S = 5.0
 _LATENESS_SAMPLES = 100_000
-_EOF = None  # queued after a direction's last chunk
 
 
 class Lateness(NamedTuple):

@@ -86,7 +86,8 @@ def parse_shape(text: str) -> ModelShape:
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
         if key.strip() not in ModelShape.__dataclass_fields__:
-            raise ValueError(f"--shape: unknown field {key.strip()!r}; fields: {', '.join(ModelShape.__dataclass_fields__)}")
+            known = ", ".join(ModelShape.__dataclass_fields__)
+            raise ValueError(f"--shape: unknown field {key.strip()!r}; fields: {known}")
         fields[key.strip()] = float(value) if key.strip() == "weight_bytes" else int(value)
     try:
         return ModelShape(**fields)

@@ -9,12 +9,12 @@ import pytest
 from services.perfmodel.fit import bytes_per_us, expert_costs, router_costs, trip_costs
 from services.perfmodel.formula import (Costs, Link, Shape, by_workers, distinct_experts, interpolate,
                                         message_bytes, predict)
-from services.perfmodel.shapes import Machine, ModelShape, carry, from_config, parse_shape
+from services.perfmodel.shapes import Machine, carry, from_config, parse_shape
 
 SHAPE = Shape(layers=2, hidden=4, experts=8, top_k=2)
 COSTS = Costs(batches=(1, 8), step_us=(100.0, 200.0), layer_us=(50.0, 80.0), ctx_us=(0.0, 0.0), call_us=10.0,
               expert_us=5.0, pair_us=1.0, rest_us=(200.0, 300.0), bus_bytes_per_us=1e12, cpu_us=(0.0, 0.0),
-              cpu_pair_us=0.0, cores=2, emulator_us=40.0)
+              cpu_pair_us=0.0, cores=2, emulator_us=(40.0, 40.0))
 
 
 def test_interpolation_and_worker_counts():
