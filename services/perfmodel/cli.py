@@ -73,9 +73,15 @@ def load_profile(path: str | None) -> dict:
     if not p.is_file():
         raise ConfigError(f"no profile at {p}: run `moebus perfmodel calibrate` first (or give --profile)")
     try:
-        return json.loads(p.read_text())
+        profile = json.loads(p.read_text())
     except ValueError as e:
         raise ConfigError(f"{p} is not a profile: {e}") from None
+    needed = ("machine", "model", "peaks", "non_expert", "expert_compute", "bare_bus", "layer_calls",
+              "layer_calls_through_link")
+    missing = [k for k in needed if not isinstance(profile, dict) or k not in profile]
+    if missing:
+        raise ConfigError(f"{p} is not a whole profile (no {', '.join(missing)}): run `moebus perfmodel calibrate`")
+    return profile
 
 
 def prediction(a: argparse.Namespace) -> dict:

@@ -68,6 +68,10 @@ def test_predict_prints_the_formula_for_the_profile(tmp_path: Path):
 def test_predict_refuses_bad_input_with_a_message(tmp_path: Path):
     missing = moebus("predict", "--profile", str(tmp_path / "none.json"))
     assert missing.returncode == 2 and "moebus perfmodel calibrate" in missing.stderr
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"machine": {"cores": 2}}))
+    out = moebus("predict", "--profile", str(partial))
+    assert out.returncode == 2 and "not a whole profile" in out.stderr and "Traceback" not in out.stderr
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(profile()))
     for args, words in ((("--workers", "0"), "at least 1"), (("--shape", "layers=2,depth=3"), "depth"),
