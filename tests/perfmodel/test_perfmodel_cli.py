@@ -3,18 +3,16 @@ cluster: the workers' layer round trips pay the emulated link."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 from openai import OpenAI
 
-from services.cli import main
 from services.perfmodel.fit import costs
 from services.perfmodel.formula import Link, predict
 from services.perfmodel.shapes import from_config
@@ -42,16 +40,8 @@ def profile() -> dict:
 
 
 def moebus(*args: str) -> subprocess.CompletedProcess:
-    """`moebus perfmodel ARGS` in this process (as the command line runs it, without a start-up
-    per call): its exit code and output."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(["perfmodel", *args])
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    return subprocess.run([sys.executable, "-m", "services.cli", "perfmodel", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
 
 
 def test_predict_prints_the_formula_for_the_profile(tmp_path: Path):
