@@ -9,43 +9,25 @@ import asyncio
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import nats
 
-from shared.natsd import free_port, start_nats
+from services.perfmodel.measure import ECHO, bus_server
 
-_ECHO = """
-import asyncio, sys, nats, uvloop
-async def main():
-    nc = await nats.connect(sys.argv[1])
-    reply = bytes(int(sys.argv[2]))
-    async def echo(msg): await msg.respond(reply)
-    await nc.subscribe("bench.echo", cb=echo)
-    await nc.flush()
-    print("ready", flush=True)
-    await asyncio.Event().wait()
-uvloop.run(main())
-"""
 
 
 def raw_rtt_us(request_bytes: int, reply_bytes: int, n: int = 500) -> dict:
     """p50/p99 in µs of a request of `request_bytes` answered with `reply_bytes`."""
-    with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        server = start_nats(port, Path(tmp))
-        url = f"nats://127.0.0.1:{port}"
-        echo = subprocess.Popen([sys.executable, "-c", _ECHO, url, str(reply_bytes)], stdout=subprocess.PIPE, text=True)
+    with bus_server() as (url, _, _):
+        echo = subprocess.Popen([sys.executable, "-c", ECHO, url, str(reply_bytes), "bench.echo"],
+                                stdout=subprocess.PIPE, text=True)
         try:
             echo.stdout.readline()  # "ready"
             samples = _run(_measure(url, request_bytes, n))
         finally:
             echo.terminate()
             echo.wait(10)
-            server.terminate()
-            server.wait(10)
     samples.sort()
     return {"p50": round(statistics.median(samples), 1), "p99": round(samples[int(0.99 * len(samples))], 1)}
 

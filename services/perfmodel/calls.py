@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.perfmodel.measure import _config, _hidden, _num_experts, _top_k, bus_server, cpu_seconds
+from services.perfmodel.measure import bus_server, cpu_seconds, shape_of
 from shared.blas import blas_threads
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,7 +100,7 @@ async def _placed(url: str, path: Path, w: int) -> tuple[list[list[str]], dict[s
     from shared import subjects
     from shared.messages import WorkerAnnounce, decode
 
-    e = _num_experts(path)
+    e = shape_of(path).experts
     nc = await nats.connect(url)
     kv = await kv_cluster.bucket(nc.jetstream())
     sub = await nc.subscribe(subjects.ANNOUNCEMENTS)
@@ -137,8 +137,8 @@ def measure_calls(caller: Caller, path: Path, w: int, tokens: tuple[int, ...], n
     from services.router.exchange import plan_trips
     from shared.wire import decode_reply
 
-    e, k, dim = _num_experts(path), _top_k(path), _hidden(path)
-    layers = int(_config(path).get("num_hidden_layers") or _config(path)["n_layers"])
+    shape = shape_of(path)
+    e, k, dim, layers = shape.experts, shape.top_k, shape.hidden, shape.layers
     rng = np.random.default_rng(1)
     out = []
     for t in tokens:

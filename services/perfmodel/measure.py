@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-_ECHO = """
+ECHO = """  # python -c ECHO URL REPLY_BYTES SUBJECT: answers every request with that many bytes
 import asyncio, sys, nats, uvloop
 async def main():
     nc = await nats.connect(sys.argv[1])
@@ -74,7 +74,7 @@ def non_expert(path: Path, batches: tuple[int, ...], contexts: tuple[int, ...], 
     from shared.model import find_experts
 
     model, tokenizer = load(str(path))
-    exchange = _Exchange(_num_experts(path), caller)
+    exchange = _Exchange(shape_of(path).experts, caller)
     install(model, find_experts(model), exchange)
     layers = model.model.layers
     out = []
@@ -174,9 +174,9 @@ def expert_compute(path: Path, tokens: tuple[int, ...], reps: int, tick: Callabl
     from services.expert_worker.experts import load_experts
     from shared.wire import decode_reply, decode_request, encode_request
 
-    experts, info = load_experts(path, list(range(_num_experts(path))))
-    e, k = info.num_experts, _top_k(path)
-    dim = _hidden(path)
+    shape = shape_of(path)
+    experts, info = load_experts(path, list(range(shape.experts)))
+    e, k, dim = shape.experts, shape.top_k, shape.hidden
     rng = np.random.default_rng(0)
     out = []
     for t in tokens:
@@ -197,24 +197,11 @@ def expert_compute(path: Path, tokens: tuple[int, ...], reps: int, tick: Callabl
     return out
 
 
-def _config(path: Path) -> dict:
+def shape_of(path: Path):
+    """The checkpoint's shape (layers, experts, top-k, hidden...) as the performance model reads it."""
+    from services.perfmodel.shapes import from_config
     from shared.model import read_config
-    return read_config(path)
-
-
-def _num_experts(path: Path) -> int:
-    c = _config(path)
-    return int(c.get("num_local_experts") or c.get("num_experts") or c["ffn_config"]["moe_num_experts"])
-
-
-def _top_k(path: Path) -> int:
-    c = _config(path)
-    return int(c.get("num_experts_per_tok") or c["ffn_config"]["moe_top_k"])
-
-
-def _hidden(path: Path) -> int:
-    c = _config(path)
-    return int(c.get("hidden_size") or c["d_model"])
+    return from_config(read_config(path))
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -250,7 +237,7 @@ def bare_bus(sizes: tuple[int, ...], workers: tuple[int, ...], n: int, tick: Cal
     out = []
     with bus_server() as (url, _, _):
         for w in workers:
-            echoes = [subprocess.Popen([sys.executable, "-c", _ECHO, url, "64", f"echo.{i}"], stdout=subprocess.PIPE,
+            echoes = [subprocess.Popen([sys.executable, "-c", ECHO, url, "64", f"echo.{i}"], stdout=subprocess.PIPE,
                                        text=True) for i in range(w)]
             try:
                 for p in echoes:
