@@ -19,7 +19,7 @@ from services import defaults
 from shared.access import cluster_dir, ensure_users, server_block, tls_dir
 from shared.blas import blas_threads
 from shared.errors import ConfigError
-from shared.natsd import die_with_parent, free_port, start_nats
+from shared.natsd import bus_child, free_port, start_nats
 from shared.security import DEFAULT_WORKERS, is_loopback
 
 
@@ -103,7 +103,7 @@ def start_link(base: list[str], upstream: str, port: int, link: tuple[float, flo
                stdout: int | None = None) -> subprocess.Popen:
     """The link proxy, once it accepts connections (the workers connect through it at once)."""
     proc = subprocess.Popen([*base, "perfmodel", "proxy", "--upstream", upstream, "--listen", f"127.0.0.1:{port}",
-                             "--delay-us", str(link[0]), "--gbps", str(link[1])], preexec_fn=die_with_parent,
+                             "--delay-us", str(link[0]), "--gbps", str(link[1])], preexec_fn=bus_child,
                             stdout=stdout)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and proc.poll() is None:
@@ -197,9 +197,9 @@ def up(cfg: UpConfig) -> int:
             time.sleep(0.2)
         return 0
     finally:
-        services = [(c.name, c.proc) for c in children if c.proc is not None and c.name != "nats-server"]
-        _stop_all(services)  # the services first, while they can still drain
-        _stop_all([(c.name, c.proc) for c in children if c.proc is not None and c.name == "nats-server"])
+        bus = ("nats-server", "link")  # the services first, while they can still drain over it
+        _stop_all([(c.name, c.proc) for c in children if c.proc is not None and c.name not in bus])
+        _stop_all([(c.name, c.proc) for c in children if c.proc is not None and c.name in bus])
         tmp.cleanup()
 
 

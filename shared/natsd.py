@@ -26,8 +26,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def die_with_parent() -> None:
-    # Linux only: nats-server gets SIGTERM if `moebus up` dies, even by SIGKILL.
+def bus_child() -> None:
+    """For a process the services need until they have stopped (nats-server, the link proxy).
+
+    Its own process group: a terminal's Ctrl-C goes to the foreground group, and the bus
+    must outlive the services' drain rather than vanish under them; `moebus up` stops it last.
+    And (Linux) SIGTERM when `moebus up` dies, even by SIGKILL, so it is never left behind.
+    """
+    import os
+
+    os.setpgrp()
     if sys.platform.startswith("linux"):
         import ctypes
         import signal
@@ -49,7 +57,7 @@ def start_nats(port: int, store_dir: Path, host: str = "127.0.0.1", max_payload_
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [server_binary(), "-c", str(conf), "-a", host, "-p", str(port)],
-            stdout=out, stderr=out, preexec_fn=die_with_parent,
+            stdout=out, stderr=out, preexec_fn=bus_child,
         )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
