@@ -344,9 +344,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    if argv is None and args.command in ("router", "worker", "up", "flash-cache", "bundle", "perfmodel"):
+    mlx_work = args.command in ("router", "worker", "up", "flash-cache", "bundle") or \
+        (args.command == "perfmodel" and args.perfmodel == "calibrate")  # predict, cost, proxy: no MLX
+    if argv is None and mlx_work:
         from shared.blas import reexec_with_fast_blas
-        if args.command == "perfmodel" and args.perfmodel == "calibrate":  # each service's BLAS threads under `up`
+        if args.command == "perfmodel":  # each service's BLAS threads under `up`
             os.environ.setdefault("OPENBLAS_NUM_THREADS", str(blas_threads(os.cpu_count() or 1, 2)))
         reexec_with_fast_blas("services.cli")  # before mlx is imported; children inherit the environment
     configure(args.command, setting(args.log_level, "MOEBUS_LOG_LEVEL", "info", str))

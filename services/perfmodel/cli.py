@@ -88,14 +88,18 @@ def prediction(a: argparse.Namespace) -> dict:
     from services.perfmodel.fit import costs
     from services.perfmodel.formula import Link, predict
     from services.perfmodel.shapes import Machine, carry, from_config, parse_shape
-    from shared.model import read_config
 
     if a.workers < 1 or a.concurrency < 1 or a.link_latency_us < 0 or a.link_gbps < 0 or a.context < 0:
         raise ConfigError("--workers and --concurrency must be at least 1; latency, bandwidth and context not negative")
     profile = load_profile(a.profile)
     source = from_config(profile["model"]["config"])
     try:
-        target = parse_shape(a.shape) if a.shape else from_config(read_config(Path(a.model))) if a.model else source
+        if a.model:
+            from shared.model import read_config  # mlx-lm: seconds to import, only for --model
+
+            target = from_config(read_config(Path(a.model)))
+        else:
+            target = parse_shape(a.shape) if a.shape else source
     except ValueError as e:
         raise ConfigError(str(e)) from None
     measured = Machine(**profile["peaks"])
