@@ -74,13 +74,14 @@ class Lane:
         self.gen = self.call(self._make)  # its batch state is unknown after a failure
 
 
-def pick_lane(sizes: list[int], caps: list[int], split_at: int) -> int:
-    """The lane a new sequence joins. Below `split_at` sequences in all, the fullest lane that
-    still has room (one batch: splitting a small batch doubles the per-layer messages and fixed
-    costs for little overlap); from there on, or when no lane has room, the emptiest relative
-    to its size. The first lane on a tie."""
+def pick_lane(sizes: list[int], caps: list[int], split_at: int, coming: int = 1) -> int:
+    """The lane a new sequence joins, `coming` of them (this one included) joining now. Below
+    `split_at` sequences in all, the fullest lane that still has room (one batch: splitting a
+    small batch doubles the per-layer messages and fixed costs for little overlap); from there
+    on, or when no lane has room, the emptiest relative to its size. The first lane on a tie.
+    Counting those still to come splits a burst evenly: a sequence cannot change lanes later."""
     room = [i for i in range(len(sizes)) if sizes[i] < caps[i]]
-    if sum(sizes) + 1 < split_at and room:
+    if sum(sizes) + coming < split_at and room:
         return max(room, key=lambda i: (sizes[i], -i))
     return min(range(len(sizes)), key=lambda i: (sizes[i] - caps[i], i))
 
@@ -130,8 +131,7 @@ class Engine:
             self.cancelled.pop(req.request_id)
             self._emit(seq, GenerateEvent(request_id=req.request_id, index=0, finish_reason="error", error="cancelled"))
         else:
-            self.queue.append(seq)
-            self._admit()
+            self.queue.append(seq)  # it joins a lane when the next step starts, with the rest of its burst
         self._count()
         self._flush()
 
@@ -141,8 +141,9 @@ class Engine:
             sizes, caps = [len(lane.seqs) for lane in self.lanes], [lane.cap for lane in self.lanes]
             if all(n >= c for n, c in zip(sizes, caps)):
                 return
+            coming = len(self.queue)
             seq = self.queue.popleft()
-            self._insert(self.lanes[pick_lane(sizes, caps, self.limits.split_at)], seq)
+            self._insert(self.lanes[pick_lane(sizes, caps, self.limits.split_at, coming)], seq)
 
     def _insert(self, lane: Lane, seq: Sequence) -> None:
         req = seq.req
@@ -210,6 +211,7 @@ class Engine:
 
     def _step(self) -> bool:
         self.before_step()
+        self._admit()  # what arrived since the last step, together
         busy = [lane for lane in self.lanes if lane.seqs]
         started = time.perf_counter()
         # Lanes with threads start at once and take turns (the baton) with the one run here.

@@ -63,6 +63,7 @@ def test_two_lanes_split_the_batch_and_give_the_same_greedy_tokens(checkpoints: 
         engine = Engine(model, tokenizer, EngineLimits(micro_batches=lanes, split_at=2), events.extend)
         for i, p in enumerate(prompts):
             engine.add(_req(f"r{i}", max_tokens=6), p)
+        engine.step()
         assert [len(lane.seqs) for lane in engine.lanes] == ([4] if lanes == 1 else [2, 2])
         _run(engine)
         engine.close()
@@ -78,6 +79,29 @@ def test_small_batches_stay_whole_and_large_ones_split_evenly():
     assert pick_lane([7, 0], caps, split_at=8) == 1  # the 8th opens the second lane
     assert pick_lane([5, 4], caps, split_at=8) == 1
     assert pick_lane([4, 4], caps, split_at=8) == 0
+    assert pick_lane([0, 0], caps, split_at=8, coming=8) == 0  # a burst of 8 opens both lanes...
+    assert pick_lane([1, 0], caps, split_at=8, coming=7) == 1  # ...and alternates
+    assert pick_lane([1, 0], caps, split_at=8, coming=6) == 0  # 7 in all: one batch
+
+
+def test_a_burst_is_split_evenly_even_when_its_first_sequence_started_alone(checkpoints: dict[str, Path]):
+    """Sequences cannot change lanes once in one: 8 arriving one by one must not end up 7 and 1
+    (one lane then does almost all the work while the other's bus waits overlap little)."""
+    model, tokenizer = load(str(checkpoints["mixtral"]))
+    engine = Engine(model, tokenizer, EngineLimits(max_running=16), lambda out: None)
+    engine.add(_req("first", max_tokens=20), [8, 9])
+    engine.step()  # it started alone, the rest of the burst arrived during its step
+    for i in range(7):
+        engine.add(_req(f"r{i}", max_tokens=20), [10 + i, 9])
+    engine.step()
+    assert [len(lane.seqs) for lane in engine.lanes] == [4, 4]
+    fresh = Engine(model, tokenizer, EngineLimits(max_running=16), lambda out: None)
+    for i in range(5):  # fewer than split_at in all: one batch
+        fresh.add(_req(f"t{i}", max_tokens=3), [20 + i])
+    fresh.step()
+    assert [len(lane.seqs) for lane in fresh.lanes] == [5, 0]
+    engine.close()
+    fresh.close()
 
 
 def test_a_full_lane_never_leaves_the_other_idle():
@@ -100,6 +124,7 @@ def test_a_failure_outside_the_model_ends_that_lanes_sequences_with_an_error(che
     engine = Engine(model, tokenizer, EngineLimits(split_at=2), events.extend)
     for i in range(4):
         engine.add(_req(f"r{i}", max_tokens=6), [8 + i, 9])
+    engine.step()  # they join their lanes and prefill
     broken = engine.lanes[1]
     broken_ids = {s.req.request_id for s in broken.seqs.values()}
 
