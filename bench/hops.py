@@ -28,8 +28,7 @@ import nats
 import numpy as np
 
 from bench import bus, models
-from shared import cluster, subjects
-from shared.messages import WorkerAnnounce, decode
+from services.perfmodel.calls import place
 from shared.natsd import free_port, start_nats
 from shared.wire import decode_reply, encode_request, reply_size
 
@@ -66,15 +65,9 @@ def hand_off_us(n: int = 3000) -> dict:
 async def _worker_direct(url: str, model: Path, n: int) -> dict:
     shape = models.describe(model)["shape"]
     dim, k, experts = shape["hidden_size"], shape["num_experts_per_tok"], shape["num_local_experts"]
+    _, live = await place(url, model, 1)  # every expert on the one worker, loaded
+    (subject,) = live.values()
     nc = await nats.connect(url)
-    kv = await cluster.bucket(nc.jetstream())
-    sub = await nc.subscribe(subjects.ANNOUNCEMENTS)
-    a = decode(WorkerAnnounce, (await sub.next_msg(timeout=120)).data)
-    record = cluster.PlacementRecord(version=1, owners=[[a.worker]] * experts, subjects={a.worker: a.subject})
-    await cluster.write(kv, cluster.NEXT, record)
-    await cluster.write(kv, cluster.ACTIVE, record)
-    while len(a.experts) < experts:  # loaded
-        a = decode(WorkerAnnounce, (await sub.next_msg(timeout=120)).data)
     rng = np.random.default_rng(0)
     rtt, compute = [], []
     for i in range(n + 50):
@@ -82,7 +75,7 @@ async def _worker_direct(url: str, model: Path, n: int) -> dict:
         pairs = rng.choice(experts, k, replace=False).astype(np.int32)
         payload = encode_request(int(rng.integers(0, shape["num_hidden_layers"])), 0, x, np.zeros(k, np.int32), pairs)
         t0 = time.perf_counter()
-        reply = decode_reply((await nc.request(a.subject, payload, timeout=10)).data)
+        reply = decode_reply((await nc.request(subject, payload, timeout=10)).data)
         if i >= 50:
             rtt.append(time.perf_counter() - t0)
             compute.append(reply.compute_us * 1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -33,8 +34,6 @@ def bus_child() -> None:
     must outlive the services' drain rather than vanish under them; `moebus up` stops it last.
     And (Linux) SIGTERM when `moebus up` dies, even by SIGKILL, so it is never left behind.
     """
-    import os
-
     os.setpgrp()
     if sys.platform.startswith("linux"):
         import ctypes

@@ -80,7 +80,7 @@ def cluster(path: Path, workers: int, through_link: bool = False, delay_us: floa
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(workers)]
         caller = None
         try:
-            owners, live = asyncio.run(_placed(url, path, workers))
+            owners, live = asyncio.run(place(url, path, workers))
             caller = Caller(url, owners, live, [server_pid, *(p.pid for p in procs), *([proxy.pid] if proxy else [])])
             yield caller
         finally:
@@ -92,7 +92,7 @@ def cluster(path: Path, workers: int, through_link: bool = False, delay_us: floa
                 p.wait(30)
 
 
-async def _placed(url: str, path: Path, w: int) -> tuple[list[list[str]], dict[str, str]]:
+async def place(url: str, path: Path, w: int) -> tuple[list[list[str]], dict[str, str]]:
     """Waits for N workers, places expert e on worker e mod N, waits until each holds its share."""
     import nats
 

@@ -211,7 +211,7 @@ class Engine:
 
     def _step(self) -> bool:
         self.before_step()
-        self._admit()  # what arrived since the last step, together
+        self._admit()  # what arrived since the last step, together, into the room left
         busy = [lane for lane in self.lanes if lane.seqs]
         started = time.perf_counter()
         # Lanes with threads start at once and take turns (the baton) with the one run here.
@@ -229,9 +229,8 @@ class Engine:
         for seq in [s for s in self.queue if now > s.deadline]:
             self.queue.remove(seq)
             self._end_queued(seq, f"request deadline of {seq.req.timeout_s:g}s exceeded")
-        self._admit()  # into the room the finished sequences left
         self._count()
-        return any(lane.seqs for lane in self.lanes)
+        return bool(self.queue) or any(lane.seqs for lane in self.lanes)  # the queue joins next step
 
     def _lane_step(self, lane: Lane) -> None:
         """One step of one lane, on that lane's thread, holding the baton except on the bus."""
