@@ -77,10 +77,13 @@ def drop_cache(path: Path) -> None:
 
 def peak_rss(pattern: str) -> int:
     """VmHWM of the running process whose command line matches `pattern`."""
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-    for pid in out:
+    import psutil  # not pgrep: a fresh machine may lack it
+
+    for proc in psutil.process_iter(["cmdline"]):
+        if proc.pid == os.getpid() or not re.search(pattern, " ".join(proc.info["cmdline"] or [])):
+            continue
         try:
-            status = Path(f"/proc/{pid}/status").read_text()
+            status = Path(f"/proc/{proc.pid}/status").read_text()
         except OSError:
             continue
         m = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)

@@ -15,7 +15,7 @@ from shared.blas import blas_threads
 from shared.config import DEFAULT_NATS_URL, home, positive, setting
 from shared.errors import ConfigError, MoebusError
 from shared.logs import configure
-from shared.security import DEFAULT_WORKERS, Creds, Role
+from shared.security import DEFAULT_LISTEN, DEFAULT_WORKERS, NATS_CONTEXT, Creds, Role
 
 # Flags `moebus up` passes on to the service that owns them.
 ROUTER_FLAGS = ("share_model", "expert_timeout", "max_running", "max_waiting", "max_prompt_tokens", "prefill_step",
@@ -147,15 +147,55 @@ def parse_size(text: str) -> int:
 
 def cmd_status(a: argparse.Namespace) -> None:
     from services.status import show
-    sys.exit(asyncio.run(show(_nats(a), _creds(a, "admin"), a.json)))
+    from shared.access import resolve
+    from shared.config import local_cluster
+    url, given = setting(a.nats, "MOEBUS_NATS_URL", "", str), setting(a.creds, "MOEBUS_CREDS", "", str)
+    local = None if url else local_cluster()  # no URL given: the cluster `moebus up` runs here
+    if local is not None:
+        url, given = local.nats_url, given or local.creds_dir
+        hint = f" (the bus of `moebus up`, pid {local.pid}, recorded in {home()})"
+    elif url:
+        hint = ""
+    else:
+        url, hint = DEFAULT_NATS_URL, f" (no `moebus up` runs from {home()}: give --nats URL)"
+    creds = resolve(url, Path(given).expanduser() if given else None, _insecure(a), "admin")
+    sys.exit(asyncio.run(show(url, creds, a.json, hint)))
+
+
+def _api_keys(a: argparse.Namespace) -> tuple[str, ...]:
+    """--api-key, else MOEBUS_API_KEYS. An empty key is refused: it is what `--api-key "$UNSET"`
+    gives, and the gateway would let in every request that carries no key."""
+    if a.api_key is not None:
+        if not all(k.strip() for k in a.api_key):
+            raise ConfigError("--api-key is empty (an unset shell variable?): give the key itself")
+        return tuple(a.api_key)
+    raw = os.environ.get("MOEBUS_API_KEYS")
+    keys = tuple(k.strip() for k in (raw or "").split(",") if k.strip())
+    if raw is not None and not keys:
+        raise ConfigError("MOEBUS_API_KEYS is set but empty: give it a key, or unset it")
+    return keys
+
+
+def _guard_open_gateway(a: argparse.Namespace, host: str, keys: tuple[str, ...], warn: bool = True) -> None:
+    """A gateway other machines reach needs a key, unless told --insecure (then it warns)."""
+    from shared.security import is_loopback
+    if keys or is_loopback(f"[{host}]" if ":" in host else host):
+        return
+    if not _insecure(a):
+        raise ConfigError(f"refusing to serve HTTP on {host} without an API key: anyone on the network could use it; "
+                          "give --api-key KEY (or MOEBUS_API_KEYS), or --insecure to serve it open")
+    if warn:
+        print(f"moebus: WARNING: HTTP on {host} without an API key (--insecure): anyone on the network can use it",
+              file=sys.stderr, flush=True)
 
 
 def cmd_gateway(a: argparse.Namespace) -> None:
     from services.gateway.connections import ConnectionLimits
     from services.gateway.main import GatewayConfig, serve
     from services.gateway.middleware import HttpSettings
-    keys = a.api_key or [k for k in setting(None, "MOEBUS_API_KEYS", "", str).split(",") if k]
-    http = HttpSettings(api_keys=tuple(keys), max_body_bytes=int(positive(
+    keys, host = _api_keys(a), setting(a.host, "MOEBUS_HOST", D.HOST, str)
+    _guard_open_gateway(a, host, keys)
+    http = HttpSettings(api_keys=keys, max_body_bytes=int(positive(
         setting(a.max_body_bytes, "MOEBUS_MAX_BODY_BYTES", D.MAX_BODY_BYTES, int), "max body bytes")))
     connections = ConnectionLimits(
         header_timeout_s=positive(setting(a.header_timeout, "MOEBUS_HEADER_TIMEOUT", D.HEADER_TIMEOUT_S, float), "header timeout"),
@@ -166,7 +206,7 @@ def cmd_gateway(a: argparse.Namespace) -> None:
     )
     cfg = GatewayConfig(
         nats_url=_nats(a), creds=_creds(a, "gateway"), http=http, connections=connections,
-        host=setting(a.host, "MOEBUS_HOST", D.HOST, str), port=setting(a.port, "MOEBUS_PORT", D.PORT, int),
+        host=host, port=setting(a.port, "MOEBUS_PORT", D.PORT, int),
         deadline_s=positive(setting(a.request_timeout, "MOEBUS_REQUEST_TIMEOUT", D.REQUEST_TIMEOUT_S, float), "request timeout"),
     )
     _run(serve(cfg))
@@ -182,12 +222,14 @@ def cmd_up(a: argparse.Namespace) -> None:
         raise ConfigError("moebus up --creds takes a cluster directory (each service takes its own file from it)")
     if nats_url:  # a server of its own: refuse it now rather than in every child
         _creds(a, "router")
+    keys, host = _api_keys(a), setting(a.host, "MOEBUS_HOST", D.HOST, str)
+    _guard_open_gateway(a, host, keys, warn=False)  # the gateway says it once it starts
     budget = setting(a.memory_budget, "MOEBUS_MEMORY_BUDGET", "", str)
     cfg = UpConfig(
         creds_dir=str(Path(creds).expanduser().resolve()) if creds else "",
         insecure=_insecure(a), nats_host=setting(a.nats_host, "MOEBUS_NATS_HOST", D.NATS_HOST, str),
         model=_model(a.model), workers=setting(a.workers, "MOEBUS_WORKERS", D.WORKERS, int),
-        host=setting(a.host, "MOEBUS_HOST", D.HOST, str), port=setting(a.port, "MOEBUS_PORT", D.PORT, int),
+        host=host, port=setting(a.port, "MOEBUS_PORT", D.PORT, int), auth=_shown_key(a, keys),
         nats_url=nats_url,
         nats_port=setting(a.nats_port, "MOEBUS_NATS_PORT", D.NATS_PORT, int),
         router_args=_forward(a, ROUTER_FLAGS), gateway_args=_forward(a, GATEWAY_FLAGS),
@@ -197,6 +239,16 @@ def cmd_up(a: argparse.Namespace) -> None:
         link=_link(a),
     )
     sys.exit(up(cfg))
+
+
+def _shown_key(a: argparse.Namespace, keys: tuple[str, ...]) -> str:
+    """The key the ready line's curl sends: one given on the command line as it is, one from
+    the environment as the variable (a shell expands it; the log does not keep it)."""
+    if not keys:
+        return ""
+    if a.api_key:
+        return keys[0]
+    return "$MOEBUS_API_KEYS" if len(keys) == 1 else "${MOEBUS_API_KEYS%%,*}"
 
 
 def _link(a: argparse.Namespace) -> tuple[float, float] | None:
@@ -222,15 +274,31 @@ def _forward(a: argparse.Namespace, names: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def cmd_init_cluster(a: argparse.Namespace) -> None:
-    from shared.access import Tls, cluster_dir, init_cluster
+    from shared.access import Tls, cluster_dir, init_cluster, local_url, parse_listen, tls_dir, write_nats_context
+    from shared.security import is_loopback
     if bool(a.tls_cert) != bool(a.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
     tls = Tls(Path(a.tls_cert), Path(a.tls_key), Path(a.tls_ca) if a.tls_ca else None) if a.tls_cert else None
     directory = Path(a.dir).expanduser() if a.dir else cluster_dir()
     made = init_cluster(directory, a.workers, tls, Path(a.store_dir) if a.store_dir else None, a.listen)
-    print(f"moebus: cluster credentials in {directory} ({len(made)} new)")
-    print(f"  nats-server -c {directory / 'nats.conf'}     # or `moebus up`, which uses them by itself")
-    print("  on another machine: moebus worker --nats nats://THIS-HOST:4222 --creds worker-N.creds")
+    secure, (host, port) = tls_dir(directory) is not None, parse_listen(a.listen)
+    # The hint names the bus nats.conf describes: its scheme, its port, and whether others can reach it.
+    lan = not is_loopback(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    up_flags = (" --nats-host 0.0.0.0" if lan else "") + (f" --nats-port {port}" if port != D.NATS_PORT else "")
+    print(f"moebus: cluster credentials in {directory} ({len(made)} new); its nats.conf listens on {a.listen}")
+    print(f"  moebus up{up_flags}     # uses them by itself")
+    print(f"  nats-server -c {directory / 'nats.conf'}     # or the bus alone")
+    reach = "" if lan else (f"  (the bus must listen beyond loopback first: --listen 0.0.0.0:{port}, "
+                            "or moebus up --nats-host 0.0.0.0)")
+    print(f"  on another machine: moebus worker --nats {'tls' if secure else 'nats'}://THIS-HOST:{port} "
+          f"--creds worker-N.creds{reach}")
+    if a.nats_context:
+        path, ours = write_nats_context(directory, local_url(a.listen, secure), a.nats_context)
+        if ours:
+            print(f"  nats --context {a.nats_context} micro ls     # the NATS CLI as admin (context in {path})")
+        else:
+            print(f"moebus: a nats context {a.nats_context!r} that is not this cluster's is in {path}: left as it is "
+                  "(--nats-context NAME writes another)", file=sys.stderr)
 
 
 def _router_flags(sp: argparse.ArgumentParser) -> None:
@@ -261,7 +329,9 @@ def _gateway_flags(sp: argparse.ArgumentParser, listen: bool) -> None:
     if listen:
         sp.add_argument("--host", help=f"listen host (MOEBUS_HOST, default {D.HOST})")
         sp.add_argument("--port", type=int, help=f"listen port (MOEBUS_PORT, default {D.PORT})")
-    sp.add_argument("--api-key", action="append", help="accepted API key, repeatable (MOEBUS_API_KEYS, comma-separated)")
+    sp.add_argument("--api-key", action="append", help="accepted API key, repeatable (MOEBUS_API_KEYS, comma-"
+                                                       "separated); needed for a --host other machines reach, unless "
+                                                       "--insecure")
     sp.add_argument("--max-body-bytes", type=int, help=f"largest request body in bytes (MOEBUS_MAX_BODY_BYTES, {D.MAX_BODY_BYTES})")
     sp.add_argument("--request-timeout", type=float, help=f"deadline of one request in s (MOEBUS_REQUEST_TIMEOUT, {D.REQUEST_TIMEOUT_S:g})")
     sp.add_argument("--header-timeout", type=float,
@@ -312,7 +382,10 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--tls-key", help="its private key (PEM)")
     init.add_argument("--tls-ca", help="the CA that signed it (default: the certificate is self-signed)")
     init.add_argument("--store-dir", help="JetStream storage of the nats.conf written (default: DIR/jetstream)")
-    init.add_argument("--listen", default="0.0.0.0:4222", help="listen address of the nats.conf written")
+    init.add_argument("--listen", default=DEFAULT_LISTEN, help=f"listen address of the nats.conf written (default "
+                      f"{DEFAULT_LISTEN}, as `moebus up`; 0.0.0.0:4222 lets other machines in)")
+    init.add_argument("--nats-context", default=NATS_CONTEXT, help="the `nats` CLI context written for the admin user "
+                                                                    f"(default {NATS_CONTEXT}; '' writes none)")
     init.set_defaults(fn=cmd_init_cluster)
     _router_flags(service("router", cmd_router, "the router: everything but the experts"))
     _worker_flags(service("worker", cmd_worker, "an expert worker: joins the cluster and holds the experts placed on it"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -18,8 +19,9 @@ from pathlib import Path
 from services import defaults
 from shared.access import cluster_dir, ensure_users, server_block, tls_dir
 from shared.blas import blas_threads
+from shared.config import LocalCluster, forget_cluster, record_cluster
 from shared.errors import ConfigError
-from shared.natsd import bus_child, free_port, start_nats
+from shared.natsd import bind_error, bus_child, free_port, start_nats
 from shared.security import DEFAULT_WORKERS, is_loopback
 
 
@@ -41,6 +43,7 @@ class UpConfig:
     memory_budget: int | None = None  # bytes for experts per worker; the whole model's over it: a flash-cache
     window: int = defaults.WINDOW
     link: tuple[float, float] | None = None  # (one-way delay µs, Gbit/s): workers reach the bus through the link proxy
+    auth: str = ""  # the API key the ready line's example sends: the key, or a shell variable holding it
 
 
 def check_model(path: Path) -> int:
@@ -116,6 +119,21 @@ def start_link(base: list[str], upstream: str, port: int, link: tuple[float, flo
     raise ConfigError(f"the link proxy did not start on 127.0.0.1:{port}")
 
 
+def check_ports(cfg: UpConfig) -> None:
+    """Refuse a port already taken before starting anything: a second `moebus up` would find the
+    first one's bus and gateway answering, say it is ready, then fail on its own."""
+    wanted = [(cfg.host, cfg.port, "--port")]
+    if not cfg.nats_url:
+        if cfg.nats_port == cfg.port:
+            raise ConfigError(f"--port and --nats-port are both {cfg.port}: give them different ports")
+        wanted.append((cfg.nats_host, cfg.nats_port, "--nats-port"))
+    for host, port, flag in wanted:
+        problem = bind_error(host, port)
+        if problem:
+            raise ConfigError(f"cannot listen on {host}:{port} ({problem}; another moebus?): choose another port "
+                              f"with {flag}")
+
+
 def say(line: str) -> None:
     print(f"moebus: {line}", file=sys.stderr, flush=True)
 
@@ -133,6 +151,7 @@ def up(cfg: UpConfig) -> int:
         slots_per_layer(open_bundle(flash), cfg.memory_budget)  # too small for one token: refused now
         print(f"moebus: the experts ({experts_bytes} bytes) exceed --memory-budget {cfg.memory_budget}: serving them "
               f"from SSD through the flash-cache (bundle {flash}, window {cfg.window})", flush=True)
+    check_ports(cfg)
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -176,11 +195,12 @@ def up(cfg: UpConfig) -> int:
                          for i in range(cfg.workers)]
         commands.append(("gateway", [*base, "gateway", *bus, "--host", cfg.host, "--port", str(cfg.port),
                                      *cfg.gateway_args]))
+        http, remote = reachable(cfg.host, cfg.port)
+        record_cluster(LocalCluster(os.getpid(), url, http, cfg.creds_dir))  # for `moebus status`
         for name, cmd in commands:
             child = Child(name, lambda cmd=cmd: subprocess.Popen(cmd, env=env))
             child.proc = child.start()
             children.append(child)
-        http = f"http://{cfg.host}:{cfg.port}"
         announced = False
         deadline = time.monotonic() + cfg.ready_timeout_s
         while not stopping:
@@ -190,7 +210,7 @@ def up(cfg: UpConfig) -> int:
             if not announced:
                 if healthy(http):
                     announced = True
-                    print(_banner(http, cfg.model.name), flush=True)
+                    print(banner(http, remote, cfg.model.name, cfg.auth), flush=True)
                 elif now > deadline:
                     say(f"not ready after {cfg.ready_timeout_s:g}s; stopping")
                     return 1
@@ -200,6 +220,7 @@ def up(cfg: UpConfig) -> int:
         bus = ("nats-server", "link")  # the services first, while they can still drain over it
         _stop_all([(c.name, c.proc) for c in children if c.proc is not None and c.name not in bus])
         _stop_all([(c.name, c.proc) for c in children if c.proc is not None and c.name in bus])
+        forget_cluster(os.getpid())
         tmp.cleanup()
 
 
@@ -228,10 +249,25 @@ def healthy(url: str) -> bool:
         return False
 
 
-def _banner(url: str, model: str) -> str:
+def reachable(host: str, port: int) -> tuple[str, str]:
+    """The gateway's URL from this machine, and from others when it listens on every address
+    ("" when it does not: its own address serves both)."""
+    if host in ("0.0.0.0", "::", ""):
+        local = "[::1]" if host == "::" else "127.0.0.1"  # asyncio binds "::" to IPv6 only
+        return f"http://{local}:{port}", f"http://{socket.gethostname()}:{port}"
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}", ""
+
+
+def banner(url: str, remote: str, model: str, auth: str = "") -> str:
+    """The ready line, with a curl that works as copied: the key in it when one is needed (in
+    double quotes when it is a shell variable, for the shell to expand)."""
+    header = f"Authorization: Bearer {auth}"
+    key = "" if not auth else f'-H "{header}"' if auth.startswith("$") else f"-H {shlex.quote(header)}"
+    key = f"\n    {key} \\" if key else ""
+    others = f"\n  from other machines: {remote}  (this machine's name: it listens on every address)" if remote else ""
     return f"""
-moebus is ready: {url}  (model "{model}")
-  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+moebus is ready: {url}  (model "{model}"){others}
+  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\{key}
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "the river"}}], "max_tokens": 16}}'
 Ctrl-C stops everything.
 """

@@ -17,11 +17,18 @@ from shared.security import Creds
 async def fetch(nats_url: str, creds: Creds | None = None, timeout_s: float = 5.0) -> ClusterStatus:
     import nats
 
+    failures: list[Exception] = []
+
+    async def keep(e: Exception) -> None:  # nats-py's default logs a traceback per attempt
+        failures.append(e)
+
     try:
-        nc = await nats.connect(nats_url, connect_timeout=timeout_s, max_reconnect_attempts=0, allow_reconnect=False,
-                                **connect_options(creds))
+        # max_reconnect_attempts=0 means "no limit" to nats-py's first connect: 1 gives up after a retry.
+        nc = await nats.connect(nats_url, connect_timeout=timeout_s, max_reconnect_attempts=1, allow_reconnect=False,
+                                reconnect_time_wait=0.2, error_cb=keep, **connect_options(creds))
     except Exception as e:  # noqa: BLE001 - one clear line whatever nats-py raises
-        raise MoebusError(f"cannot reach NATS at {nats_url}: {e!r}") from None
+        cause = failures[-1] if failures else e
+        raise MoebusError(f"cannot reach NATS at {nats_url}: {str(cause) or type(cause).__name__}") from None
     try:
         return decode(ClusterStatus, await request(nc, subjects.ROUTER_CLUSTER, b"{}", timeout_s))
     finally:
@@ -56,11 +63,12 @@ def _ranges(ids: list[int]) -> str:
     return ",".join(out)
 
 
-async def show(nats_url: str, creds: Creds | None, as_json: bool) -> int:
+async def show(nats_url: str, creds: Creds | None, as_json: bool, hint: str = "") -> int:
+    """`hint`: added to an error, where the URL came from and what else to try."""
     try:
         s = await fetch(nats_url, creds)
     except MoebusError as e:
-        print(f"moebus status: {e}", file=sys.stderr)
+        print(f"moebus status: {e}{hint}", file=sys.stderr)
         return 2
     print(orjson.dumps(s.model_dump(), option=orjson.OPT_INDENT_2).decode() if as_json else render(s))
     return 0

@@ -4,10 +4,14 @@ The cluster directory (`$MOEBUS_HOME/cluster` unless told otherwise) holds `nats
 `<user>.creds` per user (`router`, `gateway`, `admin`, `worker-1`..`worker-N`) and `tls/` when
 certificates were given. A worker takes the first worker identity no other process on this
 machine holds (a lock file per identity), so `moebus worker` needs no flag for it.
+
+`moebus init-cluster` also writes a `nats` CLI context for the admin user (`write_nats_context`),
+so `nats --context moebus micro ls` works as it stands.
 """
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
@@ -20,7 +24,8 @@ from typing import Any
 from shared.config import home
 from shared.errors import ConfigError, WireError
 from shared.messages import decode, encode
-from shared.security import DEFAULT_WORKERS, Creds, Role, is_loopback, make_creds, server_conf, worker_user
+from shared.security import (DEFAULT_LISTEN, DEFAULT_WORKERS, NATS_CONTEXT, Creds, Role, is_loopback, make_creds,
+                             server_conf, worker_user)
 
 _held_locks: list[int] = []  # descriptors kept open for the life of the process: the identity's lock
 
@@ -64,9 +69,10 @@ class Tls:
 
 
 def init_cluster(directory: Path, workers: int = DEFAULT_WORKERS, tls: Tls | None = None,
-                 store_dir: Path | None = None, listen: str = "0.0.0.0:4222", max_payload_mb: int = 8) -> list[Path]:
+                 store_dir: Path | None = None, listen: str = DEFAULT_LISTEN, max_payload_mb: int = 8) -> list[Path]:
     """Make (or complete) a cluster's credentials and a nats.conf for them; existing secrets
     are kept. Returns the credentials files written anew."""
+    parse_listen(listen)
     made = ensure_users(directory, workers, tls)
     store = store_dir or directory / "jetstream"
     conf = (f"listen: {json.dumps(listen)}\nmax_payload: {max_payload_mb << 20}\n"
@@ -118,6 +124,47 @@ def tls_dir(directory: Path) -> Path | None:
 def server_block(directory: Path) -> str:
     """The users and TLS part of nats-server's config for this cluster directory."""
     return server_conf(cluster_users(directory), tls_dir(directory))
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """(host, port) of a `--listen HOST:PORT`; ConfigError naming the flag when malformed."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--listen {listen!r}: give HOST:PORT, such as 127.0.0.1:4222 or 0.0.0.0:4222")
+    return host.strip("[]"), int(port)
+
+
+def local_url(listen: str, tls: bool) -> str:
+    """The URL this machine reaches a server listening on `listen` at."""
+    host, port = parse_listen(listen)
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "*") else host
+    return f"{'tls' if tls else 'nats'}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def nats_context_path(name: str) -> Path:
+    """Where the `nats` CLI reads context `name` (natscontext: $XDG_CONFIG_HOME, else ~/.config)."""
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "nats" / "context" / f"{name}.json"
+
+
+def write_nats_context(directory: Path, url: str, name: str = NATS_CONTEXT) -> tuple[Path, bool]:
+    """A `nats` CLI context for this cluster's admin: its URL, password, inbox prefix (the only
+    one admin may read), CA and TLS-first. Returns its path and whether it is this cluster's
+    now: a context of that name moebus did not write for this directory is left as it is."""
+    admin = read_creds(directory / "admin.creds")
+    wanted = {"description": f"moebus cluster {directory.resolve()} (admin)", "url": url, "user": admin.user,
+              "password": admin.password, "inbox_prefix": admin.inbox,
+              "ca": str((directory / "tls" / "ca.pem").resolve()) if admin.ca else "", "tls_first": bool(admin.ca)}
+    path = nats_context_path(name)
+    try:
+        existing = json.loads(path.read_bytes()) if path.exists() else None
+    except (OSError, ValueError):
+        existing = {}
+    if existing is not None and (not isinstance(existing, dict) or
+                                 existing.get("description") != wanted["description"]):
+        return path, False
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_private(path, json.dumps(wanted, indent=2).encode())
+    return path, True
 
 
 def has_cluster(directory: Path) -> bool:
@@ -177,6 +224,30 @@ def connect_options(creds: Creds | None) -> dict[str, Any]:
         return {}
     out: dict[str, Any] = {"user": creds.user, "password": creds.password, "inbox_prefix": creds.inbox}
     if creds.ca:
+        _tls_protocol_fix()
         out["tls"] = ssl.create_default_context(cadata=creds.ca)
         out["tls_handshake_first"] = True  # see shared.security.server_conf
     return out
+
+
+def _tls_protocol_fix() -> None:
+    """nats-py upgrades to TLS with `loop.start_tls` and a new stream protocol that is never told
+    its transport (asyncio's own `StreamWriter.start_tls` does tell it). That protocol then takes
+    itself for plain TCP: its reader cannot pause a fast sender, and at the server's EOF asyncio
+    logs "returning true from eof_received() has no effect when using ssl" (nats-io/nats.py#574).
+    Tell it, once per TLS connection, as asyncio would."""
+    from nats.aio.transport import TcpTransport
+
+    original = TcpTransport.connect_tls
+    if getattr(original, "moebus_fixed", False):
+        return
+
+    async def connect_tls(self: TcpTransport, *args: Any, **kwargs: Any) -> None:
+        await original(self, *args, **kwargs)
+        transport = self._io_writer.transport
+        protocol = transport.get_protocol()
+        if isinstance(protocol, asyncio.StreamReaderProtocol) and not protocol._over_ssl:  # not if nats-py did
+            protocol.connection_made(transport)
+
+    connect_tls.moebus_fixed = True  # type: ignore[attr-defined]
+    TcpTransport.connect_tls = connect_tls  # type: ignore[method-assign]

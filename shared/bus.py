@@ -54,7 +54,7 @@ def new_loop() -> asyncio.AbstractEventLoop:
 
 
 async def connect(url: str, name: str, on_disconnect: Callable[[], None] | None = None,
-                  creds: Creds | None = None) -> Client:
+                  creds: Creds | None = None, on_reconnect: Callable[[], None] | None = None) -> Client:
     throttled = Throttled()
 
     async def error_cb(e: Exception) -> None:
@@ -69,6 +69,8 @@ async def connect(url: str, name: str, on_disconnect: Callable[[], None] | None 
 
     async def reconnected_cb() -> None:
         log.info("nats reconnected", url=url)
+        if on_reconnect is not None:
+            on_reconnect()
 
     nc = await nats.connect(
         url,
@@ -116,6 +118,10 @@ def inbox_only(handler: Callable[[Request], Awaitable[None]]) -> Callable[[Reque
 
 async def close(nc: Client, timeout_s: float = 5.0) -> None:
     """Drain (finish in-flight handlers, flush), but never hang when the server is gone."""
+    # nats-py's own drain timeout first: it gathers every subscription's drain and, timing out,
+    # collects that gather's outcome. Ours cancelling it mid-gather instead left asyncio to log
+    # "_GatheringFuture exception was never retrieved ... CancelledError" at exit.
+    nc.options["drain_timeout"] = 0.8 * timeout_s
     try:
         await asyncio.wait_for(nc.drain(), timeout_s)
     except (Exception, asyncio.CancelledError):  # noqa: BLE001 - shutting down either way

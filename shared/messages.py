@@ -96,7 +96,7 @@ class GenerateRequest(Message):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, le=MAX_TOKENS)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=0, lt=1 << 32)
+    seed: int | None = Field(default=None, ge=-(1 << 63), le=(1 << 63) - 1)  # OpenAI's range: a signed 64-bit integer
     stop: list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]] = Field(default_factory=list, max_length=MAX_STOPS)
     logprobs: bool = False
     top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)

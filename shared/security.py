@@ -5,12 +5,12 @@ service finds its credentials by itself on the machine that made them, or is giv
 Each user's permissions follow from its role alone (`permissions`), so the server config is
 rendered, never edited by hand:
 
-| role    | publishes                                              | subscribes                        |
-|---------|--------------------------------------------------------|-----------------------------------|
-| router  | expert requests, discover, stream events, the buckets  | router subjects, announcements    |
-| gateway | router requests, cancels                               | stream events (its responses)     |
-| worker  | its own announcements; reads placement and the model   | its own expert subject, discover  |
-| admin   | status and `$SRV` (micro) requests                     | its replies                       |
+| role    | publishes                                               | subscribes                                 |
+|---------|---------------------------------------------------------|--------------------------------------------|
+| router  | expert requests, discover, stream events, the buckets   | router subjects, announcements             |
+| gateway | router requests, cancels                                | stream events (its responses)              |
+| worker  | its own announcements and identity; reads the buckets   | its expert and identity subjects, discover |
+| admin   | status and `$SRV` requests; reads and watches placement | its replies                                |
 
 Everyone subscribes only to its own inbox prefix (`_INBOX.<user>`), so no peer reads another's
 replies, and answers requests through `allow_responses` rather than a publish permission.
@@ -32,8 +32,13 @@ from shared.errors import ConfigError
 from shared.messages import Message, Name
 
 Role = Literal["router", "gateway", "worker", "admin"]
-SERVICES = {"router": S.SERVICE_ROUTER, "gateway": S.SERVICE_GATEWAY, "worker": S.SERVICE_WORKER}
+# The micro service names each role runs: a worker user runs a worker or a flash-cache.
+SERVICES = {"router": (S.SERVICE_ROUTER,), "gateway": (S.SERVICE_GATEWAY,),
+            "worker": (S.SERVICE_WORKER, S.SERVICE_FLASH)}
 DEFAULT_WORKERS = 16  # worker identities made by default: one per worker process of the cluster
+# init-cluster's nats.conf listens on loopback, as `moebus up`'s bus: other machines only when told.
+DEFAULT_LISTEN = "127.0.0.1:4222"
+NATS_CONTEXT = "moebus"  # the `nats` CLI context init-cluster writes for the admin user
 
 
 class Creds(Message):
@@ -65,27 +70,36 @@ def _js_write(stream: str, data: str) -> list[str]:
             f"{api}.CONSUMER.*.{stream}", f"{api}.CONSUMER.*.{stream}.>", data]
 
 
+def _js_watch(stream: str) -> list[str]:
+    # What `nats kv get|watch|ls|history` asks: the bucket's stream info, direct gets, and an
+    # ordered consumer pushed to the asker's inbox. Only the admin gets it: a consumer may name
+    # any subject to be pushed to, so it is for the trusted operator alone.
+    api = "$JS.API"
+    return [*_js_read(stream), f"{api}.INFO", f"{api}.STREAM.INFO.{stream}", f"{api}.STREAM.NAMES",
+            f"{api}.STREAM.LIST", f"{api}.CONSUMER.*.{stream}", f"{api}.CONSUMER.*.{stream}.>"]
+
+
 def _micro(role: str) -> list[str]:
     # nats micro's discovery: `$SRV.PING`, `$SRV.INFO.<name>`, `$SRV.STATS.<name>.<id>`: only ours.
-    name = SERVICES[role]
-    return ["$SRV.*", f"$SRV.*.{name}", f"$SRV.*.{name}.*"]
+    return ["$SRV.*", *(s for name in SERVICES[role] for s in (f"$SRV.*.{name}", f"$SRV.*.{name}.*"))]
 
 
 def permissions(role: Role, user: str) -> dict:
     """The NATS permissions of `user` in `role` (a pure function: the server config renders it)."""
     inbox = f"_INBOX.{user}.>"
     if role == "router":
-        pub = [f"{S.PREFIX}.experts.>", S.WORKERS_DISCOVER, f"{S.STREAM_PREFIX}.>", "$JS.API.INFO",
+        pub = [f"{S.PREFIX}.experts.>", S.WORKERS_DISCOVER, f"{S.STREAM_PREFIX}.>", S.SERVER_INFO,
                *_js_write(S.CLUSTER_STREAM, f"{S.CLUSTER_KEYS}.>"), *_js_write(S.MODEL_STREAM, f"{S.MODEL_OBJECTS}.>")]
         sub = [f"{S.PREFIX}.router.>", S.ANNOUNCEMENTS, inbox, *_micro(role)]
     elif role == "gateway":
         pub = [S.ROUTER_GENERATE, S.ROUTER_CANCEL, S.ROUTER_STATUS, S.ROUTER_METRICS, S.ROUTER_CLUSTER]
         sub = [f"{S.STREAM_PREFIX}.>", S.GATEWAY_HEALTH, inbox, *_micro(role)]
     elif role == "worker":
-        pub = [S.announce_subject_of(user), *_js_read(S.CLUSTER_STREAM), *_js_read(S.MODEL_STREAM)]
-        sub = [S.experts_subject_of(user), S.WORKERS_DISCOVER, inbox, *_micro(role)]
+        pub = [S.announce_subject_of(user), S.identity_subject(user), *_js_read(S.CLUSTER_STREAM),
+               *_js_read(S.MODEL_STREAM)]
+        sub = [S.experts_subject_of(user), S.identity_subject(user), S.WORKERS_DISCOVER, inbox, *_micro(role)]
     elif role == "admin":
-        pub = ["$SRV.>", S.ROUTER_STATUS, S.ROUTER_CLUSTER, S.GATEWAY_HEALTH]
+        pub = ["$SRV.>", S.ROUTER_STATUS, S.ROUTER_CLUSTER, S.GATEWAY_HEALTH, *_js_watch(S.CLUSTER_STREAM)]
         sub = [inbox]
     else:
         raise ConfigError(f"unknown role {role!r}")

@@ -5,6 +5,7 @@
 | moebus.v1.experts.<id>.<worker>  | router -> worker (req)    | wire.ExpertRequest -> ExpertReply (binary) |
 | moebus.v1.workers.announce.<id>.<worker> | worker -> router (pub) | messages.WorkerAnnounce     |
 | moebus.v1.workers.discover       | router -> workers (pub)   | messages.Discover              |
+| moebus.v1.workers.identity.<identity> | worker -> its holder (req) | IdentityClaim -> the holder's (expert_worker.identity) |
 | moebus.v1.router.generate        | gateway -> router (req)   | GenerateRequest -> GenerateAccepted |
 | <GenerateRequest.stream>         | router -> gateway (pub)   | messages.GenerateEvent         |
 | moebus.v1.router.cancel          | gateway -> router (pub)   | messages.Cancel                |
@@ -24,6 +25,7 @@ PREFIX = "moebus.v1"
 
 WORKERS_ANNOUNCE = f"{PREFIX}.workers.announce"
 WORKERS_DISCOVER = f"{PREFIX}.workers.discover"
+WORKERS_IDENTITY = f"{PREFIX}.workers.identity"
 ROUTER_GENERATE = f"{PREFIX}.router.generate"
 ROUTER_CANCEL = f"{PREFIX}.router.cancel"
 ROUTER_STATUS = f"{PREFIX}.router.status"
@@ -70,5 +72,13 @@ def announce_subject_of(user: str) -> str:
     return f"{WORKERS_ANNOUNCE}.{user}.*"
 
 
+def identity_subject(user: str) -> str:
+    """Where the live holder of worker identity `user` answers who it is (one process per identity)."""
+    return f"{WORKERS_IDENTITY}.{user}"
+
+
 def stream_subject(request_id: str) -> str:
     return f"{STREAM_PREFIX}.{request_id}"
+
+# Answered by nats-server itself (its JetStream API): whether the server hears us at all.
+SERVER_INFO = "$JS.API.INFO"

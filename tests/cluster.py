@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 from services.launcher import healthy
 from shared.natsd import free_port
@@ -67,8 +70,22 @@ class Up:
 
     def children(self) -> list[int]:
         """Processes still running that were started for this cluster's bus."""
-        out = subprocess.run(["pgrep", "-f", f"127.0.0.1:{self.nats_port}"], capture_output=True, text=True)
-        return [int(p) for p in out.stdout.split()]
+        return processes(rf"127\.0\.0\.1:{self.nats_port}\b")
+
+
+def processes(pattern: str, parent: int | None = None) -> list[int]:
+    """Pids of the live processes (children of `parent`, if given) whose command line, its
+    arguments joined by spaces, matches the regular expression `pattern`, as `pgrep -f` does."""
+    found = psutil.Process(parent).children() if parent is not None else psutil.process_iter()
+    pids = []
+    for proc in found:
+        try:
+            if proc.pid != os.getpid() and proc.status() != psutil.STATUS_ZOMBIE \
+                    and re.search(pattern, " ".join(proc.cmdline())):
+                pids.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue  # gone meanwhile, or another user's
+    return sorted(pids)
 
 
 async def worker_subject(nc, worker: str | None = None) -> str:

@@ -1,19 +1,21 @@
 """docker-compose.yml is checked by parsing, by running init's script on directories of the
-test's own, and by `docker-compose config` (no Docker engine here): it must start a working
+test's own, and as `docker compose config` checks it, without Docker: the Compose
+specification's JSON schema, then the references the schema cannot see. It must start a working
 system, secured as `moebus up` is, with each service seeing only its own credentials."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
-import shutil
 import stat
 import subprocess
 import sys
 import tomllib
 from pathlib import Path, PurePosixPath
 
+import jsonschema_rs
 import pytest
 import yaml
 
@@ -23,6 +25,9 @@ from shared.natsd import server_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
+# The Compose specification's JSON schema: compose/config/compose_spec.json of docker-compose 1.29.2
+# on PyPI (May 2021; sha256 0dc04bd3...2b112bac), shipped so the check needs no Docker and no network.
+SCHEMA = ROOT / "tests" / "data" / "compose_spec.json"
 MOEBUS = ("router", "expert-worker", "gateway")  # the long-running moebus services
 
 
@@ -188,15 +193,92 @@ def test_workers_take_the_model_from_the_router_over_nats(services: dict):
     assert _mounts(worker)["/data"][0] == ""
 
 
-def test_docker_compose_accepts_it(services: dict):
-    binary = shutil.which("docker-compose")
-    command = [binary] if binary else ["docker", "compose"]  # else Compose v2, the docker plugin
-    done = subprocess.run([*command, "-f", str(COMPOSE), "config"], capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 0, done.stderr
-    resolved = yaml.safe_load(done.stdout)["services"]  # merged as compose merges, not as PyYAML does
+# Formats the schema names that compose checks itself: a Go duration, a short-syntax port.
+DURATION = re.compile(r"(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+")
+PORTS = re.compile(r"((\[?[\da-fA-F.:]+\]?:)?(\d+(-\d+)?)?:)?\d+(-\d+)?(/(tcp|udp|sctp))?")
+FORMATS = {"duration": lambda v: DURATION.fullmatch(v) is not None, "ports": lambda v: PORTS.fullmatch(v) is not None}
+ENV = {"MOEBUS_API_KEYS": "sk-test"}  # what `docker compose up` requires set; the rest have defaults
+# Compose's interpolation: $$, $NAME, ${NAME} and ${NAME<op>word}, op one of :- - :? ? :+ +
+VARIABLE = re.compile(r"\$(?:(\$)|\{([A-Za-z_]\w*)(?:(:?[-?+])([^}]*))?\}|([A-Za-z_]\w*))")
+
+
+def _interpolated(value: object, env: dict[str, str]) -> object:
+    """`value` with its variables resolved in `env`, as compose does before it validates;
+    ValueError for what compose refuses: a malformed variable, a required one unset."""
+    if isinstance(value, dict):
+        return {k: _interpolated(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolated(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+    if "$" in VARIABLE.sub("", value):
+        raise ValueError(f"invalid interpolation format in {value!r}")
+
+    def resolve(m: re.Match) -> str:
+        if m[1]:
+            return "$"
+        name, op, word = m[2] or m[5], m[3] or "", m[4] or ""
+        given = env.get(name)
+        is_set = bool(given) if op.startswith(":") else given is not None
+        if op.endswith("?") and not is_set:
+            raise ValueError(f"required variable {name} is missing a value: {word}")
+        if op.endswith("-") and not is_set:
+            return word
+        if op.endswith("+"):
+            return word if is_set else ""
+        return given or ""
+
+    return VARIABLE.sub(resolve, value)
+
+
+def _compose_errors(text: str, env: dict[str, str]) -> list[str]:
+    """What `docker compose config` would refuse in `text`: a bad interpolation, what the
+    schema forbids (unknown keys, wrong types, bad durations or ports), and references to a
+    service or a named volume that is not declared."""
+    try:
+        doc = _interpolated(yaml.safe_load(text), env)
+    except ValueError as e:
+        return [str(e)]
+    validator = jsonschema_rs.validator_for(json.loads(SCHEMA.read_text()), formats=FORMATS, validate_formats=True)
+    errors = [f"{'.'.join(map(str, e.instance_path))}: {e.message}" for e in validator.iter_errors(doc)]
+    if errors:
+        return errors
+    services, volumes = doc["services"], doc.get("volumes") or {}
+    for name, service in services.items():
+        errors += [f"services.{name}.depends_on: no service {d!r}" for d in service.get("depends_on", [])
+                   if d not in services]
+        for spec in service.get("volumes", []):
+            source = spec.split(":")[0] if ":" in spec else ""  # the short syntax; "/data" alone is anonymous
+            if source and not source.startswith((".", "/", "~")) and source not in volumes:
+                errors.append(f"services.{name}.volumes: volume {source!r} is not declared")
+    return errors
+
+
+def test_the_compose_specification_accepts_it(services: dict):
+    assert _compose_errors(COMPOSE.read_text(), ENV) == []
+    resolved = _interpolated(yaml.safe_load(COMPOSE.read_text()), ENV)["services"]
+    assert resolved["router"]["environment"]["OPENBLAS_NUM_THREADS"] == "1"  # the default when unset
     assert "ports" not in resolved["nats"]
     for name in MOEBUS:  # each service's own, over the shared environment
         assert resolved[name]["environment"]["MOEBUS_CREDS"] == services[name]["environment"]["MOEBUS_CREDS"]
+        assert resolved[name]["environment"]["MOEBUS_NATS_URL"] == "nats://nats:4222"
+
+
+@pytest.mark.parametrize(("old", "new", "needle"), [
+    ("    healthcheck:", "    healthchek:", "'healthchek' was unexpected"),  # a typo'd key
+    ("replicas: 2", "replicas: two", '"two" is not of type "integer"'),
+    ('restart: "no"', "restart: no", 'false is not of type "string"'),  # YAML 1.1 reads a bare no as false
+    ("stop_grace_period: 70s", "stop_grace_period: 70 seconds", 'is not a "duration"'),
+    ('ports: ["8000:8000"]', 'ports: ["8000:8000:tcp"]', '"8000:8000:tcp" is not valid under any'),
+    ("- creds-router:/creds:ro", "- creds-rooter:/creds:ro", "volume 'creds-rooter' is not declared"),
+    ("    nats: {condition: service_started}", "    natz: {condition: service_started}", "no service 'natz'"),
+    ("${OPENBLAS_NUM_THREADS:-1}", "${OPENBLAS_NUM_THREADS:-1", "invalid interpolation format"),
+])
+def test_a_broken_compose_file_is_refused(old: str, new: str, needle: str):
+    text = COMPOSE.read_text()
+    assert text.count(old) == 1, old
+    errors = _compose_errors(text.replace(old, new), ENV)
+    assert any(needle in e for e in errors), errors
 
 
 def test_image_installs_the_project():

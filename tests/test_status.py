@@ -1,11 +1,15 @@
-"""`moebus status`'s text, and the CLI's size parsing: pure functions."""
+"""`moebus status`'s text and how it finds the local cluster, and the CLI's size parsing."""
 
 from __future__ import annotations
+
+import os
+import subprocess
 
 import pytest
 
 from services.cli import parse_size
 from services.status import render
+from shared.config import LocalCluster, forget_cluster, local_cluster, record_cluster
 from shared.errors import ConfigError
 from shared.messages import ClusterStatus, WorkerStatus
 
@@ -33,3 +37,22 @@ def test_a_bad_memory_budget_is_a_clear_error(text):
     with pytest.raises(ConfigError) as e:
         parse_size(text)
     assert "--memory-budget" in str(e.value)
+
+
+def test_status_finds_the_cluster_up_recorded_while_its_launcher_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEBUS_HOME", str(tmp_path))
+    mine = LocalCluster(os.getpid(), "nats://127.0.0.1:4999", "http://127.0.0.1:18700", "/some/cluster")
+    record_cluster(mine)
+    assert local_cluster() == mine
+    forget_cluster(os.getpid() + 1)  # another launcher's exit leaves this one's record
+    assert local_cluster() == mine
+    forget_cluster(os.getpid())
+    assert local_cluster() is None and not list(tmp_path.iterdir())
+
+
+def test_a_record_left_by_a_killed_launcher_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEBUS_HOME", str(tmp_path))
+    dead = subprocess.Popen(["true"])  # a pid that no longer runs
+    dead.wait()
+    record_cluster(LocalCluster(dead.pid, "nats://127.0.0.1:4999", "http://127.0.0.1:18700"))
+    assert local_cluster() is None

@@ -25,6 +25,7 @@ from nats.micro import add_service
 from nats.micro.request import Request, ServiceError
 
 from services.expert_worker.experts import LocalExperts, NotHeld, expert_bytes, load_experts, load_fetched
+from services.expert_worker.identity import Holder, claim, claim_of
 from services.flash_cache.bundle import open_bundle
 from services.flash_cache.store import FlashConfig, FlashExperts
 from shared import cluster, modelstore, subjects
@@ -57,6 +58,8 @@ class WorkerConfig:
     drain_timeout_s: float = 60.0  # a leaving worker waits this long for its experts to move
     release_after_s: float = 1.0  # keeps experts it lost this long, for calls already on their way
     flash: FlashConfig | None = None  # a flash-cache: the experts stay in a bundle on SSD (services.flash_cache)
+    # How long the holder of this identity has to answer before it counts as asleep and is taken over.
+    claim_timeout_s: float = 2.0
 
 
 def worker_id(identity: str) -> str:
@@ -263,10 +266,32 @@ async def _may_leave(worker: Worker, kv: cluster.DirectKV, connected: bool, left
 async def serve(cfg: WorkerConfig) -> None:
     stop = stop_event()
     mlx = LoopThread()
+    me = worker_id(cfg.identity or host_identity())
+    leaving = asyncio.Event()  # no announcement after this: leaving, or another process took the identity
+    replaced = asyncio.Event()  # another process took the identity: stop at once, say nothing more
+    holder: Holder | None = None
+    checks: set[asyncio.Task] = set()
+
+    def on_reconnect() -> None:  # the server may have dropped us (asleep) and let another take the identity
+        if holder is not None:
+            task = asyncio.create_task(holder.check(cfg.claim_timeout_s))
+            checks.add(task)
+            task.add_done_callback(checks.discard)
+
+    def on_replaced(_: object) -> None:
+        replaced.set()
+        leaving.set()
+        stop.set()
+
     try:
         async with AsyncExitStack() as stack:
-            nc = await connect(cfg.nats_url, name="moebus-worker", creds=cfg.creds)
+            nc = await connect(cfg.nats_url, name="moebus-worker", creds=cfg.creds, on_reconnect=on_reconnect)
             stack.push_async_callback(close, nc)
+            if cfg.creds is not None:  # a NATS user: one process per identity (an open bus names hosts)
+                mine = claim_of(me)
+                await claim(nc, cfg.identity, mine, cfg.claim_timeout_s)  # before any loading: refused fast
+                holder = Holder(nc, cfg.identity, mine, on_replaced)
+                await holder.start()
             # Expert requests arrive on a connection of the MLX thread's own loop (no hand-off);
             # this loop keeps heartbeats and placement, so a long load never silences them.
             hot = await mlx.call(connect(cfg.nats_url, name="moebus-worker-experts", creds=cfg.creds))
@@ -290,7 +315,6 @@ async def serve(cfg: WorkerConfig) -> None:
             if capacity < 1:
                 raise ConfigError(f"--memory-budget {budget} bytes holds no expert of {info.name} "
                                   f"({per_expert} bytes each)")
-            me = worker_id(cfg.identity or host_identity())
             worker = Worker(cfg, me, info, capacity, mlx, nc.max_payload)
             worker.source = (js, manifest) if cfg.model is None and cfg.flash is None else None
             if cfg.flash is not None:
@@ -313,10 +337,10 @@ async def serve(cfg: WorkerConfig) -> None:
             svc = await mlx.call(start_service())
 
             async def on_discover(_: Msg) -> None:
-                await nc.publish(worker.announce_subject, worker.announcement())
+                if not leaving.is_set():
+                    await nc.publish(worker.announce_subject, worker.announcement())
 
             await nc.subscribe(subjects.WORKERS_DISCOVER, cb=on_discover)
-            leaving = asyncio.Event()
             tasks = [asyncio.create_task(_heartbeat(nc, worker, cfg.heartbeat_s, leaving))]
             log.info("worker joined", worker=me, capacity=capacity, expert_bytes=per_expert, speed_gflops=worker.speed)
             left_at = float("inf")
@@ -329,6 +353,8 @@ async def serve(cfg: WorkerConfig) -> None:
                     await wait(stop, cfg.poll_s)
                 else:
                     await asyncio.sleep(cfg.poll_s)
+                if replaced.is_set():  # its experts are the newcomer's now: no drain
+                    break
                 if stop.is_set() and not worker.draining:
                     worker.draining = True  # ask to hold nothing; leave once the experts moved
                     worker.changed.set()
@@ -338,7 +364,8 @@ async def serve(cfg: WorkerConfig) -> None:
             for task in tasks:
                 task.cancel()
             try:  # every step bounded (Ctrl-C may have stopped nats-server first); close() flushes
-                await nc.publish(worker.announce_subject, worker.announcement(leaving=True))
+                if not replaced.is_set():  # the router took the newcomer for this identity: not a word more
+                    await nc.publish(worker.announce_subject, worker.announcement(leaving=True))
                 await mlx.call(stop_service(svc))  # no new requests; answer those already taken
                 if worker.pending and nc.is_connected:
                     await asyncio.wait(list(worker.pending), timeout=10)

@@ -116,6 +116,11 @@ class GuardedH11(H11Protocol):
         super().on_response_complete()
         self._sync()
 
+    def timeout_keep_alive_handler(self) -> None:
+        if not self.transport.is_closing():  # uvicorn's own idle timer: counted with ours
+            self.tracker.on_close("keep_alive")
+        super().timeout_keep_alive_handler()
+
     def shutdown(self) -> None:
         if self.phase in (Phase.HEADERS, Phase.BODY):  # nothing to finish: a graceful stop need not wait
             self.drop("shutdown")

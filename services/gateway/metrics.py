@@ -21,7 +21,8 @@ class GatewayMetrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.connections_closed = Counter(
             "moebus_http_connections_closed", "Connections the gateway closed, by reason: header_timeout, "
-            "body_timeout, evicted (at the cap, for a newer one), refused (at the cap, all busy), shutdown",
+            "body_timeout, keep_alive (idle past --keep-alive), evicted (at the cap, for a newer one), "
+            "refused (at the cap, all busy), shutdown",
             ["reason"], registry=r)
 
     def count_tokens(self, prompt: int, generated: int) -> None:

@@ -24,8 +24,8 @@ def sampling(body: _Sampling, max_tokens: int | None, top_logprobs: int | None, 
         raise ApiError(400, f"n={body.n} is not supported; send n=1 (or several requests)", "unsupported", "n")
     stops = body.stops()
     return dict(max_tokens=max_tokens or DEFAULT_MAX_TOKENS, temperature=body.temperature, top_p=body.top_p,
-                top_k=body.top_k, min_p=body.min_p, seed=None if body.seed is None else body.seed % (1 << 32),
-                stop=stops, logprobs=logprobs, top_logprobs=top_logprobs or 0)
+                top_k=body.top_k, min_p=body.min_p, seed=body.seed, stop=stops, logprobs=logprobs,
+                top_logprobs=top_logprobs or 0)
 
 
 def _usage(last: GenerateEvent) -> dict:

@@ -17,6 +17,7 @@ Count = Annotated[int, Field(ge=-(1 << 31), le=1 << 31)]
 TokenId = Annotated[int, Field(ge=0, lt=1 << 31)]
 Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS, description="tokens to generate at most")]
+Seed = Annotated[int, Field(ge=-(1 << 63), le=(1 << 63) - 1)]  # OpenAI's range, a signed 64-bit integer; each its own key
 
 
 def _valid_unicode(s: str) -> None:
@@ -67,7 +68,7 @@ class _Sampling(_Body):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, le=1 << 31, description="extension: keep the k most likely tokens (0: all)")
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    seed: int | None = Field(default=None, description="the same seed gives the same output")
+    seed: Seed | None = Field(default=None, description="the same seed gives the same output")
     stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = Field(
         default=None, description=f"up to {MAX_STOPS} stop strings")
     n: Count = Field(default=1, description="only 1 is supported")

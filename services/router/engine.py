@@ -22,7 +22,7 @@ import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
 
 from services import defaults
-from services.router.sampling import StopText, request_sampler
+from services.router.sampling import StopText, request_sampler, special_token_ids
 from shared.errors import MoebusError
 from shared.logs import get_logger
 from shared.messages import GenerateEvent, GenerateRequest
@@ -100,6 +100,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.limits = limits
         self.eos = sorted(tokenizer.eos_token_ids)
+        self.special = special_token_ids(tokenizer)  # generated and counted, never in the text
         self.baton = Baton()  # the lanes' turns at MLX: the bus client releases it while a lane waits
         self.uids: dict[str, tuple[Lane, int]] = {}
         # Accepted, not yet in a lane: a lane takes a sequence only when it has room, so no
@@ -109,6 +110,7 @@ class Engine:
         self.cancelled: dict[str, None] = {}  # insertion-ordered: the oldest go first
         self.running = 0  # read by the event loop for status and admission
         self.waiting = 0
+        self.running_max = 0  # the most sequences in the lanes at once: what sampling `running` can miss
         n = max(1, min(limits.micro_batches, limits.max_running))
         caps = [limits.max_running // n + (i < limits.max_running % n) for i in range(n)]  # sum: max_running
         self.lanes = [Lane(self._generator, caps[i], None if i == 0 else MLXThread(f"mlx-lane{i}"))
@@ -213,6 +215,7 @@ class Engine:
         self.before_step()
         self._admit()  # what arrived since the last step, together, into the room left
         busy = [lane for lane in self.lanes if lane.seqs]
+        self.running_max = max(self.running_max, sum(len(lane.seqs) for lane in busy))
         started = time.perf_counter()
         # Lanes with threads start at once and take turns (the baton) with the one run here.
         pending = [lane.thread.submit(self._lane_step, lane) for lane in busy if lane.thread is not None]
@@ -258,7 +261,8 @@ class Engine:
         text, stop_sequence, extra = "", None, {}
         if token not in self.eos or finish != "stop":
             seq.n += 1
-            seq.detok.add_token(token)
+            if token not in self.special:  # decode(skip_special_tokens=True): mlx-lm's detokenizers would write <s>
+                seq.detok.add_token(token)
             text, stop_sequence = seq.stops.feed(seq.detok.last_segment)
             if seq.req.logprobs:
                 extra = self._logprobs(token, logprobs, seq.req.top_logprobs)
@@ -280,7 +284,9 @@ class Engine:
             self._drop(lane, uid, still_in_batch=in_batch)
 
     def _logprobs(self, token: int, logprobs: mx.array, top: int) -> dict:
-        out: dict = {"logprob": logprobs[token].item(), "token_text": self.tokenizer.decode([token])}
+        # A special token's text is empty, as in the completion's text.
+        text = "" if token in self.special else self.tokenizer.decode([token])
+        out: dict = {"logprob": logprobs[token].item(), "token_text": text}
         if top > 0:
             ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
             pairs = sorted(zip(ids.tolist(), logprobs[ids].tolist()), key=lambda p: -p[1])

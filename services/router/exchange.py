@@ -130,6 +130,9 @@ class ExpertClient:
         self.table = Table.empty()  # what this decode step routes by (MLX threads read it)
         self.latest = Table.empty()  # the newest: adopted at the next step, used by re-sends now
         self.unplaceable: frozenset[int] = frozenset()
+        # subject -> when its worker last (re)joined: a call that failed on it before then may
+        # ask it again (a bus that stalled, a Mac that woke), one after it may not.
+        self.joined: dict[str, float] = {}
         # What a lane does while it waits on the bus: the engine hands MLX to the other lane.
         self.while_waiting: Callable[[], AbstractContextManager] = nullcontext
         self._y = np.empty(0, np.float32)  # replies are gathered here, reused while big enough
@@ -182,6 +185,11 @@ class ExpertClient:
     def set_unplaceable(self, experts: frozenset[int]) -> None:
         """Experts the live workers cannot hold: calls waiting for an owner of one end now."""
         self.unplaceable = experts
+        self._pulse()
+
+    def rejoined(self, subject: str) -> None:
+        """A worker (re)joined (event loop): calls that gave up on it may ask it again."""
+        self.joined[subject] = time.monotonic()
         self._pulse()
 
     def _pulse(self) -> None:
@@ -269,10 +277,16 @@ class ExpertClient:
     async def _call(self, bus: LaneBus, trip: Trip, deadline: float, avoid: Avoid = (), cause: str = "") -> bytes:
         if not trip.subject:
             return await self._resend(bus, trip, deadline, avoid, cause)
+        if trip.subject not in self.latest.subjects:
+            # Its worker left (dropped, asleep, or placed out) since this step's table was taken:
+            # the step's later layers ask the experts' current owners, not a silent subject.
+            why = f"{trip.subject}: its worker left"
+            return await self._resend(bus, trip, deadline, (*avoid, (trip.subject, None, time.monotonic())), why)
         try:
             return await self._request(bus, trip, deadline)
         except Resend as e:
-            return await self._resend(bus, trip, deadline, (*avoid, (trip.subject, e.experts)), str(e))
+            failed = (trip.subject, e.experts, time.monotonic())
+            return await self._resend(bus, trip, deadline, (*avoid, failed), str(e))
 
     async def _request(self, bus: LaneBus, trip: Trip, deadline: float) -> bytes:
         task = asyncio.current_task()
@@ -315,14 +329,18 @@ class ExpertClient:
         req = decode_request(trip.payload)
         x, inds = req.x[req.rows], req.experts[:, None]
         while True:
-            table = self.latest.without(avoid)
+            # A worker that rejoined since a call failed on it is asked again: the same worker
+            # back on the same subject after a stall holds the same experts.
+            avoid = tuple(a for a in avoid if self.joined.get(a[0], -1.0) < a[2])
+            table = self.latest.without((subject, experts) for subject, experts, _ in avoid)
             missing = sorted({int(e) for e in req.experts if table.count[e] == 0})
             if not missing:
                 break
             why = f" ({cause})" if cause else ""
             if self.unplaceable.intersection(missing):
-                raise NotReady(f"experts {missing} of layer {req.layer} have no live worker{why}: "
-                               "the workers left cannot hold every expert")
+                nobody = "no expert worker is live" if not self.latest.subjects else \
+                    "the workers left cannot hold every expert"
+                raise NotReady(f"experts {missing} of layer {req.layer} have no live worker{why}: {nobody}")
             if time.monotonic() >= deadline:
                 raise NotReady(f"experts {missing} of layer {req.layer} found no live worker within "
                                f"{self.timeout_s:g}s{why}")
@@ -341,7 +359,8 @@ class ExpertClient:
         return encode_reply(req.dtype, y, compute_us)
 
 
-Avoid = tuple[tuple[str, frozenset[int] | None], ...]  # (subject, its experts not to ask of it; None: all)
+# (subject, its experts not to ask of it (None: all), when the call on it failed)
+Avoid = tuple[tuple[str, frozenset[int] | None, float], ...]
 
 
 def not_held(description: str) -> frozenset[int] | None:

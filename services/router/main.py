@@ -105,6 +105,7 @@ class Router:
         self.id = uuid.uuid4().hex[:12]  # this process: a gateway's stream outlives it only if it is still here
         client.on_failure = self.on_call_failure
         self._advancing: asyncio.Task | None = None
+        self._bus_stalled = False
 
     def status(self) -> RouterStatus:
         if self.m is None or self.placer is None:
@@ -112,12 +113,19 @@ class Router:
                                 experts_total=0, router=self.id, unready_reason="the router is loading the model")
         reg, info, eng = self.m.registry, self.m.info, self.m.engine
         unowned = self.placer.unowned()
+        left = "; ".join(f"{w}: {why}" for w, (why, _) in sorted(reg.left.items()))
+        cannot = sorted(self.client.unplaceable.intersection(unowned))
         if not reg.workers:
-            reason = "no expert worker has joined"
+            reason = f"no expert worker is live ({left})" if left else "no expert worker has joined"
         elif self.placer.active is None:
             reason = "placing experts on the workers"
+        elif cannot:
+            reason = f"experts {cannot} have no live worker: the workers cannot hold every expert"
+        elif unowned:
+            reason = f"experts {unowned} have no live worker" + (f" ({left})" if left else "") + \
+                ": placing them on the workers left"
         else:
-            reason = f"experts {unowned} have no live worker: the workers cannot hold every expert" if unowned else ""
+            reason = ""
         return RouterStatus(ready=not unowned, model=info.name, max_context=info.max_context, workers=reg.workers,
                             experts_covered=info.num_experts - len(unowned), experts_total=info.num_experts,
                             running=eng.running, waiting=eng.waiting, router=self.id, unready_reason=reason,
@@ -141,7 +149,9 @@ class Router:
 
     def gauges(self) -> dict[str, float]:
         s = self.status()
-        return {"sequences_running": s.running, "sequences_waiting": s.waiting, "workers_connected": len(s.workers),
+        return {"sequences_running": s.running, "sequences_waiting": s.waiting,
+                "sequences_running_max": float(self.m.engine.running_max if self.m else 0),
+                "workers_connected": len(s.workers),
                 "experts_covered": s.experts_covered, "ready": float(s.ready),
                 "placement_version": float(self.placer.active.version if self.placer and self.placer.active else 0)}
 
@@ -161,28 +171,53 @@ class Router:
         if gone is None:
             log.warning("worker of another model ignored", worker=a.worker, model=a.model)
             return
-        if not known and not a.leaving:
+        if not known and a.worker in self.m.registry.live():  # not a goodbye, nor one superseded
             log.info("worker joined", worker=a.worker, host=a.host, capacity=a.capacity)
             self.placer.refresh()  # a restarted router routes to the workers it finds holding the placement
+            self.client.rejoined(a.subject)
         self._lost(gone)
         self.advance()
 
     def expire(self) -> None:
         if self.m is not None:
-            self._lost(self.m.registry.expire(time.monotonic()))
+            now = time.monotonic()
+            gone = self.m.registry.expire(now)
+            for w, (why, at) in self.m.registry.left.items():
+                if at == now:
+                    log.warning("worker dropped", worker=w, error=why)
+            self._lost(gone)
+
+    async def hear_bus(self, nc: Client) -> bool:
+        """Whether the server answers the router now. Workers are judged by their silence only
+        while it does: after a stall (the server frozen, the router's own link down) each gets a
+        whole heartbeat period to be heard again, and calls in flight simply get their replies."""
+        try:  # a request, not nc.flush(timeout): nats-py's reader dies on a PONG after a flush timed out
+            await request(nc, subjects.SERVER_INFO, b"", self.cfg.heartbeat_s)
+        except MoebusError as e:  # a timeout, or no connection at all: the bus is not there
+            if not self._bus_stalled:
+                log.warning("the bus does not answer: workers are not dropped for silence until it does",
+                            error=repr(e))
+            self._bus_stalled = True
+            return False
+        if self._bus_stalled and self.m is not None:
+            self._bus_stalled = False
+            self.m.registry.grace(time.monotonic())
+            log.info("the bus answers again")
+        return True
 
     def on_call_failure(self, subject: str, error: BusError) -> None:
         """A worker that does not answer is out until it announces itself again (within a
         heartbeat if it is alive): readiness drops and its experts are placed elsewhere now."""
-        if self.m is not None and (worker := self.m.registry.drop_subject(subject)) is not None:
+        if self.m is not None and (worker := self.m.registry.drop_subject(subject, str(error), time.monotonic())):
             log.warning("worker dropped", worker=worker, error=str(error))
             self._lost([subject])
 
     def _lost(self, gone: list[str]) -> None:
+        if gone and self.placer is not None:
+            self.placer.refresh()  # first: a call the lanes start after this routes around them
         for subject in gone:
             self.client.fail_calls(subject, "its worker left")  # re-sent to the experts' other owners
-        if gone and self.placer is not None:
-            self.placer.refresh()
+        if gone:
             self.advance()
 
     def advance(self) -> None:
@@ -323,9 +358,10 @@ async def serve(cfg: RouterConfig) -> None:
             async for _ in ticks(stop, cfg.tick_s):
                 for lane in m.engine.lanes:  # an idle lane's connection answers the server's PINGs
                     (lane.thread or mlx).submit(client.pump)
-                router.expire()
-                await router.probe(nc)
-                router.advance()
+                if await router.hear_bus(nc):
+                    router.expire()
+                    await router.probe(nc)
+                    router.advance()
             await stop_service(svc)  # no new requests from here on
             # Nothing in flight ends silently: every running request hears why it stopped.
             await mlx.run(m.engine.fail_all, "the router is shutting down")

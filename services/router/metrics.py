@@ -11,6 +11,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 RTT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# HELP lines of the router's plain gauges where the name alone does not say it.
+GAUGE_HELP = {"sequences_running_max": "The most sequences in the batch at once (prefilling or decoding) since the "
+                                       "router started: never above --max-running"}
 
 
 class ExchangeStats:
@@ -98,7 +101,7 @@ class RouterCollector:
             outside.add_metric([str(q)], float(np.quantile(s.recent_outside[:n], q)) if n else 0.0)
         yield outside
         for name, value in self.gauges().items():
-            yield GaugeMetricFamily(f"moebus_{name}", name.replace("_", " "), value=value)
+            yield GaugeMetricFamily(f"moebus_{name}", GAUGE_HELP.get(name, name.replace("_", " ")), value=value)
         steps = CounterMetricFamily("moebus_micro_batch_steps", "Decode steps each micro-batch lane ran",
                                     labels=["lane"])
         for lane, n in enumerate(self.lanes()):

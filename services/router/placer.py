@@ -85,6 +85,12 @@ class Placer:
         if not self.leader or now < self._settled_at:
             return
         live = self.registry.live()
+        if not live:
+            # Nobody to place on: calls fail now, not at their deadline, and the placement is
+            # kept for the workers to come back to (a Mac that wakes holds its experts still).
+            self._basis = None
+            self.unplaceable(frozenset(range(self.registry.num_experts)))
+            return
         if self._slow and not self._slow <= set(live):
             self._slow.clear()  # membership changed: give everyone a new chance
         if self.next is not None and any(w not in live for row in self.next.owners for w in row):

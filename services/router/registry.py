@@ -60,19 +60,31 @@ class WorkerRegistry:
     # credential could announce a crowd of ids and be placed nearly every expert.
     one_per_identity: bool = False
     _seen: dict[str, tuple[WorkerAnnounce, float]] = field(default_factory=dict)
+    # Workers out without having said goodbye (silent, or not answering): why, and since when,
+    # so readiness can say what happened; forgotten when they come back or after a while.
+    left: dict[str, tuple[str, float]] = field(default_factory=dict)
+    forget_after_s: float = 600.0
+    # Ids a newer process of their identity replaced, and when: one that wakes from sleep may
+    # still send a heartbeat before it stops, and must not take its identity back meanwhile.
+    _replaced: dict[str, float] = field(default_factory=dict)
 
     def announce(self, a: WorkerAnnounce, now: float) -> list[str] | None:
         """Record a heartbeat. None when it is for another model (ignored); otherwise the
         subjects no longer served (a leaving worker's)."""
         if a.model != self.fingerprint or a.layers != self.moe_layers or not self._valid(a):
             return None
+        self.left.pop(a.worker, None)
         if a.leaving:
             old = self._seen.pop(a.worker, None)
             return [old[0].subject] if old else []
         replaced = []
         if self.one_per_identity and a.worker not in self._seen:  # the newest id wins: a restart
+            if a.worker in self._replaced:
+                return []  # superseded: not live again
             mine = identity(a.worker)
-            replaced = [self._seen.pop(w)[0].subject for w in list(self._seen) if identity(w) == mine]
+            for w in [w for w in self._seen if identity(w) == mine]:
+                replaced.append(self._seen.pop(w)[0].subject)
+                self._replaced[w] = now
         self._seen[a.worker] = (a, now)
         return replaced
 
@@ -82,15 +94,25 @@ class WorkerRegistry:
 
     def expire(self, now: float) -> list[str]:
         """Drop workers silent for too long; returns their subjects."""
-        gone = [w for w, (_, t) in self._seen.items() if now - t > self.stale_after_s]
+        self.left = {w: (why, t) for w, (why, t) in self.left.items() if now - t < self.forget_after_s}
+        self._replaced = {w: t for w, t in self._replaced.items() if now - t < self.forget_after_s}
+        gone = {w: now - t for w, (_, t) in self._seen.items() if now - t > self.stale_after_s}
+        for w, silent_s in gone.items():
+            self.left[w] = (f"no heartbeat for {silent_s:.0f}s: asleep, stopped, or cut off from the bus", now)
         return [self._seen.pop(w)[0].subject for w in gone]
 
-    def drop_subject(self, subject: str) -> str | None:
+    def grace(self, now: float) -> None:
+        """The bus itself was silent until `now`: nobody could be heard, so every worker's
+        silence starts over (it gets a whole stale period to be heard again)."""
+        self._seen = {w: (a, max(t, now)) for w, (a, t) in self._seen.items()}
+
+    def drop_subject(self, subject: str, why: str, now: float) -> str | None:
         """A call to `subject` found nobody: that worker is out until it announces itself again.
         Returns its id, None if it was already gone."""
         for w, (a, _) in list(self._seen.items()):
             if a.subject == subject:
                 del self._seen[w]
+                self.left[w] = (why, now)
                 return w
         return None
 

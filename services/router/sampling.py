@@ -1,8 +1,9 @@
-"""Per-request samplers and stop strings: plain functions of their inputs."""
+"""Per-request samplers, and what of the sampled tokens becomes text: plain functions of their inputs."""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
@@ -17,7 +18,8 @@ def request_sampler(temperature: float, top_p: float, top_k: int, min_p: float, 
     """
     if temperature == 0:
         return greedy_sampler
-    key = mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+    # A signed 64-bit seed (OpenAI's range) modulo 2**64: each seed its own key, none shared.
+    key = mx.random.key(seed % (1 << 64) if seed is not None else int.from_bytes(os.urandom(8), "little"))
     state = [key]
     # mlx-lm compiles each filter per value: rounding keeps that cache small.
     top_p, min_p = round(top_p, 3), round(min_p, 3)
@@ -33,6 +35,13 @@ def request_sampler(temperature: float, top_p: float, top_k: int, min_p: float, 
         return mx.random.categorical(logprobs * (1.0 / temperature), key=step)
 
     return sample
+
+
+def special_token_ids(tokenizer: Any) -> frozenset[int]:
+    """Tokens that are never part of the text (<s>, <pad>, <|im_start|>...): those that
+    `decode(skip_special_tokens=True)` drops. Tokens merely added, such as <think>, stay."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return frozenset(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
 
 
 class StopText:

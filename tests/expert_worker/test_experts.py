@@ -50,8 +50,8 @@ _RSS = """
 import sys; from pathlib import Path
 import mlx.core as mx
 from services.expert_worker.experts import load_experts
-import os, subprocess
-def rss(): return 1024 * int(subprocess.run(['ps', '-o', 'rss=', '-p', str(os.getpid())], capture_output=True, text=True).stdout)
+import psutil
+def rss(): return psutil.Process().memory_info().rss
 W = int(sys.argv[2]); before = rss()
 held = load_experts(Path(sys.argv[1]), list(range(0, 16, W)))
 print(rss() - before, mx.get_active_memory())

@@ -14,6 +14,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
+from tests.checkpoints import SPECIAL_TOKENS
 from tests.cluster import Up
 
 MODEL = "tiny-mixtral"
@@ -52,14 +53,40 @@ def test_stop_strings_cut_the_text(client: OpenAI):
     assert cut.choices[0].finish_reason == "stop"
 
 
-def test_seed_reproduces_a_sampled_answer(client: OpenAI):
+def test_seeds_reproduce_and_differ_over_the_whole_64_bit_range(client: OpenAI):
+    """Seeds were reduced mod 2**32: 0 and 2**32 (and 2**200) gave the same text. OpenAI takes a
+    signed 64-bit seed; each is its own, and beyond that range is a 400, never a 500."""
     def sample(seed: int) -> str:
-        return client.completions.create(model=MODEL, prompt="w1 w2", max_tokens=16, temperature=1.0, seed=seed,
+        return client.completions.create(model=MODEL, prompt="w1 w2", max_tokens=24, temperature=1.0, seed=seed,
                                          extra_body={"top_k": 50, "min_p": 0.01}).choices[0].text
 
-    first = sample(7)
-    assert sample(7) == first
-    assert any(sample(s) != first for s in (8, 9, 10))
+    seeds = [0, 1, 2**32, 2**63 - 1, -1, -(2**63)]
+    texts = [sample(s) for s in seeds]
+    assert len(set(texts)) == len(seeds), texts  # ~0.1 the most likely token's chance: 24 never repeat
+    assert sample(2**32) == texts[2]
+    for seed in (2**63, 2**200, -(2**63) - 1):
+        with pytest.raises(openai.BadRequestError) as e:
+            sample(seed)
+        assert e.value.body["param"] == "seed" and "922337203685477580" in e.value.body["message"]
+
+
+async def test_sampled_special_tokens_are_counted_but_never_written(up: Up):
+    """The demo wrote "who on <s> another winter": at temperature 2 the tiny model samples
+    <unk> <s> <pad> about once in a hundred tokens; seeded, so the same ones each run."""
+    async with AsyncOpenAI(base_url=f"{up.url}/v1", api_key=KEY, max_retries=0) as client:
+        def ask(seed: int, **kw):
+            return client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=200, temperature=2.0,
+                                                  seed=seed, **kw)
+
+        replies = await asyncio.gather(*(ask(seed, logprobs=True) for seed in range(4)))
+        streamed = "".join([c.choices[0].delta.content or "" async for c in await ask(0, stream=True) if c.choices])
+    tokens = [t.token for r in replies for t in r.choices[0].logprobs.content]
+    assert "" in tokens  # a special token was sampled: its text is empty, as in the content
+    for r in replies:
+        content, scored = r.choices[0].message.content, r.choices[0].logprobs.content
+        assert not [s for s in SPECIAL_TOKENS if s in content], content
+        assert len(scored) == r.usage.completion_tokens and content == " ".join(t.token for t in scored if t.token)
+    assert streamed == replies[0].choices[0].message.content
 
 
 def test_logprobs_in_chat_and_completions(client: OpenAI):
@@ -134,6 +161,16 @@ async def test_greedy_output_is_the_same_alone_and_among_16(up: Up):
     assert together == alone
 
 
+def _idle(up: Up, timeout_s: float = 10) -> tuple[int, int]:
+    """(running, waiting) once both are 0, or as they are at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        h = httpx.get(f"{up.url}/health").json()
+        if (h["running"], h["waiting"]) == (0, 0) or time.monotonic() > deadline:
+            return h["running"], h["waiting"]
+        time.sleep(0.05)
+
+
 def _layer_calls(up: Up) -> float:
     text = httpx.get(f"{up.url}/metrics", headers={"x-api-key": KEY}).text
     return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("moebus_expert_layer_calls"))
@@ -147,16 +184,9 @@ def test_a_client_that_goes_away_is_dropped(up: Up, client: OpenAI):
         if i == 2:
             break
     stream.close()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        h = httpx.get(f"{up.url}/health").json()
-        if h["running"] == 0 and h["waiting"] == 0:
-            break
-        time.sleep(0.05)
-    assert (h["running"], h["waiting"]) == (0, 0)
+    assert _idle(up) == (0, 0)  # with nothing in the router's batch, no step runs: the count below is final
     used = _layer_calls(up) - before
-    time.sleep(0.5)
-    assert _layer_calls(up) - before == used < 200, used
+    assert used < 200, used
 
 
 def test_metrics_show_requests_latency_and_expert_load(up: Up, client: OpenAI):
@@ -168,6 +198,9 @@ def test_metrics_show_requests_latency_and_expert_load(up: Up, client: OpenAI):
                    "moebus_workers_connected 2.0", "moebus_placement_version", 'moebus_micro_batch_steps_total{lane="0"}',
                    "moebus_sequences_running", "moebus_sequences_waiting", "moebus_generated_tokens_total"]:
         assert needle in text, needle
+    high = next(float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith("moebus_sequences_running_max "))
+    assert 1 <= high <= 16  # --max-running
     assert text.count("moebus_worker_tokens_total{worker=") == 2  # both workers served (labelled by id)
 
 
@@ -194,15 +227,48 @@ def test_openapi_fuzzing_finds_no_server_error(up: Up):
     assert 400 in seen  # the negative cases did reach the validation
 
 
-def test_one_clients_odd_parameters_never_break_the_batch(up: Up, client: OpenAI):
-    huge_k = client.completions.create(model=MODEL, prompt="w1", max_tokens=3, temperature=0.7,
-                                       extra_body={"top_k": 10**6})
-    assert huge_k.usage.completion_tokens == 3
-    auth = {"Authorization": f"Bearer {KEY}"}
-    for body, param in [({"max_tokens": 10**20}, "max_tokens"), ({"stop": ["x" * 300]}, "stop"),
-                        ({"prompt": [2**40]}, "prompt.list[int].0")]:
-        r = httpx.post(f"{up.url}/v1/completions", headers=auth, json={"model": MODEL, "prompt": "w1", **body})
-        assert r.status_code == 400 and r.json()["error"]["param"].startswith(param.split(".")[0]), r.text
+async def test_one_clients_odd_parameters_never_break_the_batch(up: Up):
+    """Odd requests join a batch of normal ones, which must give the text they give alone. Both
+    normal streams have a token before the odd requests are sent and still run when all are
+    answered: every odd request ran inside their batch (2 + 5 < 8: one lane)."""
+    normal, odd_prompt, stream_tokens = ["w1 w2 w3", "w7 w8"], "w4 w5", 20
+    odd = [  # (fields, what the answer must be); min_p 1 and top_p 0.001 keep only the most likely token
+        ({"temperature": 0.7, "extra_body": {"top_k": 10**6}, "max_tokens": 3},
+         lambda r, greedy: r.usage.completion_tokens == 3),
+        ({"temperature": 1.0, "extra_body": {"min_p": 1.0}}, lambda r, greedy: r.choices[0].text == greedy),
+        ({"temperature": 2.0, "top_p": 0.001}, lambda r, greedy: r.choices[0].text == greedy),
+        ({"temperature": 1.0, "seed": -(2**63), "logprobs": 20},
+         lambda r, greedy: [len(t) for t in r.choices[0].logprobs.top_logprobs] == [20] * 8),
+        ({"temperature": 0, "stop": ["w", " "], "max_tokens": 1},
+         lambda r, greedy: (r.choices[0].text, r.choices[0].finish_reason) == ("", "stop")),
+    ]
+    refused = [({"max_tokens": 10**20}, "max_tokens"), ({"stop": ["x" * 300]}, "stop[0]"),
+               ({"prompt": [2**40]}, "prompt[0]"), ({"seed": 2**64}, "seed"), ({"temperature": -1}, "temperature")]
+    auth, base = {"Authorization": f"Bearer {KEY}"}, {"model": MODEL, "prompt": "w1", "max_tokens": 8}
+    async with AsyncOpenAI(base_url=f"{up.url}/v1", api_key=KEY, max_retries=0) as client, \
+            httpx.AsyncClient(base_url=up.url, headers=auth, timeout=60) as http:
+        async def complete(prompt: str, **kw):
+            return await client.completions.create(model=MODEL, prompt=prompt, **{"max_tokens": 8, **kw})
+
+        greedy = (await complete(odd_prompt, temperature=0)).choices[0].text
+        streams = [await complete(p, max_tokens=480, temperature=0, stream=True) for p in normal]  # ~60x the odd ones
+        readers = [s.__aiter__() for s in streams]
+        texts = [(await r.__anext__()).choices[0].text for r in readers]
+        answers, refusals = await asyncio.gather(
+            asyncio.gather(*(complete(odd_prompt, **fields) for fields, _ in odd)),
+            asyncio.gather(*(http.post("/v1/completions", json={**base, **body}) for body, _ in refused)))
+        during = (await http.get("/health")).json()
+        for i, r in enumerate(readers):
+            texts[i] += "".join([(await r.__anext__()).choices[0].text for _ in range(stream_tokens - 1)])
+            await streams[i].close()
+        alone = [(await complete(p, max_tokens=stream_tokens, temperature=0)).choices[0].text for p in normal]
+    for (body, param), r in zip(refused, refusals):
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert during["running"] == len(normal), during  # the normal ones had not finished: the odd ones ran among them
+    assert texts == alone
+    for (fields, ok), r in zip(odd, answers):
+        assert ok(r, greedy), (fields, r)
+    assert _idle(up) == (0, 0)  # the closed streams were cancelled
 
 
 def test_a_chunked_body_over_the_limit_is_a_413(up: Up):

@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
+import nats
 import pytest
 
+from shared import subjects
+from shared.access import cluster_dir, connect_options, load
+from shared.messages import GenerateEvent, decode
 from shared.natsd import free_port
 from tests.cluster import ROOT, Up, wait_healthy
 
@@ -74,30 +80,46 @@ def _post_head(path: str, length: int) -> bytes:
             f"Content-Length: {length}\r\n\r\n").encode()
 
 
+async def _closes(up: Up) -> Counter[str]:
+    """Connections the gateway closed so far, by reason (moebus_http_connections_closed_total).
+    Asked on a connection that closes with its answer, so it counts under no reason itself."""
+    async with httpx.AsyncClient(base_url=up.url, timeout=10, headers={"Connection": "close"}) as http:
+        text = (await http.get("/metrics")).text
+    found = re.findall(r'^moebus_http_connections_closed_total\{reason="(\w+)"\} (\S+)$', text, re.M)
+    return Counter({reason: int(float(n)) for reason, n in found})
+
+
+def _error(reply: bytes) -> dict:
+    return json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
+
+
 async def test_headers_that_never_finish_are_cut_at_the_header_timeout(up: Up, raw: Opener):
+    before = await _closes(up)
     silent, _ = await raw(up.port, b"")
     partial, _ = await raw(up.port, b"POST /v1/completions HTTP/1.1\r\nHost: moebus\r\n")
     dribble_r, dribble_w = await raw(up.port, b"G")
 
     async def dribble() -> None:  # one byte at a time never ends the headers, nor resets a deadline
-        for b in b"ET /health HTTP/1.1\r\nX-Slow: " + b"a" * 100:
+        for b in b"ET /health HTTP/1.1\r\nX-Slow: " + b"a" * 300:
             dribble_w.write(bytes([b]))
             await asyncio.sleep(0.1)
 
     started = time.monotonic()
     drip = asyncio.create_task(dribble())
-    said = await asyncio.gather(*(_until_closed(r, 6) for r in (silent, partial, dribble_r)))
+    # A deadline that each byte reset would fall 2 s after the 33 s dribble: past this wait.
+    said = await asyncio.gather(*(_until_closed(r, 20) for r in (silent, partial, dribble_r)))
     drip.cancel()
-    elapsed = time.monotonic() - started
+    assert time.monotonic() - started > 1.5  # not before the 2 s deadline
     assert said[0] == b""  # nothing asked, nothing answered
     for reply in said[1:]:
         assert reply is not None and reply.startswith(b"HTTP/1.1 408 "), reply
-        assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["type"] == "timeout_error"
-    assert 1.5 < elapsed < 4
+        assert _error(reply)["type"] == "timeout_error" and "headers took over 2s" in _error(reply)["message"]
+    assert await _closes(up) - before == {"header_timeout": 3}
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/messages"])
 async def test_a_slow_body_gets_a_408_at_the_body_timeout(up: Up, raw: Opener, path: str):
+    before = await _closes(up)
     reader, writer = await raw(up.port, _post_head(path, 1000))
     started = time.monotonic()
 
@@ -107,48 +129,54 @@ async def test_a_slow_body_gets_a_408_at_the_body_timeout(up: Up, raw: Opener, p
             await asyncio.sleep(0.2)
 
     drip = asyncio.create_task(dribble())
-    reply = await _until_closed(reader, 8)
+    reply = await _until_closed(reader, 15)  # a deadline each byte reset would fall after the 20 s dribble
     drip.cancel()
     assert reply is not None and reply.startswith(b"HTTP/1.1 408 "), reply
-    assert 2.5 < time.monotonic() - started < 5
+    assert time.monotonic() - started > 2.5  # not before the 3 s deadline
     body = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+    assert "body took over 3s" in body["error"]["message"], body
     if path == "/v1/messages":
         assert body["type"] == "error" and body["error"]["type"] == "timeout_error"
     else:
         assert body["error"]["code"] == "request_timeout" and body["error"]["param"] is None
+    assert await _closes(up) - before == {"body_timeout": 1}
 
 
 async def test_an_idle_keep_alive_connection_is_closed(up: Up, raw: Opener):
+    before = await _closes(up)
     reader, _ = await raw(up.port, b"GET /health HTTP/1.1\r\nHost: moebus\r\n\r\n")
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 200 ")
     length = int(next(h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")))
     await reader.readexactly(length)
-    started = time.monotonic()
+    # --keep-alive 1, not uvicorn's default of 5 s: an ignored setting would close it after this wait.
     assert await _until_closed(reader, 4) == b""
-    assert time.monotonic() - started < 2.5
+    assert await _closes(up) - before == {"keep_alive": 1}
 
 
 async def test_health_answers_with_more_slow_clients_than_the_cap(up: Up, raw: Opener):
     """With the cap at 20, each new connection evicts the oldest that is still reading."""
+    before = await _closes(up)
     slow = []
     for i in range(30):  # half dribble headers, half bodies; opened in order so the oldest is known
         head = b"GET /v1/models HTTP/1.1\r\nHost: m" if i % 2 else _post_head("/v1/completions", 1000) + b"{"
         slow.append(await raw(up.port, head))
         await asyncio.sleep(0.01)
-    started = time.monotonic()
     async with httpx.AsyncClient(base_url=up.url, timeout=3) as http:
         r = await http.get("/health")
-    assert r.status_code == 200 and time.monotonic() - started < 1
-    closed = await asyncio.gather(*(_until_closed(reader, 0.2) for reader, _ in slow))
-    # Before any deadline: 11 were evicted (10 slow ones, then one for /health), the newest stayed.
-    assert all(c == b"" for c in closed[:10]), closed
-    assert all(c is None for c in closed[-8:]), closed
+    assert r.status_code == 200
+    closed = await asyncio.gather(*(_until_closed(reader, 15) for reader, _ in slow))
+    # 11 were evicted, closed without a word (10 slow ones, then one for /health); the newest
+    # 19 stayed until their own deadlines, which answer a 408.
+    assert all(c == b"" for c in closed[:11]), closed
+    assert all(c is not None and c.startswith(b"HTTP/1.1 408 ") for c in closed[11:]), closed
+    assert await _closes(up) - before == {"evicted": 11, "header_timeout": 10, "body_timeout": 9}
 
 
 async def test_abandoned_requests_give_back_their_slots_at_once(up: Up):
-    """--max-running 2 --max-waiting 2: four requests that would each run a minute, abandoned
-    after a second, must not keep everyone else out."""
+    """--max-running 2 --max-waiting 2: four requests that would each run for minutes,
+    abandoned after a second, must not keep everyone else out: the gateway cancels each on
+    the router, which ends them there and then (two running, two queued)."""
     # Greedy: the tiny model then never samples its end token, so each would run its 8000 tokens.
     chat = {"model": MODEL, "max_tokens": 8000, "temperature": 0, "messages": [{"role": "user", "content": "w1 w2"}]}
     prompt = {"model": MODEL, "prompt": "w1", "max_tokens": 8000, "temperature": 0}
@@ -163,15 +191,32 @@ async def test_abandoned_requests_give_back_their_slots_at_once(up: Up):
                 return "abandoned"
         return f"{r.status_code} {r.text[:200]}"
 
-    assert await asyncio.gather(*(abandon(p, b) for p, b in bodies)) == ["abandoned"] * 4
-    async with httpx.AsyncClient(base_url=up.url, timeout=10) as http:
-        deadline = time.monotonic() + 5  # not the minute each would run
-        while time.monotonic() < deadline:
-            h = (await http.get("/health")).json()
-            if h["running"] == h["waiting"] == 0:
-                break
+    # The router's last event of each sequence says why it ended: heard as the gateway hears it.
+    ended: dict[str, GenerateEvent] = {}
+
+    async def on_event(msg) -> None:
+        event = decode(GenerateEvent, msg.data)
+        if event.finish_reason is not None:
+            ended[event.request_id] = event
+
+    nc = await nats.connect(up.nats_url, **connect_options(load(cluster_dir(), "gateway")))
+    try:
+        await nc.subscribe(f"{subjects.STREAM_PREFIX}.>", cb=on_event)
+        await nc.flush()
+        assert await asyncio.gather(*(abandon(p, b) for p, b in bodies)) == ["abandoned"] * 4
+        deadline = time.monotonic() + 30  # far short of the minutes the four would run
+        while len(ended) < 4:
+            assert time.monotonic() < deadline, f"of the four, the router ended only {ended}"
             await asyncio.sleep(0.1)
-        assert (h["running"], h["waiting"]) == (0, 0)
+    finally:
+        await nc.close()
+    assert [e.finish_reason for e in ended.values()] == ["error"] * 4, ended
+    assert all("cancelled" in (e.error or "") for e in ended.values()), ended
+    deadline = time.monotonic() + 30
+    async with httpx.AsyncClient(base_url=up.url, timeout=10) as http:
+        while (h := (await http.get("/health")).json())["running"] or h["waiting"]:
+            assert time.monotonic() < deadline, h
+            await asyncio.sleep(0.1)
         r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "w1", "max_tokens": 3})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 

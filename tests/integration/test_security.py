@@ -8,10 +8,10 @@ nothing happened (the cluster serves on, the victim's answer is whole).
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,9 +31,7 @@ from shared.access import read_creds
 from tests.checkpoints import LAYERS, NUM_EXPERTS
 from tests.cluster import ROOT, Up
 
-# nats-py leaves a refused connection's socket to the garbage collector, which may close it
-# during any later test of this module: its ResourceWarning is not that test's failure.
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
+pytestmark = pytest.mark.slow
 KEY = "sk-secret"
 MODEL = "tiny-mixtral"
 
@@ -68,10 +66,16 @@ class Peer:
         self.nc = await nats.connect(up.nats_url, error_cb=on_error, allow_reconnect=False, **connect_options(creds))
         return self
 
-    async def refused(self, verb: str, subject: str) -> bool:
-        await self.nc.flush()
-        await asyncio.sleep(0.3)  # the server's -ERR comes after the operation
-        return any(f"permissions violation for {verb} to \"{subject.lower()}" in e.lower() for e in self.errors)
+    async def refused(self, verb: str, subject: str, timeout_s: float = 10.0) -> bool:
+        """Whether the server's -ERR for this operation came (it follows the operation: waited for)."""
+        wanted = f"permissions violation for {verb} to \"{subject.lower()}"
+        deadline = time.monotonic() + timeout_s
+        while not any(wanted in e.lower() for e in self.errors):
+            if time.monotonic() > deadline:
+                return False
+            await self.nc.flush()
+            await asyncio.sleep(0.02)
+        return True
 
     async def close(self) -> None:
         await self.nc.close()
@@ -96,12 +100,13 @@ def serves(up: Secured) -> None:
 
 
 async def test_a_stranger_cannot_connect(up: Secured):
-    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
-        await nats.connect(up.nats_url, allow_reconnect=False, max_reconnect_attempts=0)
-    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
-        await nats.connect(up.nats_url, user="worker-1", password="guessed-guessed-guessed",
-                           allow_reconnect=False, max_reconnect_attempts=0)
-    gc.collect()  # nats-py leaves a refused connection's socket to the collector: here, not in the next test
+    for guess in ({}, {"user": "worker-1", "password": "guessed-guessed-guessed"}):
+        stranger = nats.NATS()
+        try:
+            with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+                await stranger.connect(up.nats_url, allow_reconnect=False, max_reconnect_attempts=0, **guess)
+        finally:
+            await stranger.close()  # nats-py leaves a refused connection's socket open
 
 
 async def test_a_worker_reads_no_prompt_hidden_state_or_token(up: Secured):
@@ -151,8 +156,16 @@ async def test_a_worker_cannot_announce_itself_as_another(up: Secured):
         assert await attacker.refused("publish", subjects.announce_subject(victim)), attacker.errors
         # On its own subject the server lets it through; the router sees whose subject it came on.
         await attacker.nc.publish(subjects.announce_subject("worker-16-abcdef"), encode(leave))
+        # Then one the router says it ignored: once it says so, it has read the leave before it.
+        marker = WorkerAnnounce(worker="worker-16-marker", subject=subjects.experts_subject("worker-16-marker"),
+                                model="another-model", layers=LAYERS, experts=[], capacity=1)
+        await attacker.nc.publish(subjects.announce_subject(marker.worker), encode(marker))
         await attacker.nc.flush()
-        await asyncio.sleep(1.5)
+        deadline = time.monotonic() + 30
+        while f"worker={marker.worker}" not in up.log.read_text():
+            assert time.monotonic() < deadline, "the router never read the announcements"
+            await asyncio.sleep(0.05)
+        assert "worker of another model ignored" in up.log.read_text()
     finally:
         await attacker.close()
     after = status(up)
@@ -244,7 +257,10 @@ async def test_no_peer_can_have_an_answer_sent_onto_the_buckets(up: Secured):
         for reply in ("$JS.API.STREAM.PURGE.KV_moebus-cluster", f"$KV.{cluster.BUCKET}.{cluster.ACTIVE}"):
             await gateway.nc.publish(subjects.ROUTER_STATUS, b"{}", reply=reply)
             await gateway.nc.publish(subjects.ROUTER_GENERATE, b"not json", reply=reply)  # an error answer too
-        await gateway.nc.flush()
+        # The same requests with an inbox are answered: the router has handled those before them.
+        assert (await gateway.nc.request(subjects.ROUTER_STATUS, b"{}", timeout=10)).data
+        bad = await gateway.nc.request(subjects.ROUTER_GENERATE, b"not json", timeout=10)
+        assert bad.headers and bad.headers["Nats-Service-Error-Code"] == "400"
     finally:
         await gateway.close()
     worker = await Peer().connect(up, "worker-16")
@@ -255,9 +271,10 @@ async def test_no_peer_can_have_an_answer_sent_onto_the_buckets(up: Secured):
         await worker.nc.publish("$JS.API.STREAM.MSG.GET.KV_moebus-cluster", orjson.dumps({"last_by_subj": key}),
                                 reply=f"$KV.{cluster.BUCKET}.{cluster.ACTIVE}")
         assert await worker.refused("publish", "$JS.API.STREAM.MSG.GET.KV_moebus-cluster"), worker.errors
+        # The same direct get to its inbox is answered: JetStream has handled the one before it.
+        assert (await worker.nc.request(f"$JS.API.DIRECT.GET.KV_moebus-cluster.{key}", b"", timeout=10)).data
     finally:
         await worker.close()
-    await asyncio.sleep(0.5)
     assert await _placement(up) == before
     serves(up)
 
@@ -275,17 +292,22 @@ async def test_one_stolen_worker_credential_is_one_worker(up: Secured):
                 await attacker.nc.publish(subjects.announce_subject(fake), encode(a))
             await asyncio.sleep(0.2)
 
+    def fakes_seen(s: dict) -> list[str]:
+        return [w["worker"] for w in s["workers"] if w["worker"].startswith("worker-16-")]
+
     beats = asyncio.create_task(announce())
     try:
-        await asyncio.sleep(0.5)
+        deadline = time.monotonic() + 30  # until the router has taken in all five (it logs each newcomer)
+        while not all(f"worker={fake}" in up.log.read_text() for fake in fakes):
+            assert time.monotonic() < deadline, "the router never read the five announcements"
+            await asyncio.sleep(0.05)
         seen = await asyncio.to_thread(status, up)
     finally:
         beats.cancel()
         await attacker.close()
-    assert len([w for w in seen["workers"] if w["worker"].startswith("worker-16-")]) == 1, seen["workers"]
-    for _ in range(60):  # the silent fake is dropped; placement settles on the two real workers
-        s = status(up)
-        if len(s["workers"]) == 2 and s["pending_version"] is None and not s["unowned_experts"]:
-            break
-        await asyncio.sleep(0.5)
+    assert len(fakes_seen(seen)) == 1, seen["workers"]
+    deadline = time.monotonic() + 60  # the silent fake is dropped; placement settles on the two real workers
+    while not (len((s := status(up))["workers"]) == 2 and s["pending_version"] is None and not s["unowned_experts"]):
+        assert time.monotonic() < deadline, s
+        await asyncio.sleep(0.2)
     serves(up)

@@ -4,7 +4,6 @@ import os
 import queue
 import signal
 import socket
-import statistics
 import struct
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from services.perfmodel.proxy import LinkProxy, parse_hostport
+from services.perfmodel.proxy import _SLICE_S, LinkProxy, parse_hostport
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -130,31 +129,43 @@ def test_many_small_messages_keep_their_order(echo):
 
 def test_round_trip_pays_the_delay_in_each_direction(echo):
     with LinkProxy(echo.address, delay_us=2000) as proxy, connect(proxy) as sock:
-        wall, cpu = time.perf_counter(), time.process_time()
         samples = [round_trip_s(sock) for _ in range(20)]
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         p50, p99 = proxy.lateness_us()
-    # Never early, on any sample; the upper bound only rules out gross stalls.
-    assert min(samples) >= 4e-3
-    assert statistics.median(samples) < 0.2
-    assert 0 <= p50 <= p99
-    # The writers sleep through the delay: a busy-waiting proxy would burn about one core.
-    assert cpu < 0.5 * wall
+    assert min(samples) >= 4e-3  # never early, on any sample
+    # No stall: the proxy wakes for each chunk's due time, not at its next periodic wake-up
+    # (one slice later); lateness is timed inside the proxy's thread, whatever the client's.
+    assert 0 <= p50 <= p99 and p50 < _SLICE_S * 1e6 / 2
+
+
+def test_a_held_chunk_costs_no_cpu(echo):
+    """The writers sleep through the delay: a busy-waiting proxy burns whatever CPU it gets
+    while it holds a chunk, here for a second each way with nothing else to do."""
+    with LinkProxy(echo.address, delay_us=1e6) as proxy, connect(proxy) as sock:
+        cpu = time.process_time()
+        assert echo_through(sock, b"held") == b"held"
+        cpu = time.process_time() - cpu
+    assert cpu < 0.2, cpu  # of the 2 s held: wake-ups every slice, then the last 50 µs spun
 
 
 def test_zero_delay_adds_no_large_constant(echo):
     with LinkProxy(echo.address) as proxy, connect(proxy) as sock:
-        samples = [round_trip_s(sock) for _ in range(20)]
-    assert statistics.median(samples) < 0.02
+        for _ in range(20):
+            round_trip_s(sock)
+        # Nagle's algorithm against the peer's delayed ACK would add ~40 ms to small messages.
+        conn = proxy._conns[0]
+        assert all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in (conn.client, conn.upstream))
+        p50, _ = proxy.lateness_us()
+    assert p50 < _SLICE_S * 1e6 / 2  # a chunk due at once leaves in the pass that read it
 
 
 def test_bandwidth_limits_a_bulk_transfer(echo):
     payload = bytes(1 << 20)  # 8.4e6 bits at 0.1 Gbit/s: 84 ms on the wire
     with LinkProxy(echo.address, gbps=0.1) as proxy, connect(proxy) as sock:
         t = time.perf_counter()
-        echo_through(sock, payload)
+        assert echo_through(sock, payload) == payload
         elapsed = time.perf_counter() - t
-    assert 0.08 <= elapsed < 1.0
+    assert elapsed >= 0.08  # never faster than the link
+    assert proxy.bytes_forwarded == 2 * len(payload)
 
 
 def test_client_close_reaches_upstream(echo):
@@ -212,9 +223,9 @@ def test_a_reset_connection_leaves_the_others_working(echo):
         round_trip_s(doomed)
         doomed.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         doomed.close()  # linger 0: a reset, not a clean close
-        assert round_trip_s(steady) < 1
+        assert echo_through(steady, b"still here") == b"still here"
         with connect(proxy) as fresh:
-            assert round_trip_s(fresh) < 1
+            assert echo_through(fresh, b"new") == b"new"
         assert proxy.connections == 3
 
 
@@ -223,20 +234,27 @@ def test_stop_ends_every_thread_and_frees_the_port(echo):
         return {t.name for t in threading.enumerate() if t.name.startswith("link-proxy")}
 
     before = proxy_threads()
-    proxy = LinkProxy(echo.address, delay_us=5e6)  # chunks held for 5 s
+    proxy = LinkProxy(echo.address, delay_us=600e6)  # chunks held for 10 minutes
     _, port = proxy.start()
     socks = [connect(proxy) for _ in range(3)]
     for sock in socks:
         sock.sendall(b"in flight")
     idle = connect(proxy)
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + 10
     while len(proxy_threads() - before) < 1 + 4 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(proxy_threads() - before) == 1 + 4  # the acceptor, then one thread per connection
 
-    t = time.perf_counter()
-    proxy.stop()
-    assert time.perf_counter() - t < 1
+    stopping = threading.Thread(target=proxy.stop, daemon=True)
+    stopping.start()
+    stopping.join(60)  # a stop that waited for the held chunks would take the 10 minutes
+    assert not stopping.is_alive(), "stop() waited for the held chunks"
+    for sock in socks:  # their chunks were dropped, not delivered: the connections were reset
+        try:
+            got = sock.recv(100)
+        except ConnectionResetError:
+            got = b""
+        assert got == b""
     proxy.stop()
     assert proxy_threads() == before
     with pytest.raises(ConnectionRefusedError):

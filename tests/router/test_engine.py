@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
+import mlx.core as mx
+import pytest
 from mlx_lm import load
 
+from services.router import engine as engine_module
 from services.router.engine import Engine, EngineLimits, pick_lane
 from shared.messages import GenerateEvent, GenerateRequest
+from tests.checkpoints import BOS_ID, PAD_ID, UNK_ID
 
 
 def _req(rid: str, **kw) -> GenerateRequest:
@@ -159,6 +164,7 @@ def test_running_never_exceeds_max_running(checkpoints: dict[str, Path]):
             break
     engine.close()
     assert 2 <= peak <= 4  # busy, never over
+    assert peak <= engine.running_max == 4  # the high-water mark sees prefilling sequences that `running` does not
     finished = [e for _, e in events if e.finish_reason]
     assert len(finished) == 12 and all(e.finish_reason == "length" for e in finished)
 
@@ -172,3 +178,31 @@ def test_the_context_ends_a_sequence_with_length(checkpoints: dict[str, Path]):
     engine.close()
     last = events[-1][1]
     assert last.finish_reason == "length" and last.completion_tokens == 3
+
+
+def test_special_tokens_are_generated_and_counted_but_never_in_the_text(checkpoints: dict[str, Path],
+                                                                        monkeypatch: pytest.MonkeyPatch):
+    """The demo showed "who on <s> another winter": a sampled <s> or <pad> is a token of the
+    completion (usage counts it) but no text, streamed or not, and a stop string spans it."""
+    model, tokenizer = load(str(checkpoints["mixtral"]))
+    w = tokenizer.convert_tokens_to_ids
+    script = [w("w5"), BOS_ID, w("w6"), PAD_ID, UNK_ID, w("w7"), w("w8")]
+
+    def scripted(*_: object):  # every request samples the script, then w9 for as long as asked
+        tokens = itertools.chain(script, itertools.repeat(w("w9")))
+        return lambda logprobs: mx.array([next(tokens)])
+
+    monkeypatch.setattr(engine_module, "request_sampler", scripted)
+    events: list[tuple[str, GenerateEvent]] = []
+    engine = Engine(model, tokenizer, EngineLimits(), events.extend)
+    engine.add(_req("plain", max_tokens=7, temperature=1.0, logprobs=True, top_logprobs=2), [8, 9])
+    engine.add(_req("cut", max_tokens=7, temperature=1.0, stop=["w6 w7"]), [8, 9])
+    _run(engine)
+    engine.close()
+    plain = [e for _, e in events if e.request_id == "plain"]
+    cut = [e for _, e in events if e.request_id == "cut"]
+    assert "".join(e.text for e in plain) == "w5 w6 w7 w8" == tokenizer.decode(script, skip_special_tokens=True)
+    assert plain[-1].completion_tokens == 7 and plain[-1].finish_reason == "length"
+    assert [e.token_text for e in plain] == ["w5", "", "w6", "", "", "w7", "w8"]  # as the text has them
+    assert "".join(e.text for e in cut) == "w5 " and cut[-1].stop_sequence == "w6 w7"
+    assert cut[-1].finish_reason == "stop" and cut[-1].completion_tokens == 6

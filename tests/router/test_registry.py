@@ -40,10 +40,22 @@ def test_workers_of_another_model_are_ignored():
 def test_a_failed_worker_is_dropped_until_it_announces_again():
     reg = WorkerRegistry(num_experts=4, moe_layers=2, fingerprint="m", stale_after_s=3)
     reg.announce(_a("w0"), now=0)
-    assert reg.drop_subject(experts_subject("w0")) == "w0"
-    assert reg.drop_subject(experts_subject("w0")) is None
+    assert reg.drop_subject(experts_subject("w0"), "no responders", now=0.5) == "w0"
+    assert reg.drop_subject(experts_subject("w0"), "no responders", now=0.6) is None
+    assert reg.left == {"w0": ("no responders", 0.5)}  # readiness can say why it is out
     reg.announce(_a("w0"), now=1)
-    assert reg.workers == ["w0"]
+    assert reg.workers == ["w0"] and reg.left == {}
+
+
+def test_a_silent_worker_is_remembered_as_silent_until_it_returns_or_is_forgotten():
+    reg = WorkerRegistry(num_experts=4, moe_layers=2, fingerprint="m", stale_after_s=3, forget_after_s=60)
+    reg.announce(_a("w0"), now=0)
+    reg.announce(_a("w1"), now=0)
+    reg.announce(_a("w1", leaving=True), now=1)  # a goodbye is not a loss
+    assert reg.expire(now=4) == [experts_subject("w0")]
+    assert list(reg.left) == ["w0"] and "no heartbeat for 4s" in reg.left["w0"][0]
+    reg.expire(now=70)
+    assert reg.left == {}
 
 
 def test_an_announcement_naming_another_subject_is_ignored():
@@ -81,6 +93,9 @@ def test_on_a_secured_bus_an_identity_has_one_live_worker_the_newest():
     reg.announce(_a("worker-2-bbbbbb"), now=0)
     assert reg.announce(_a("worker-1-cccccc"), now=1) == [experts_subject("worker-1-aaaaaa")]  # a restart
     assert reg.announce(_a("worker-1-cccccc"), now=2) == []  # its own heartbeat replaces nobody
+    assert reg.workers == ["worker-1-cccccc", "worker-2-bbbbbb"]
+    # The replaced process wakes and beats once more before it stops: it takes nothing back.
+    assert reg.announce(_a("worker-1-aaaaaa"), now=3) == []
     assert reg.workers == ["worker-1-cccccc", "worker-2-bbbbbb"]
     open_bus = WorkerRegistry(num_experts=4, moe_layers=2, fingerprint="m", stale_after_s=3)
     open_bus.announce(_a("vm-aaaaaa"), now=0)

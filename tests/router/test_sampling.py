@@ -40,3 +40,16 @@ def test_a_seeded_sampler_repeats_and_greedy_is_shared():
     assert [c(logprobs).item() for _ in range(20)] != [a(logprobs).item() for _ in range(20)]
     assert request_sampler(0.0, 1.0, 0, 0.0, None) is request_sampler(0.0, 0.5, 3, 0.0, 9)
     assert request_sampler(0.0, 1.0, 0, 0.0, None)(logprobs).item() == mx.argmax(logprobs).item()
+
+
+def test_every_64_bit_seed_has_its_own_key():
+    """Seeds were reduced mod 2**32: 0, 2**32 and 2**63 drew the same tokens, and -1 raised."""
+    logprobs = mx.zeros((1, 300))  # uniform: 24 draws of 300 tokens never repeat by chance
+    seeds = [0, 1, 1 << 32, (1 << 63) - 1, -1, -(1 << 63), -(1 << 63)]
+
+    def draw(sample) -> tuple[int, ...]:
+        return tuple(sample(logprobs).item() for _ in range(24))
+
+    draws = [draw(request_sampler(1.0, 1.0, 0, 0.0, s)) for s in seeds]
+    assert draws[-1] == draws[-2]  # the same seed, the same tokens
+    assert len(set(draws)) == len(seeds) - 1

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import gc
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +13,11 @@ import nats
 import pytest
 
 from shared import subjects
-from shared.access import Tls, connect_options, init_cluster, load, resolve, server_block
+from shared.access import connect_options, init_cluster, load, read_creds, resolve, server_block
 from shared.errors import ConfigError
-from shared.natsd import free_port, start_nats
-from shared.access import read_creds
+from shared.natsd import free_port, server_binary, start_nats
 from shared.security import permissions
+from tests.certs import self_signed
 from tests.cluster import ROOT
 
 
@@ -68,22 +69,25 @@ def test_permissions_give_no_peer_a_wildcard_read_or_a_consumer():
         subs, pubs = p["subscribe"]["allow"], p["publish"]["allow"]
         assert not {">", "_INBOX.>", f"{subjects.PREFIX}.>"} & set(subs)
         assert f"_INBOX.{user}.>" in subs
-        assert not any("CONSUMER" in s or "STREAM.CREATE" in s for s in pubs), (role, pubs)
+        assert not any("STREAM.CREATE" in s or "STREAM.UPDATE" in s or "PURGE" in s for s in pubs), (role, pubs)
+        assert not any(s.startswith(("$KV.", "$O.")) for s in pubs), (role, pubs)  # no writes into a bucket
+        # Consumers (a push consumer may name any subject): only the trusted admin, on placement only.
+        consumers = [s for s in pubs if "CONSUMER" in s]
+        assert consumers == ([] if role != "admin" else [f"$JS.API.CONSUMER.*.{subjects.CLUSTER_STREAM}",
+                                                         f"$JS.API.CONSUMER.*.{subjects.CLUSTER_STREAM}.>"]), role
     worker = permissions("worker", "worker-3")
     assert worker["subscribe"]["allow"][0] == subjects.experts_subject_of("worker-3")
     assert subjects.announce_subject_of("worker-3") in worker["publish"]["allow"]
+    # Its identity subject, and only its own: a worker asks whether another process holds it.
+    assert {s for s in worker["publish"]["allow"] + worker["subscribe"]["allow"] if "identity" in s} == \
+        {subjects.identity_subject("worker-3")}
+    # A worker user runs a worker or a flash-cache: both answer `nats micro` (as `$SRV.*.<name>`).
+    micro = {f"$SRV.*.{subjects.SERVICE_WORKER}", f"$SRV.*.{subjects.SERVICE_FLASH}"}
+    assert micro <= set(worker["subscribe"]["allow"])
 
 
-def _self_signed(tmp: Path) -> Tls:
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(tmp / "key.pem"),
-                    "-out", str(tmp / "cert.pem")], check=True, capture_output=True)
-    return Tls(tmp / "cert.pem", tmp / "key.pem")
-
-
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_with_certificates_the_bus_speaks_tls_only(tmp_path: Path):
-    init_cluster(tmp_path / "c", workers=1, tls=_self_signed(tmp_path))
+    init_cluster(tmp_path / "c", workers=1, tls=self_signed(tmp_path / "certs"))
     router, worker = read_creds(tmp_path / "c" / "router.creds"), read_creds(tmp_path / "c" / "worker-1.creds")
     assert "BEGIN CERTIFICATE" in worker.ca
     port = free_port()
@@ -107,11 +111,103 @@ async def test_with_certificates_the_bus_speaks_tls_only(tmp_path: Path):
         else:
             raise AssertionError("the worker never answered over TLS")
         await asyncio.gather(w.close(), r.close())
-        plain = {k: v for k, v in connect_options(router).items() if k != "tls"}
-        with pytest.raises(Exception):  # the right password over plain TCP: refused
-            await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False, max_reconnect_attempts=0,
-                               connect_timeout=3, **plain)
-        gc.collect()
+        # The right password from a plain client, which waits for the server's INFO in clear: the
+        # server says nothing before a TLS handshake. Sent anyway, in clear, it is refused unread.
+        plain = {k: v for k, v in connect_options(router).items() if k not in ("tls", "tls_handshake_first")}
+        client = nats.NATS()
+        try:
+            with pytest.raises(TimeoutError):
+                await client.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False, max_reconnect_attempts=0,
+                                     connect_timeout=2, **plain)
+        finally:
+            await client.close()  # nats-py leaves a connection that timed out open
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        creds = json.dumps({"user": router.user, "pass": router.password, "verbose": False, "pedantic": False})
+        writer.write(f"CONNECT {creds}\r\nPING\r\n".encode())
+        answer = await asyncio.wait_for(reader.read(), 10)  # all it sends until it closes the connection
+        writer.close()
     finally:
         proc.terminate()
         proc.wait(10)
+    assert answer == b""  # not INFO, PONG or -ERR: a server without TLS would have sent "INFO {...}" first
+
+
+def _init_cli(*args: str, xdg: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.cli", "init-cluster", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "XDG_CONFIG_HOME": str(xdg)})
+
+
+def test_init_cluster_listens_where_moebus_up_does_and_its_hint_names_that_bus(tmp_path: Path):
+    from services import defaults
+    out = _init_cli("--dir", str(tmp_path / "plain"), "--workers", "1", xdg=tmp_path / "xdg")
+    assert out.returncode == 0, out.stderr
+    # By default on loopback, as `moebus up`'s bus: other machines only when asked.
+    assert f'listen: "{defaults.NATS_HOST}:{defaults.NATS_PORT}"' in (tmp_path / "plain" / "nats.conf").read_text()
+    assert "--nats nats://THIS-HOST:4222" in out.stdout and "must listen beyond loopback" in out.stdout
+    tls = self_signed(tmp_path / "certs")
+    out = _init_cli("--dir", str(tmp_path / "tls"), "--workers", "1", "--tls-cert", str(tls.cert), "--tls-key",
+                    str(tls.key), "--listen", "0.0.0.0:14702", "--nats-context", "", xdg=tmp_path / "xdg2")
+    assert out.returncode == 0, out.stderr
+    assert "--nats tls://THIS-HOST:14702 " in out.stdout and "beyond loopback" not in out.stdout, out.stdout
+    assert "moebus up --nats-host 0.0.0.0 --nats-port 14702" in out.stdout
+    assert not (tmp_path / "xdg2").exists()  # --nats-context '': none written
+    out = _init_cli("--dir", str(tmp_path / "tls"), "--listen", "4222", xdg=tmp_path / "xdg2")
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "moebus init-cluster: error: --listen '4222': give HOST:PORT, such as 127.0.0.1:4222 or 0.0.0.0:4222"]
+
+
+async def test_init_cluster_writes_a_nats_context_that_reaches_its_bus_as_admin(tmp_path: Path):
+    """What `nats --context moebus ...` reads: the URL of the bus nats.conf describes, the admin's
+    password and inbox prefix, the CA and TLS-first; then the bus started as the hint says."""
+    tls, port, xdg = self_signed(tmp_path / "certs"), free_port(), tmp_path / "xdg"
+    directory = tmp_path / "cluster"
+    out = _init_cli("--dir", str(directory), "--workers", "1", "--tls-cert", str(tls.cert), "--tls-key",
+                    str(tls.key), "--listen", f"127.0.0.1:{port}", xdg=xdg)
+    assert out.returncode == 0, out.stderr
+    path = xdg / "nats" / "context" / "moebus.json"
+    assert f"nats --context moebus micro ls" in out.stdout and str(path) in out.stdout
+    context = json.loads(path.read_text())
+    admin = read_creds(directory / "admin.creds")
+    assert context["url"] == f"tls://127.0.0.1:{port}" and context["tls_first"] is True
+    assert (context["user"], context["password"], context["inbox_prefix"]) == ("admin", admin.password, "_INBOX.admin")
+    assert Path(context["ca"]).read_text() == admin.ca == tls.cert.read_text()
+    assert path.stat().st_mode & 0o077 == 0  # a password: the owner's alone
+    nats_server = subprocess.Popen([server_binary(), "-c", str(directory / "nats.conf")], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+    try:
+        import ssl
+        options = {"user": context["user"], "password": context["password"], "inbox_prefix": context["inbox_prefix"],
+                   "tls": ssl.create_default_context(cafile=context["ca"]), "tls_handshake_first": context["tls_first"]}
+        for _ in range(100):  # until the server listens
+            try:
+                nc = await nats.connect(context["url"], allow_reconnect=False, max_reconnect_attempts=0, **options)
+                break
+            except (OSError, nats.errors.NoServersError):
+                await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the bus of nats.conf did not start")
+        try:
+            with pytest.raises(nats.errors.NoRespondersError):  # allowed, and nobody serves yet
+                await nc.request("$SRV.PING", b"", timeout=2)
+        finally:
+            await nc.close()
+    finally:
+        nats_server.terminate()
+        nats_server.wait(10)
+
+
+def test_init_cluster_leaves_another_nats_context_of_that_name_alone(tmp_path: Path):
+    xdg = tmp_path / "xdg"
+    theirs = xdg / "nats" / "context" / "moebus.json"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text('{"description": "the user\'s own", "url": "nats://elsewhere:4222"}')
+    out = _init_cli("--dir", str(tmp_path / "c"), "--workers", "1", xdg=xdg)
+    assert out.returncode == 0 and "left as it is" in out.stderr, out.stderr
+    assert json.loads(theirs.read_text())["url"] == "nats://elsewhere:4222"
+    out = _init_cli("--dir", str(tmp_path / "c"), "--nats-context", "moebus-lab", xdg=xdg)
+    assert json.loads((theirs.parent / "moebus-lab.json").read_text())["user"] == "admin"
+    mine = theirs.parent / "moebus-lab.json"
+    before = mine.read_text()
+    out = _init_cli("--dir", str(tmp_path / "c"), "--nats-context", "moebus-lab", "--listen", "127.0.0.1:4333", xdg=xdg)
+    assert out.returncode == 0 and "left as it is" not in out.stderr  # its own: brought up to date
+    assert json.loads(mine.read_text())["url"] == "nats://127.0.0.1:4333" != json.loads(before)["url"]
