@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -102,15 +103,17 @@ async def rogue(services: Services) -> AsyncIterator[Rogue]:
 
 
 async def _until(http: httpx.AsyncClient, status: int, timeout_s: float = 60) -> dict:
-    for _ in range(int(timeout_s * 5)):
+    deadline, last = time.monotonic() + timeout_s, "nothing"
+    while time.monotonic() < deadline:
         try:
             r = await http.get("/health")
             if r.status_code == status:
                 return r.json()
-        except httpx.TransportError:
-            pass
+            last = f"{r.status_code} {r.text}"
+        except httpx.TransportError as e:
+            last = repr(e)
         await asyncio.sleep(0.2)
-    raise AssertionError(f"/health never answered {status}")
+    raise AssertionError(f"/health never answered {status} in {timeout_s:g}s; the last answer: {last}")
 
 
 @pytest.mark.parametrize("reply, status, needle", [

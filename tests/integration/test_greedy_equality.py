@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import httpx
@@ -84,14 +85,14 @@ async def test_flash_cache_keeps_the_greedy_tokens_while_evicting(family, checkp
             together = await asyncio.gather(*(one(p) for p in PROMPTS * 6))
         (bundle,) = (home / "bundles").iterdir()
         m = open_bundle(bundle)
-        for _ in range(50):  # the counters come with the flash-cache's next heartbeat
-            text = httpx.get(f"{up.url}/metrics").text
-            if _metric(text, "moebus_flash_records_read_total") > m.moe_layers * m.num_experts:
-                break
+        # More records read than the model has: experts were evicted and read again. The counters
+        # come with the flash-cache's next heartbeat.
+        deadline = time.monotonic() + 10
+        while (read := _metric(text := httpx.get(f"{up.url}/metrics").text, "moebus_flash_records_read_total")
+               ) <= m.moe_layers * m.num_experts:
+            assert time.monotonic() < deadline, f"{read:g} records read, of {m.moe_layers * m.num_experts}"
             await asyncio.sleep(0.1)
     assert alone == references[family]
     assert together == references[family] * 6
-    # more records read than the model has: experts were evicted and read again
-    assert _metric(text, "moebus_flash_records_read_total") > m.moe_layers * m.num_experts
     assert _metric(text, "moebus_flash_slot_bytes") <= budget
     assert "flash-cache" in up.log.read_text()

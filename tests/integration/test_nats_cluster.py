@@ -5,6 +5,7 @@ expert call crossed the route between the servers."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import nats
@@ -31,14 +32,16 @@ def _node(name: str, port: int, route_port: int, peer_route_port: int, home: Pat
 async def _jetstream_ready(url: str, home: Path, timeout_s: float = 60) -> None:
     """A clustered JetStream answers once its servers have elected a leader."""
     nc = await nats.connect(url, **connect_options(read_creds(home / "cluster" / "router.creds")))
+    deadline, last = time.monotonic() + timeout_s, None
     try:
-        for _ in range(int(timeout_s * 2)):
+        while time.monotonic() < deadline:
             try:
                 await nc.jetstream(timeout=1).account_info()
                 return
-            except Exception:  # noqa: BLE001 - not yet
+            except Exception as e:  # noqa: BLE001 - not yet
+                last = e
                 await asyncio.sleep(0.5)
-        raise AssertionError("JetStream never became ready")
+        raise AssertionError(f"JetStream not ready in {timeout_s:g}s: {last!r}")
     finally:
         await nc.close()
 
