@@ -274,19 +274,22 @@ def _forward(a: argparse.Namespace, names: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def cmd_init_cluster(a: argparse.Namespace) -> None:
-    from shared.access import Tls, cluster_dir, init_cluster, local_url, parse_listen, tls_dir, write_nats_context
+    from shared.access import (Tls, cluster_dir, configured_listen, init_cluster, local_url, parse_listen, tls_dir,
+                               write_nats_context)
     from shared.security import is_loopback
     if bool(a.tls_cert) != bool(a.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
     tls = Tls(Path(a.tls_cert), Path(a.tls_key), Path(a.tls_ca) if a.tls_ca else None) if a.tls_cert else None
     directory = Path(a.dir).expanduser() if a.dir else cluster_dir()
+    a.listen = a.listen or configured_listen(directory) or DEFAULT_LISTEN
     made = init_cluster(directory, a.workers, tls, Path(a.store_dir) if a.store_dir else None, a.listen)
     secure, (host, port) = tls_dir(directory) is not None, parse_listen(a.listen)
     # The hint names the bus nats.conf describes: its scheme, its port, and whether others can reach it.
     lan = not is_loopback(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     up_flags = (" --nats-host 0.0.0.0" if lan else "") + (f" --nats-port {port}" if port != D.NATS_PORT else "")
     print(f"moebus: cluster credentials in {directory} ({len(made)} new); its nats.conf listens on {a.listen}")
-    print(f"  moebus up{up_flags}     # uses them by itself")
+    creds = "" if directory == cluster_dir() else f" --creds {directory}"  # `up` finds only its default
+    print(f"  moebus up{up_flags}{creds}" + ("" if creds else "     # uses them by itself"))
     print(f"  nats-server -c {directory / 'nats.conf'}     # or the bus alone")
     reach = "" if lan else (f"  (the bus must listen beyond loopback first: --listen 0.0.0.0:{port}, "
                             "or moebus up --nats-host 0.0.0.0)")
@@ -382,7 +385,7 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--tls-key", help="its private key (PEM)")
     init.add_argument("--tls-ca", help="the CA that signed it (default: the certificate is self-signed)")
     init.add_argument("--store-dir", help="JetStream storage of the nats.conf written (default: DIR/jetstream)")
-    init.add_argument("--listen", default=DEFAULT_LISTEN, help=f"listen address of the nats.conf written (default "
+    init.add_argument("--listen", help=f"listen address of the nats.conf written (default: the one it has, else "
                       f"{DEFAULT_LISTEN}, as `moebus up`; 0.0.0.0:4222 lets other machines in)")
     init.add_argument("--nats-context", default=NATS_CONTEXT, help="the `nats` CLI context written for the admin user "
                                                                     f"(default {NATS_CONTEXT}; '' writes none)")
@@ -429,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
         args.fn(args)
     except MoebusError as e:
         print(f"moebus {args.command}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_status", 2))
     except KeyboardInterrupt:
         sys.exit(130)
 

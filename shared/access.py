@@ -15,6 +15,7 @@ import asyncio
 import fcntl
 import json
 import os
+import re
 import shutil
 import ssl
 from dataclasses import dataclass
@@ -124,6 +125,16 @@ def tls_dir(directory: Path) -> Path | None:
 def server_block(directory: Path) -> str:
     """The users and TLS part of nats-server's config for this cluster directory."""
     return server_conf(cluster_users(directory), tls_dir(directory))
+
+
+def configured_listen(directory: Path) -> str | None:
+    """The listen address of the nats.conf already in `directory`: run again (for more worker
+    identities), init-cluster keeps a bus that other machines reach reachable."""
+    try:
+        found = re.search(r'^listen: ("[^"\n]*")$', (directory / "nats.conf").read_text(), re.M)
+    except OSError:
+        return None
+    return json.loads(found.group(1)) if found else None
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

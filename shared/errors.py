@@ -2,6 +2,7 @@
 
     MoebusError
     ├── ConfigError            a flag or MOEBUS_* variable is missing or malformed
+    │   └── IdentityInUse      a live worker holds this worker identity (exit status 3)
     ├── ModelError             a checkpoint moebus cannot serve (dense, unsupported, broken)
     ├── WireError              a binary or JSON message that does not decode
     ├── BadRequest             a client asked for something invalid (HTTP 400)
@@ -24,6 +25,13 @@ class MoebusError(Exception):
 
 class ConfigError(MoebusError):
     code = "config_error"
+
+
+class IdentityInUse(ConfigError):
+    """Its own exit status: a service manager must not restart into the same refusal, but
+    should restart after any other failure at start."""
+
+    exit_status = 3
 
 
 class ModelError(MoebusError):

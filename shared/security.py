@@ -88,7 +88,7 @@ def permissions(role: Role, user: str) -> dict:
     """The NATS permissions of `user` in `role` (a pure function: the server config renders it)."""
     inbox = f"_INBOX.{user}.>"
     if role == "router":
-        pub = [f"{S.PREFIX}.experts.>", S.WORKERS_DISCOVER, f"{S.STREAM_PREFIX}.>", S.SERVER_INFO,
+        pub = [f"{S.PREFIX}.experts.>", S.WORKERS_DISCOVER, f"{S.STREAM_PREFIX}.>", S.BUS_PROBE, "$JS.API.INFO",
                *_js_write(S.CLUSTER_STREAM, f"{S.CLUSTER_KEYS}.>"), *_js_write(S.MODEL_STREAM, f"{S.MODEL_OBJECTS}.>")]
         sub = [f"{S.PREFIX}.router.>", S.ANNOUNCEMENTS, inbox, *_micro(role)]
     elif role == "gateway":

@@ -80,5 +80,6 @@ def identity_subject(user: str) -> str:
 def stream_subject(request_id: str) -> str:
     return f"{STREAM_PREFIX}.{request_id}"
 
-# Answered by nats-server itself (its JetStream API): whether the server hears us at all.
-SERVER_INFO = "$JS.API.INFO"
+# Nobody listens here: nats-server itself answers "no responders" at once, so the router learns
+# whether the server hears it at all (a stalled bus times out).
+BUS_PROBE = f"{PREFIX}.probe"

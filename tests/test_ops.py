@@ -95,7 +95,7 @@ def test_systemd_template_runs_instance_n_as_worker_n():
 def test_systemd_template_drains_restarts_and_is_hardened():
     service = _unit(_filled(UNIT.read_text(), PLACEHOLDERS | SPECIFIERS))["Service"]
     assert service["KillSignal"] == ["SIGTERM"] and service["Restart"] == ["on-failure"]
-    assert service["RestartPreventExitStatus"] == ["2"]  # refused at start: its identity is in use
+    assert service["RestartPreventExitStatus"] == ["3"]  # refused at start: its identity is in use
     assert float(service["TimeoutStopSec"][0].removesuffix("s")) >= WorkerConfig.drain_timeout_s + STOP_MARGIN_S
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "PrivateTmp": "yes",
                        "DynamicUser": "yes", "ProtectHome": "yes"}.items():

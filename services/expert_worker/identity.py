@@ -24,7 +24,7 @@ from pydantic import Field
 
 from shared import subjects
 from shared.bus import request
-from shared.errors import BusTimeout, ConfigError, NoResponders, WireError
+from shared.errors import BusTimeout, ConfigError, IdentityInUse, NoResponders, WireError
 from shared.logs import get_logger
 from shared.messages import Message, Name, decode, encode
 
@@ -64,7 +64,7 @@ async def claim(nc: Client, identity: str, me: IdentityClaim, timeout_s: float) 
         return
     except WireError as e:
         raise ConfigError(f"identity {identity}: its holder answered something else ({e})") from None
-    raise ConfigError(f"identity {identity} is in use by {holder.who()}: stop that worker first, or give this "
+    raise IdentityInUse(f"identity {identity} is in use by {holder.who()}: stop that worker first, or give this "
                       "one credentials of its own (`moebus init-cluster --workers N` makes more)")
 
 

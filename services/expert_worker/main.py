@@ -58,8 +58,9 @@ class WorkerConfig:
     drain_timeout_s: float = 60.0  # a leaving worker waits this long for its experts to move
     release_after_s: float = 1.0  # keeps experts it lost this long, for calls already on their way
     flash: FlashConfig | None = None  # a flash-cache: the experts stay in a bundle on SSD (services.flash_cache)
-    # How long the holder of this identity has to answer before it counts as asleep and is taken over.
-    claim_timeout_s: float = 2.0
+    # How long the holder of this identity has to answer before it counts as asleep and is taken
+    # over: as long as the router waits before it drops a silent worker (4 heartbeats).
+    claim_timeout_s: float = 4.0
 
 
 def worker_id(identity: str) -> str:

@@ -13,7 +13,7 @@ from services.gateway.errors import ApiError, install_handlers
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.middleware import CountRequests, HttpSettings, Limits
 from services.gateway.upstream import RouterClient
-from shared.errors import MoebusError
+from shared.errors import BusTimeout, MoebusError, NoResponders
 
 
 def create_app(router: Callable[[], RouterClient], settings: HttpSettings, metrics: GatewayMetrics,
@@ -33,9 +33,11 @@ def create_app(router: Callable[[], RouterClient], settings: HttpSettings, metri
         client = router()
         try:
             s = await client.status()
-        except MoebusError as e:  # the bus stalled or the router is gone: nothing is served now
+        except (NoResponders, BusTimeout) as e:  # the bus stalled or the router is gone: nothing is served now
             return JSONResponse({"ready": False, "error": f"the router does not answer over NATS: {e}"},
                                 status_code=503)
+        except MoebusError as e:
+            return JSONResponse({"ready": False, "error": str(e)}, status_code=503)
         # Ready only if requests get through too: a router that answers its status but not
         # generate requests (stuck, or a forged status) is not serving.
         failing = client.generate_failing()

@@ -180,19 +180,19 @@ class Router:
 
     def expire(self) -> None:
         if self.m is not None:
-            now = time.monotonic()
-            gone = self.m.registry.expire(now)
-            for w, (why, at) in self.m.registry.left.items():
-                if at == now:
-                    log.warning("worker dropped", worker=w, error=why)
-            self._lost(gone)
+            gone = self.m.registry.expire(time.monotonic())
+            for w, _ in gone:
+                log.warning("worker dropped", worker=w, error=self.m.registry.left[w][0])
+            self._lost([subject for _, subject in gone])
 
     async def hear_bus(self, nc: Client) -> bool:
         """Whether the server answers the router now. Workers are judged by their silence only
         while it does: after a stall (the server frozen, the router's own link down) each gets a
         whole heartbeat period to be heard again, and calls in flight simply get their replies."""
         try:  # a request, not nc.flush(timeout): nats-py's reader dies on a PONG after a flush timed out
-            await request(nc, subjects.SERVER_INFO, b"", self.cfg.heartbeat_s)
+            await request(nc, subjects.BUS_PROBE, b"", self.cfg.heartbeat_s)
+        except NoResponders:
+            pass  # the server's own answer (nobody listens there): it hears us
         except MoebusError as e:  # a timeout, or no connection at all: the bus is not there
             if not self._bus_stalled:
                 log.warning("the bus does not answer: workers are not dropped for silence until it does",

@@ -88,8 +88,9 @@ class Placer:
         if not live:
             # Nobody to place on: calls fail now, not at their deadline, and the placement is
             # kept for the workers to come back to (a Mac that wakes holds its experts still).
-            self._basis = None
-            self.unplaceable(frozenset(range(self.registry.num_experts)))
+            if self._basis != {}:
+                self._basis = {}
+                self.unplaceable(frozenset(range(self.registry.num_experts)))
             return
         if self._slow and not self._slow <= set(live):
             self._slow.clear()  # membership changed: give everyone a new chance

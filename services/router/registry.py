@@ -92,14 +92,18 @@ class WorkerRegistry:
         # A worker answers on its own subject: a forged announce cannot point calls elsewhere.
         return a.subject == experts_subject(a.worker) and all(0 <= e < self.num_experts for e in a.experts)
 
-    def expire(self, now: float) -> list[str]:
-        """Drop workers silent for too long; returns their subjects."""
+    def expire(self, now: float) -> list[tuple[str, str]]:
+        """Drop workers silent for too long; returns their (id, subject)s."""
         self.left = {w: (why, t) for w, (why, t) in self.left.items() if now - t < self.forget_after_s}
-        self._replaced = {w: t for w, t in self._replaced.items() if now - t < self.forget_after_s}
+        # A replaced id is remembered while its identity has a live process: one that slept all
+        # night must not, on waking, push out the process that took over from it.
+        held = {identity(w) for w in self._seen}
+        self._replaced = {w: t for w, t in self._replaced.items()
+                          if now - t < self.forget_after_s or identity(w) in held}
         gone = {w: now - t for w, (_, t) in self._seen.items() if now - t > self.stale_after_s}
         for w, silent_s in gone.items():
             self.left[w] = (f"no heartbeat for {silent_s:.0f}s: asleep, stopped, or cut off from the bus", now)
-        return [self._seen.pop(w)[0].subject for w in gone]
+        return [(w, self._seen.pop(w)[0].subject) for w in gone]
 
     def grace(self, now: float) -> None:
         """The bus itself was silent until `now`: nobody could be heard, so every worker's

@@ -80,7 +80,7 @@ def test_a_second_process_with_the_same_credentials_is_refused_naming_the_holder
     # Refused, not joined beside it (which a worker that never asks does at once).
     until("the second worker refused or joined", lambda: second.poll() is not None or WAITING in text(second_log))
     assert WAITING not in text(second_log), f"a second process took worker-1 beside pid {first.pid}"
-    assert second.wait(30) == 2
+    assert second.wait(30) == 3  # IdentityInUse: no service manager restarts into it
     errors = [line for line in text(second_log).splitlines() if "error" in line]
     assert len(errors) == 1, errors
     assert errors[0].startswith("moebus worker: error: identity worker-1 is in use by worker-1-"), errors
@@ -106,5 +106,5 @@ def test_a_holder_that_does_not_answer_is_taken_over_and_stops_once_awake(bus: B
     assert "identity taken over by another worker" in text(asleep_log)
     assert newcomer.poll() is None
     late, late_log = bus.worker("worker-1", "late")  # and the newcomer holds it now, awake
-    assert late.wait(60) == 2, tail(late_log)
+    assert late.wait(60) == 3, tail(late_log)
     assert f"identity worker-1 is in use by worker-1-" in text(late_log) and f"pid {newcomer.pid} " in text(late_log)

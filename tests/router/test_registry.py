@@ -20,7 +20,7 @@ def test_workers_come_and_go_with_their_heartbeats():
     assert reg.announce(_a("w0"), now=0) == []
     reg.announce(_a("w1", capacity=2), now=1)
     assert reg.workers == ["w0", "w1"] and reg.capacities() == {"w0": 4, "w1": 2}
-    assert reg.expire(now=3.5) == [experts_subject("w0")]
+    assert reg.expire(now=3.5) == [("w0", experts_subject("w0"))]
     assert reg.announce(_a("w1", leaving=True), now=4) == [experts_subject("w1")]
     assert reg.workers == []
 
@@ -52,7 +52,7 @@ def test_a_silent_worker_is_remembered_as_silent_until_it_returns_or_is_forgotte
     reg.announce(_a("w0"), now=0)
     reg.announce(_a("w1"), now=0)
     reg.announce(_a("w1", leaving=True), now=1)  # a goodbye is not a loss
-    assert reg.expire(now=4) == [experts_subject("w0")]
+    assert reg.expire(now=4) == [("w0", experts_subject("w0"))]
     assert list(reg.left) == ["w0"] and "no heartbeat for 4s" in reg.left["w0"][0]
     reg.expire(now=70)
     assert reg.left == {}
@@ -96,6 +96,12 @@ def test_on_a_secured_bus_an_identity_has_one_live_worker_the_newest():
     assert reg.workers == ["worker-1-cccccc", "worker-2-bbbbbb"]
     # The replaced process wakes and beats once more before it stops: it takes nothing back.
     assert reg.announce(_a("worker-1-aaaaaa"), now=3) == []
+    assert reg.workers == ["worker-1-cccccc", "worker-2-bbbbbb"]
+    # ... even after a night asleep, while the identity's newer process lives
+    reg.announce(_a("worker-1-cccccc"), now=36_000)
+    reg.announce(_a("worker-2-bbbbbb"), now=36_000)
+    reg.expire(now=36_000)
+    assert reg.announce(_a("worker-1-aaaaaa"), now=36_001) == []
     assert reg.workers == ["worker-1-cccccc", "worker-2-bbbbbb"]
     open_bus = WorkerRegistry(num_experts=4, moe_layers=2, fingerprint="m", stale_after_s=3)
     open_bus.announce(_a("vm-aaaaaa"), now=0)

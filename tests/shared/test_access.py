@@ -151,6 +151,12 @@ def test_init_cluster_listens_where_moebus_up_does_and_its_hint_names_that_bus(t
     assert "--nats tls://THIS-HOST:14702 " in out.stdout and "beyond loopback" not in out.stdout, out.stdout
     assert "moebus up --nats-host 0.0.0.0 --nats-port 14702" in out.stdout
     assert not (tmp_path / "xdg2").exists()  # --nats-context '': none written
+    assert f"--creds {tmp_path / 'tls'}" in out.stdout  # `moebus up` finds only the default directory itself
+    # Run again for more identities: the bus other machines reach stays reachable.
+    out = _init_cli("--dir", str(tmp_path / "tls"), "--workers", "3", "--nats-context", "", xdg=tmp_path / "xdg2")
+    assert out.returncode == 0, out.stderr
+    assert 'listen: "0.0.0.0:14702"' in (tmp_path / "tls" / "nats.conf").read_text()
+    assert "--nats tls://THIS-HOST:14702 " in out.stdout
     out = _init_cli("--dir", str(tmp_path / "tls"), "--listen", "4222", xdg=tmp_path / "xdg2")
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         "moebus init-cluster: error: --listen '4222': give HOST:PORT, such as 127.0.0.1:4222 or 0.0.0.0:4222"]
