@@ -8,7 +8,7 @@ limits the HTTP API also applies), so a forged message is refused with a clear e
 from __future__ import annotations
 
 import re
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -79,9 +79,40 @@ class Discover(Message):
     router: str = Field(default="", max_length=64)
 
 
+MAX_TOOLS = 128
+MAX_TOOL_CALLS = 64  # in one assistant turn, and generated in one answer
+ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]  # OpenAI's and Anthropic's rule
+
+
+class ToolCall(Message):
+    """A call of one function: what the model generated, or what a client sends back in an
+    assistant turn. `arguments` is JSON text, as OpenAI carries it."""
+
+    id: str = Field(max_length=128)
+    name: ToolName
+    arguments: str
+
+
+class Tool(Message):
+    """A function the model may call; `parameters` is its arguments' JSON schema."""
+
+    name: ToolName
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class ResponseFormat(Message):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: dict[str, Any] | None = None  # the schema itself (type json_schema)
+
+
 class ChatTurn(Message):
     role: str = Field(max_length=64)
     content: str
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOL_CALLS)  # an assistant's calls
+    tool_call_id: str | None = Field(default=None, max_length=128)  # a tool result: the call it answers
+    name: str | None = Field(default=None, max_length=64)  # a tool result: the function's name
+    reasoning: str | None = None  # an assistant's thinking, where the template renders it
 
 
 class GenerateRequest(Message):
@@ -101,6 +132,13 @@ class GenerateRequest(Message):
     logprobs: bool = False
     top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
     timeout_s: float = Field(default=DEFAULT_DEADLINE_S, gt=0.0, le=MAX_TIMEOUT_S)  # the deadline, from acceptance
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)  # rendered by the chat template
+    # auto: the model decides; none: tools hidden; required: at least one call; function: a call of `tool_name`
+    tool_choice: Literal["auto", "none", "required", "function"] = "auto"
+    tool_name: ToolName | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    thinking: bool | None = None  # the template's thinking switch (enable_thinking); None: the model's default
 
 
 class GenerateAccepted(Message):
@@ -122,7 +160,7 @@ class GenerateEvent(Message):
     index: int
     text: str = ""
     token: int | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
@@ -130,6 +168,14 @@ class GenerateEvent(Message):
     logprob: float | None = None  # of `token`, when the request asked for logprobs
     token_text: str | None = None
     top_logprobs: list[tuple[str, float | None]] | None = None  # [[token text, logprob], ...]
+    reasoning: str = ""  # thinking text, apart from the answer's `text`
+    tool_calls: list[ToolCall] | None = None  # calls completed with this event, in order
+
+
+class TokenCount(Message):
+    """Router -> gateway: the prompt's length in tokens, as a GenerateRequest would have it."""
+
+    prompt_tokens: int
 
 
 class RouterStatus(Message):

@@ -92,7 +92,7 @@ def permissions(role: Role, user: str) -> dict:
                *_js_write(S.CLUSTER_STREAM, f"{S.CLUSTER_KEYS}.>"), *_js_write(S.MODEL_STREAM, f"{S.MODEL_OBJECTS}.>")]
         sub = [f"{S.PREFIX}.router.>", S.ANNOUNCEMENTS, inbox, *_micro(role)]
     elif role == "gateway":
-        pub = [S.ROUTER_GENERATE, S.ROUTER_CANCEL, S.ROUTER_STATUS, S.ROUTER_METRICS, S.ROUTER_CLUSTER]
+        pub = [S.ROUTER_GENERATE, S.ROUTER_CANCEL, S.ROUTER_TOKENS, S.ROUTER_STATUS, S.ROUTER_METRICS, S.ROUTER_CLUSTER]
         sub = [f"{S.STREAM_PREFIX}.>", S.GATEWAY_HEALTH, inbox, *_micro(role)]
     elif role == "worker":
         pub = [S.announce_subject_of(user), S.identity_subject(user), *_js_read(S.CLUSTER_STREAM),

@@ -9,6 +9,7 @@
 | moebus.v1.router.generate        | gateway -> router (req)   | GenerateRequest -> GenerateAccepted |
 | <GenerateRequest.stream>         | router -> gateway (pub)   | messages.GenerateEvent         |
 | moebus.v1.router.cancel          | gateway -> router (pub)   | messages.Cancel                |
+| moebus.v1.router.tokens          | gateway -> router (req)   | GenerateRequest -> TokenCount  |
 | moebus.v1.router.status          | any -> router (req)       | {} -> RouterStatus             |
 | moebus.v1.router.metrics         | gateway -> router (req)   | {} -> Prometheus text          |
 | moebus.v1.router.cluster         | any -> router (req)       | {} -> ClusterStatus            |
@@ -28,6 +29,7 @@ WORKERS_DISCOVER = f"{PREFIX}.workers.discover"
 WORKERS_IDENTITY = f"{PREFIX}.workers.identity"
 ROUTER_GENERATE = f"{PREFIX}.router.generate"
 ROUTER_CANCEL = f"{PREFIX}.router.cancel"
+ROUTER_TOKENS = f"{PREFIX}.router.tokens"
 ROUTER_STATUS = f"{PREFIX}.router.status"
 ROUTER_METRICS = f"{PREFIX}.router.metrics"
 ROUTER_CLUSTER = f"{PREFIX}.router.cluster"

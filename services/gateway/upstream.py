@@ -15,7 +15,9 @@ from nats.errors import TimeoutError as NatsTimeout
 from shared import subjects
 from shared.bus import request
 from shared.errors import BusError, BusTimeout, NoResponders
-from shared.messages import Cancel, GenerateAccepted, GenerateEvent, GenerateRequest, RouterStatus, decode, encode
+from shared.messages import (
+    Cancel, GenerateAccepted, GenerateEvent, GenerateRequest, RouterStatus, TokenCount, decode, encode,
+)
 
 
 @dataclass
@@ -117,6 +119,13 @@ class RouterClient:
 
     async def cancel(self, request_id: str) -> None:
         await self.nc.publish(subjects.ROUTER_CANCEL, encode(Cancel(request_id=request_id)))
+
+    async def count_tokens(self, **fields) -> int:
+        """The prompt's length in tokens, as the router would count it for a generation of `fields`."""
+        g = GenerateRequest(request_id=uuid.uuid4().hex, stream=subjects.stream_subject("count"), max_tokens=1,
+                            **fields)
+        reply = await request(self.nc, subjects.ROUTER_TOKENS, encode(g), self.request_timeout_s)
+        return decode(TokenCount, reply).prompt_tokens
 
     async def start(self, **fields) -> Generation:
         request_id = uuid.uuid4().hex

@@ -22,6 +22,8 @@ import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
 
 from services import defaults
+from services.router.constrain import GrammarProcessor
+from services.router.output import Splitter, initial_state, machines
 from services.router.sampling import StopText, request_sampler, special_token_ids
 from shared.errors import MoebusError
 from shared.logs import get_logger
@@ -49,7 +51,10 @@ class Sequence:
     detok: Any
     stops: StopText
     deadline: float
+    splitter: Splitter
+    grammar: GrammarProcessor | None = None
     started: bool = False
+    calls: int = 0  # tool calls it made
     n: int = 0
     index: int = 0
 
@@ -100,7 +105,11 @@ class Engine:
         self.tokenizer = tokenizer
         self.limits = limits
         self.eos = sorted(tokenizer.eos_token_ids)
-        self.special = special_token_ids(tokenizer)  # generated and counted, never in the text
+        self.machines = machines(tokenizer)
+        # Generated and counted, never in the text; except the markers of thinking and tool calls,
+        # which the splitter reads even where the tokenizer calls them special.
+        self.special = special_token_ids(tokenizer) - _marker_ids(tokenizer)
+        self.mask_seconds, self.masks = 0.0, 0  # constrained decoding's cost, for the metrics
         self.baton = Baton()  # the lanes' turns at MLX: the bus client releases it while a lane waits
         self.uids: dict[str, tuple[Lane, int]] = {}
         # Accepted, not yet in a lane: a lane takes a sequence only when it has room, so no
@@ -126,9 +135,12 @@ class Engine:
             prefill_batch_size=min(8, cap), prefill_step_size=self.limits.prefill_step,
         )
 
-    def add(self, req: GenerateRequest, prompt: list[int]) -> None:
+    def add(self, req: GenerateRequest, prompt: list[int], grammar: GrammarProcessor | None = None) -> None:
+        parse_tools = bool(req.tools) and req.tool_choice != "none"
+        splitter = Splitter(self.machines[parse_tools], self.tokenizer, req.tools,
+                            initial_state(self.tokenizer, prompt) if req.messages is not None else "normal")
         seq = Sequence(req, prompt, self.tokenizer.detokenizer, StopText(req.stop),
-                       time.monotonic() + req.timeout_s)
+                       time.monotonic() + req.timeout_s, splitter, grammar)
         if req.request_id in self.cancelled:  # the gateway gave up before we got to it
             self.cancelled.pop(req.request_id)
             self._emit(seq, GenerateEvent(request_id=req.request_id, index=0, finish_reason="error", error="cancelled"))
@@ -153,7 +165,9 @@ class Engine:
         max_tokens = min(req.max_tokens, self.max_context - len(seq.prompt))
         try:
             sampler = request_sampler(req.temperature, req.top_p, req.top_k, req.min_p, req.seed)
-            (uid,) = lane.call(lambda: lane.gen.insert([seq.prompt], max_tokens=[max_tokens], samplers=[sampler]))
+            processors = [[seq.grammar] if seq.grammar is not None else []]
+            (uid,) = lane.call(lambda: lane.gen.insert([seq.prompt], max_tokens=[max_tokens], samplers=[sampler],
+                                                       logits_processors=processors))
         except Exception as e:  # noqa: BLE001 - the request was accepted: it must hear why it ends
             self._emit(seq, GenerateEvent(request_id=req.request_id, index=0, finish_reason="error",
                                           error=f"cannot start: {e!r}"))
@@ -275,8 +289,23 @@ class Engine:
             tail, stop_sequence = seq.stops.feed(seq.detok.last_segment)
             text += tail + ("" if stop_sequence else seq.stops.flush())
         done = finish is not None
+        parts = seq.splitter.feed(text)
+        if done:
+            rest = seq.splitter.finish()
+            parts.text, parts.reasoning, parts.calls = (parts.text + rest.text, parts.reasoning + rest.reasoning,
+                                                        parts.calls + rest.calls)
+        seq.calls += len(parts.calls)
+        error = None
+        if done and seq.grammar is not None:
+            self.mask_seconds += seq.grammar.mask_s
+            self.masks += seq.grammar.masks
+            if seq.grammar.error is not None:
+                finish, error = "error", f"constrained decoding stopped: {seq.grammar.error}"
+        if finish == "stop" and seq.calls and stop_sequence is None:
+            finish = "tool_calls"
         self._emit(seq, GenerateEvent(
-            request_id=seq.req.request_id, index=seq.index, text=text, token=token, finish_reason=finish,
+            request_id=seq.req.request_id, index=seq.index, text=parts.text, reasoning=parts.reasoning,
+            tool_calls=parts.calls or None, token=token, finish_reason=finish, error=error,
             prompt_tokens=len(seq.prompt) if done else 0, completion_tokens=seq.n if done else 0,
             stop_sequence=stop_sequence, **extra))
         seq.index += 1
@@ -289,7 +318,9 @@ class Engine:
         out: dict = {"logprob": logprobs[token].item(), "token_text": text}
         if top > 0:
             ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
-            pairs = sorted(zip(ids.tolist(), logprobs[ids].tolist()), key=lambda p: -p[1])
+            # Tokens a grammar forbids have -inf: not alternatives, and not JSON either.
+            pairs = sorted(((i, lp) for i, lp in zip(ids.tolist(), logprobs[ids].tolist()) if lp > -float("inf")),
+                           key=lambda p: -p[1])
             out["top_logprobs"] = [(self.tokenizer.decode([i]), lp) for i, lp in pairs]
         return out
 
@@ -319,3 +350,10 @@ class Engine:
         seqs = [s for lane in self.lanes for s in lane.seqs.values()]
         self.running = sum(s.started for s in seqs)
         self.waiting = len(seqs) - self.running + len(self.queue)
+
+
+def _marker_ids(tokenizer: Any) -> set[int]:
+    markers = [getattr(tokenizer, name, None) for name in ("think_start", "think_end", "tool_call_start",
+                                                             "tool_call_end")]
+    ids = [tokenizer.encode(m, add_special_tokens=False) for m in markers if m]
+    return {i[0] for i in ids if len(i) == 1}

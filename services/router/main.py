@@ -20,6 +20,7 @@ from nats.micro.request import Request, ServiceError
 
 from services import defaults
 from services.router.bus_experts import install
+from services.router.constrain import GrammarProcessor, Grammars
 from services.router.engine import Engine, EngineLimits, Publish
 from services.router.exchange import ExpertClient
 from services.router.metrics import ExchangeStats, registry
@@ -31,8 +32,8 @@ from shared.bus import close, connect, inbox_only, request, stop_event, stop_ser
 from shared.errors import BadRequest, BusError, MoebusError, NoResponders, WireError
 from shared.logs import get_logger
 from shared.messages import (
-    Cancel, ClusterStatus, Discover, GenerateAccepted, GenerateEvent, GenerateRequest, RouterStatus, WorkerAnnounce,
-    WorkerStatus, decode, encode,
+    Cancel, ClusterStatus, Discover, GenerateAccepted, GenerateEvent, GenerateRequest, RouterStatus, TokenCount,
+    WorkerAnnounce, WorkerStatus, decode, encode,
 )
 from shared.mlx_thread import MLXThread
 from shared.model import ModelInfo, describe, find_experts, load_lazy
@@ -64,6 +65,17 @@ class Loaded:
     prompts: PromptEncoder
     info: ModelInfo
     registry: WorkerRegistry
+    grammars: Grammars | None  # None: a tokenizer llguidance cannot read (not a fast tokenizer)
+
+    def prepare(self, g: GenerateRequest) -> tuple[list[int], GrammarProcessor | None]:
+        """The prompt's token ids and the answer's grammar; BadRequest for either (a worker thread)."""
+        ids = self.prompts.encode(g)
+        if self.grammars is not None:
+            return ids, self.grammars.compile(g)
+        if g.tool_choice in ("required", "function") or (g.response_format and g.response_format.type != "text"):
+            raise BadRequest("this model's tokenizer cannot be used for constrained output (not a fast "
+                             "tokenizer)", "response_format")
+        return ids, None
 
 
 def load_router_model(cfg: RouterConfig, client: ExpertClient, publish: Publish) -> Loaded:
@@ -74,6 +86,11 @@ def load_router_model(cfg: RouterConfig, client: ExpertClient, publish: Publish)
     install(model, slots, client)
     mx.eval(model.parameters())
     tokenizer = load_tokenizer(cfg.model)
+    try:
+        grammars: Grammars | None = Grammars(tokenizer, max(int(config.get("vocab_size") or 0), len(tokenizer)))
+    except Exception as e:  # noqa: BLE001 - the model still serves free text
+        log.warning("constrained output is off for this model", error=repr(e))
+        grammars = None
     client.stats = ExchangeStats(info.moe_layers, info.num_experts)
     client.table = client.latest = Table.empty(info.num_experts)
     engine = Engine(model, tokenizer, cfg.limits, publish, info.max_context, before_step=client.adopt,
@@ -87,6 +104,7 @@ def load_router_model(cfg: RouterConfig, client: ExpertClient, publish: Publish)
         info,
         WorkerRegistry(info.num_experts, info.moe_layers, info.fingerprint, 4 * cfg.heartbeat_s,
                        one_per_identity=cfg.creds is not None),
+        grammars,
     )
 
 
@@ -151,6 +169,8 @@ class Router:
         s = self.status()
         return {"sequences_running": s.running, "sequences_waiting": s.waiting,
                 "sequences_running_max": float(self.m.engine.running_max if self.m else 0),
+                "grammar_mask_seconds": self.m.engine.mask_seconds if self.m else 0.0,
+                "grammar_masks": float(self.m.engine.masks if self.m else 0),
                 "workers_connected": len(s.workers),
                 "experts_covered": s.experts_covered, "ready": float(s.ready),
                 "placement_version": float(self.placer.active.version if self.placer and self.placer.active else 0)}
@@ -239,6 +259,20 @@ class Router:
 
         await asyncio.gather(*map(ask, self.client.stuck(self.cfg.probe_after_s)))
 
+    async def on_tokens(self, req: Request) -> None:
+        """How many tokens a request's prompt is, as generate would count it (Anthropic's count_tokens)."""
+        try:
+            g = decode(GenerateRequest, req.data)
+        except WireError as e:
+            raise ServiceError("400", _error(BadRequest(str(e), e.param))) from None
+        if self.m is None:
+            raise ServiceError("503", "the router is loading the model")
+        try:
+            ids, _ = await asyncio.to_thread(self.m.prepare, g)
+        except BadRequest as e:
+            raise ServiceError("400", _error(e)) from None
+        await req.respond(encode(TokenCount(prompt_tokens=len(ids))))
+
     async def on_status(self, req: Request) -> None:
         await req.respond(encode(self.status()))
 
@@ -260,11 +294,11 @@ class Router:
             raise ServiceError("429", f"{self.active} requests are in progress, the most this server queues; "
                                       "try again shortly")
         try:
-            ids = await asyncio.to_thread(self.m.prompts.encode, g)
+            ids, grammar = await asyncio.to_thread(self.m.prepare, g)
         except BadRequest as e:
             raise ServiceError("400", _error(e)) from None
         self.active += 1
-        self.mlx.submit(self.m.engine.add, g, ids)  # queued before any cancel of it can be
+        self.mlx.submit(self.m.engine.add, g, ids, grammar)  # queued before any cancel of it can be
         await req.respond(encode(GenerateAccepted(request_id=g.request_id, prompt_tokens=len(ids), router=self.id)))
 
     def finished(self) -> None:
@@ -350,6 +384,7 @@ async def serve(cfg: RouterConfig) -> None:
             await nc.subscribe(subjects.ANNOUNCEMENTS, cb=on_announce)
             await nc.subscribe(subjects.ROUTER_CANCEL, cb=router.on_cancel)
             await svc.add_endpoint(name="generate", subject=subjects.ROUTER_GENERATE, handler=inbox_only(router.on_generate))
+            await svc.add_endpoint(name="tokens", subject=subjects.ROUTER_TOKENS, handler=inbox_only(router.on_tokens))
             await svc.add_endpoint(name="metrics", subject=subjects.ROUTER_METRICS, handler=inbox_only(on_metrics))
             await svc.add_endpoint(name="cluster", subject=subjects.ROUTER_CLUSTER, handler=inbox_only(router.on_cluster))
             await nc.publish(subjects.WORKERS_DISCOVER, encode(Discover(router="router")))

@@ -13,7 +13,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 RTT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # HELP lines of the router's plain gauges where the name alone does not say it.
 GAUGE_HELP = {"sequences_running_max": "The most sequences in the batch at once (prefilling or decoding) since the "
-                                       "router started: never above --max-running"}
+                                       "router started: never above --max-running",
+              "grammar_mask_seconds": "Seconds spent computing constrained decoding's token masks, in all "
+                                      "(divided by moebus_grammar_masks: the time per constrained token)",
+              "grammar_masks": "Token masks computed for constrained sequences (one per constrained token)"}
 
 
 class ExchangeStats:
