@@ -97,8 +97,15 @@ class Tool(Message):
     """A function the model may call; `parameters` is its arguments' JSON schema."""
 
     name: ToolName
-    description: str = ""
-    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    description: str | None = None  # None: not given (templates render what the client sent, no more)
+    parameters: dict[str, Any] | None = None
+
+    def schema_(self) -> dict[str, Any]:
+        return self.parameters if self.parameters is not None else {"type": "object", "properties": {}}
+
+    def rendered(self) -> dict[str, Any]:
+        """As chat templates read a tool (OpenAI's shape)."""
+        return {"type": "function", "function": self.model_dump(exclude_none=True)}
 
 
 class ResponseFormat(Message):

@@ -10,12 +10,17 @@ Tokenizer: WordLevel over ``<unk> <s> </s> <pad> system user assistant :`` and
 cleanup off, so ``decode(ids)`` is the tokens joined by single spaces. No BOS
 is added automatically; prompts are whatever ids the caller passes.
 
-EOS: the lm_head rows of the four special tokens are zero, so their logits are
-exactly 0 while the max over ~300 random logits is positive: greedy decoding
-effectively never emits ``</s>``. Callers should still ask for a fixed
+``tokenizer="json_tools"`` or ``"mistral"`` instead writes the byte-level BPE of
+``shared.demo.save_bpe_tokenizer`` (any text and JSON spell; a chat template with tools that
+mlx-lm's tool parsers read): vocab_size is that tokenizer's size, its special tokens take ids
+0.. and bos/eos/pad come from it, its tool and thinking markers are the last ids.
+
+EOS: the lm_head rows of the special tokens are zero, so their logits are
+exactly 0 while the max over hundreds of random logits is positive: greedy decoding
+effectively never emits EOS. Callers should still ask for a fixed
 ``max_new_tokens``; both greedy helpers below never stop early.
 
-Run ``python -m tests.checkpoints OUT_DIR FAMILY [--seed N]`` to build one.
+Run ``python -m tests.checkpoints OUT_DIR FAMILY [--seed N] [--tokenizer STYLE]`` to build one.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 FAMILIES = ("mixtral", "qwen3_moe", "dbrx")
+TOKENIZERS = ("word", "json_tools", "mistral")
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = range(4)
@@ -56,13 +62,14 @@ def vocab() -> list[str]:
     return [*SPECIAL_TOKENS, *ROLE_TOKENS, *words]
 
 
-def _hf_config(family: str) -> Any:
+def _hf_config(family: str, vocab_size: int = VOCAB_SIZE, ids: dict[str, int | None] | None = None) -> Any:
     from transformers import DbrxConfig, MixtralConfig, Qwen3MoeConfig
 
-    ids = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    ids = ids or dict(bos=BOS_ID, eos=EOS_ID, pad=PAD_ID)
     rope = {"rope_type": "default", "rope_theta": ROPE_THETA}
     common = dict(
-        vocab_size=VOCAB_SIZE, tie_word_embeddings=False, initializer_range=INIT_STD, **ids
+        vocab_size=vocab_size, tie_word_embeddings=False, initializer_range=INIT_STD,
+        bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
     )
     if family == "mixtral":
         return MixtralConfig(
@@ -93,7 +100,7 @@ def _hf_config(family: str) -> Any:
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
-def _init_weights(model: Any, seed: int) -> None:
+def _init_weights(model: Any, seed: int, n_special: int = len(SPECIAL_TOKENS)) -> None:
     """Own init from a seeded generator: independent of HF init code, deterministic."""
     import torch
 
@@ -103,7 +110,7 @@ def _init_weights(model: Any, seed: int) -> None:
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
             p.copy_(1.0 + NORM_JITTER * noise if p.ndim == 1 else INIT_STD * noise)
         # Zero logits for special tokens: greedy (almost surely) never picks EOS.
-        model.get_output_embeddings().weight[: len(SPECIAL_TOKENS)] = 0.0
+        model.get_output_embeddings().weight[:n_special] = 0.0
 
 
 # Keys transformers 5 dropped/renamed but mlx-lm's ModelArgs still read.
@@ -127,21 +134,31 @@ def _save_tokenizer(out_dir: Path) -> None:
     save_word_tokenizer(out_dir, vocab()[len(SPECIAL_TOKENS):], MAX_POS, CHAT_TEMPLATE)
 
 
-def build_checkpoint(family: str, out_dir: Path, *, seed: int = 0) -> Path:
+def build_checkpoint(family: str, out_dir: Path, *, seed: int = 0, tokenizer: str = "word") -> Path:
+    """`tokenizer`: "word" (ids above), or a BPE style of shared.demo ("json_tools", "mistral")."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from shared.demo import BPE_STYLES, bpe_special_ids, save_bpe_tokenizer
+
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; expected one of {TOKENIZERS}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = _hf_config(family)
+    if tokenizer == "word":
+        _save_tokenizer(out_dir)
+        config, n_special = _hf_config(family), len(SPECIAL_TOKENS)
+    else:  # the tokenizer first: the model's vocab_size and special ids come from it
+        vocab_size = save_bpe_tokenizer(out_dir, tokenizer, MAX_POS)
+        config = _hf_config(family, vocab_size, bpe_special_ids(tokenizer))
+        n_special = len(BPE_STYLES[tokenizer]["special"])
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _init_weights(model, seed)
+    _init_weights(model, seed, n_special)
     model.save_pretrained(str(out_dir))
     (out_dir / "generation_config.json").unlink(missing_ok=True)  # nothing useful in it
     cfg_path = out_dir / "config.json"
     cfg = _patch_config(family, json.loads(cfg_path.read_text()))
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    _save_tokenizer(out_dir)
     return out_dir
 
 
@@ -154,11 +171,12 @@ def reference_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int
     # generate() refills an eos_token_id=None kwarg from model.generation_config,
     # so clear it there: otherwise output is cut short if EOS is ever emitted.
     model.generation_config.eos_token_id = None
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
     ids = torch.tensor([prompt_ids], dtype=torch.long)
     with torch.no_grad():
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), do_sample=False,
-            max_new_tokens=max_new_tokens, pad_token_id=PAD_ID,
+            max_new_tokens=max_new_tokens, pad_token_id=pad,
         )
     return out[0, len(prompt_ids):].tolist()
 
@@ -182,8 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("family", choices=FAMILIES)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", choices=TOKENIZERS, default="word")
     args = ap.parse_args(argv)
-    print(build_checkpoint(args.family, args.out_dir, seed=args.seed))
+    print(build_checkpoint(args.family, args.out_dir, seed=args.seed, tokenizer=args.tokenizer))
 
 
 if __name__ == "__main__":

@@ -37,5 +37,14 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tool_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Checkpoints with a byte-level BPE and a chat template with tools, by tool-call format:
+    "json_tools" (Qwen3's <tool_call> JSON, <think>) and "mistral" ([TOOL_CALLS]name[ARGS]{...})."""
+    root = tmp_path_factory.mktemp("tool-checkpoints")
+    return {style: build_checkpoint(family, root / f"tiny-{family}-{style}", tokenizer=style)
+            for style, family in (("json_tools", "qwen3_moe"), ("mistral", "mixtral"))}
+
+
+@pytest.fixture(scope="session")
 def moebus_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("moebus-home")

@@ -47,7 +47,7 @@ def chat_fields(body: ChatCompletionRequest) -> dict:
     fields: dict = {"messages": [_turn(m) for m in body.messages], "tool_choice": choice, "tool_name": name,
                     "parallel_tool_calls": body.parallel_tool_calls}
     if body.tools:
-        fields["tools"] = [t.function.model_dump(exclude={"strict"}) for t in body.tools]
+        fields["tools"] = [t.function.model_dump(exclude={"strict"}, exclude_unset=True) for t in body.tools]
     rf = body.response_format
     if rf is not None and rf.type == "json_schema":
         if rf.json_schema is None or rf.json_schema.schema_ is None:

@@ -46,7 +46,7 @@ def _schema(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _call_object(tool: Tool) -> dict[str, Any]:
-    return {"type": "object", "properties": {"name": {"const": tool.name}, "arguments": tool.parameters},
+    return {"type": "object", "properties": {"name": {"const": tool.name}, "arguments": tool.schema_()},
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
@@ -61,7 +61,7 @@ def tool_call_grammar(fmt: str, tools: list[Tool], parallel: bool, marker: Marke
                 f'call: {marker(start)} "\\n" body "\\n" {marker(end)}\n'
                 f"body: %json {json.dumps(body)}\n")
     if fmt == "mistral":  # [TOOL_CALLS]name[ARGS]{...}name[ARGS]{...}
-        alts = "\n    | ".join(f'{json.dumps(t.name)} {marker("[ARGS]")} %json {json.dumps(_schema(t.parameters))}'
+        alts = "\n    | ".join(f'{json.dumps(t.name)} {marker("[ARGS]")} %json {json.dumps(_schema(t.schema_()))}'
                                 for t in tools)
         return f"start: {marker(start)} call{{1,{most}}}\ncall: {alts}\n"
     raise BadRequest(f"moebus cannot force a call in this model's tool-call format ({fmt}); "
@@ -104,10 +104,10 @@ class Grammars:
     def check_tools(self, tools: list[Tool]) -> None:
         """Every tool's parameters must be a schema the engine reads, whatever tool_choice is."""
         for i, t in enumerate(tools):
-            if t.parameters.get("type", "object") != "object":
+            if t.schema_().get("type", "object") != "object":
                 raise BadRequest(f"tool {t.name!r}: parameters must be a JSON schema of type object",
                                  f"tools.{i}.parameters")
-            error = llg.LLMatcher.validate_grammar(llg.LLMatcher.grammar_from_json_schema(t.parameters), self.lltok)
+            error = llg.LLMatcher.validate_grammar(llg.LLMatcher.grammar_from_json_schema(t.schema_()), self.lltok)
             if error and not error.startswith("WARNING"):
                 raise BadRequest(f"tool {t.name!r}: its parameters schema is not usable: {_first_line(error)}",
                                  f"tools.{i}.parameters")

@@ -136,9 +136,10 @@ class Engine:
         )
 
     def add(self, req: GenerateRequest, prompt: list[int], grammar: GrammarProcessor | None = None) -> None:
-        parse_tools = bool(req.tools) and req.tool_choice != "none"
-        splitter = Splitter(self.machines[parse_tools], self.tokenizer, req.tools,
-                            initial_state(self.tokenizer, prompt) if req.messages is not None else "normal")
+        chat = req.messages is not None
+        kind = "raw" if not chat else "tools" if req.tools and req.tool_choice != "none" else "chat"
+        splitter = Splitter(self.machines[kind], self.tokenizer, req.tools,
+                            initial_state(self.tokenizer, prompt) if chat else "normal")
         seq = Sequence(req, prompt, self.tokenizer.detokenizer, StopText(req.stop),
                        time.monotonic() + req.timeout_s, splitter, grammar)
         if req.request_id in self.cancelled:  # the gateway gave up before we got to it

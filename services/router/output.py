@@ -27,9 +27,9 @@ class Parts:
     calls: list[ToolCall] = field(default_factory=list)
 
 
-def machines(tokenizer: Any) -> dict[bool, TextStateMachine]:
-    """The state machines for the model's markers: {parses tool calls: machine}. A request
-    without tools gets the one without tool transitions, so its text is never taken for a call."""
+def machines(tokenizer: Any) -> dict[str, TextStateMachine]:
+    """The state machines for the model's markers: "tools" for a chat with tools, "chat" for one
+    without (its text is never taken for a call), "raw" for a plain completion (text as written)."""
     base: dict[str, list[tuple[str, str]]] = {"normal": []}
     if tokenizer.has_thinking:
         base["normal"].append((tokenizer.think_start, "reasoning"))
@@ -40,7 +40,7 @@ def machines(tokenizer: Any) -> dict[bool, TextStateMachine]:
         if tokenizer.has_thinking:
             tools["reasoning"].append((tokenizer.tool_call_start, "tool"))
         tools["tool"] = [(tokenizer.tool_call_end, "normal")] if tokenizer.tool_call_end else []
-    return {False: TextStateMachine(base), True: TextStateMachine(tools)}
+    return {"raw": TextStateMachine({"normal": []}), "chat": TextStateMachine(base), "tools": TextStateMachine(tools)}
 
 
 def initial_state(tokenizer: Any, prompt: list[int]) -> str:
@@ -56,7 +56,7 @@ class Splitter:
     def __init__(self, machine: TextStateMachine, tokenizer: Any, tools: list[Tool] | None, initial: str) -> None:
         self.state = machine.make_state(initial)
         self.tokenizer = tokenizer
-        self.tools = [{"type": "function", "function": t.model_dump()} for t in tools or []]
+        self.tools = [t.rendered() for t in tools or []]
         self.call_text: str | None = None  # inside a tool call: its text so far
         self.calls = 0
 

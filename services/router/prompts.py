@@ -55,7 +55,7 @@ class PromptEncoder:
         if getattr(self.tokenizer, "chat_template", None):
             extra: dict[str, Any] = {}
             if tools:
-                extra["tools"] = [{"type": "function", "function": t.model_dump()} for t in tools]
+                extra["tools"] = [t.rendered() for t in tools]
             if req.thinking is not None:
                 extra["enable_thinking"] = req.thinking
             elif req.response_format is not None and req.response_format.type != "text" or \

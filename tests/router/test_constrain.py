@@ -63,7 +63,7 @@ def sample(processor: GrammarProcessor, eos: set[int], seed: int, width: int, li
 
 
 def split(tok, ids: list[int]) -> Parts:
-    splitter = Splitter(machines(tok)[True], tok, None, "normal")
+    splitter = Splitter(machines(tok)["tools"], tok, None, "normal")
     first, last = splitter.feed(tok.decode(ids)), splitter.finish()
     return Parts(first.text + last.text, first.reasoning + last.reasoning, first.calls + last.calls)
 

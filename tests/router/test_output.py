@@ -27,7 +27,7 @@ def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def run(tokenizer, text: str, chunk: int, tools: bool = True, initial: str = "normal") -> Parts:
-    splitter = Splitter(machines(tokenizer)[tools], tokenizer, [WEATHER] if tools else None, initial)
+    splitter = Splitter(machines(tokenizer)["tools" if tools else "chat"], tokenizer, [WEATHER] if tools else None, initial)
     total = Parts()
     pieces = [text[i:i + chunk] for i in range(0, len(text), chunk)]
     for part in [splitter.feed(p) for p in pieces] + [splitter.finish()]:
