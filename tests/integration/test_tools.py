@@ -194,6 +194,17 @@ def test_json_schema_outputs_validate_alone_and_batched_beside_free_requests(too
     asyncio.run(run())
 
 
+def test_logprobs_of_constrained_tokens_leave_out_what_the_grammar_forbids(client: OpenAI, model: str):
+    """A forbidden token's logprob is -inf: not an alternative (and not JSON either)."""
+    r = client.chat.completions.create(
+        model=model, messages=CHAT, max_tokens=40, temperature=0, logprobs=True, top_logprobs=20,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMAS[4]}})
+    entries = r.choices[0].logprobs.content
+    assert json.loads(r.choices[0].message.content)["color"] in ("red", "green", "blue")
+    assert any(len(e.top_logprobs) < 20 for e in entries)  # where the grammar allowed fewer than 20
+    assert all(t.logprob > -1e30 for e in entries for t in e.top_logprobs)
+
+
 @pytest.mark.parametrize("body, param, words", [
     (dict(tools=[{"type": "function", "function": {"name": "has space"}}]), "tools", "pattern"),
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]),
