@@ -250,3 +250,15 @@ def test_mistral_format_calls_and_loop(mistral_up: Up, tool_checkpoints):
                                         {"role": "tool", "tool_call_id": call.id, "content": "sunny"}],
                                        tools=TOOLS, tokenize=False)
         assert again.usage.prompt_tokens == len(tok.encode(text, add_special_tokens=False))
+
+
+def test_the_readme_examples_run(tools_up: Up, model: str, capsys: pytest.CaptureFixture):
+    """What a newcomer pastes from README's "Using moebus from applications", as written, against
+    a server like the demo (another model name and port)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Using moebus from applications", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("\n", 1)[1] for b in section.split("```")[1::2] if b.startswith("python")]
+    assert len(blocks) == 3
+    code = "\n".join(blocks).replace("moebus-demo-moe", model).replace("127.0.0.1:8000", tools_up.url[7:])
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the README's own code
+    assert capsys.readouterr().out.startswith("get_weather {'city': ")  # the forced call, parsed
