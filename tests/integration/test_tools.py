@@ -205,6 +205,14 @@ def test_logprobs_of_constrained_tokens_leave_out_what_the_grammar_forbids(clien
     assert all(t.logprob > -1e30 for e in entries for t in e.top_logprobs)
 
 
+def test_a_constrained_answer_cut_by_max_tokens_says_length(client: OpenAI, model: str):
+    r = client.chat.completions.create(
+        model=model, messages=CHAT, max_tokens=3, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMAS[6]}})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+    assert '{"tags": '.startswith(r.choices[0].message.content)  # the schema's start, cut
+
+
 @pytest.mark.parametrize("body, param, words", [
     (dict(tools=[{"type": "function", "function": {"name": "has space"}}]), "tools", "pattern"),
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]),
