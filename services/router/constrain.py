@@ -94,6 +94,9 @@ class Grammars:
 
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         backend = tokenizer.backend_tokenizer  # the Rust tokenizer llguidance reads (fast tokenizers have one)
+        probe = '{"a": [0, -1.5e3, true, null], "b": "x\\"y"}'
+        if tokenizer.decode(tokenizer.encode(probe, add_special_tokens=False)).strip() != probe:
+            raise ValueError("its tokens cannot spell JSON (a word-level vocabulary)")
         self.eos = sorted(tokenizer.eos_token_ids)
         self.vocab_size = vocab_size  # the logits' width, which may exceed the tokenizer's
         self.lltok = llg.LLTokenizer(backend.to_str(), n_vocab=vocab_size, eos_token=self.eos)

@@ -74,7 +74,8 @@ class Loaded:
             return ids, self.grammars.compile(g)
         if g.tool_choice in ("required", "function") or (g.response_format and g.response_format.type != "text"):
             raise BadRequest("this model's tokenizer cannot be used for constrained output (not a fast "
-                             "tokenizer)", "response_format")
+                             "tokenizer, or one whose tokens cannot spell JSON)",
+                             "tool_choice" if g.tool_choice in ("required", "function") else "response_format")
         return ids, None
 
 

@@ -109,6 +109,16 @@ def test_stream_usage_and_max_completion_tokens(client: OpenAI):
     assert chunks[-2].choices[0].finish_reason == "length"
 
 
+def test_what_a_word_level_model_cannot_do_is_a_clear_400(client: OpenAI):
+    """Its template has no tool-call format, its tokens cannot spell JSON: said, not attempted."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for body, param, words in ((dict(tools=[tool]), "tools", "no tool calling"),
+                               (dict(response_format={"type": "json_object"}), "response_format", "spell JSON")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, **body)
+        assert e.value.body["param"] == param and words in e.value.body["message"], e.value.body
+
+
 def test_n_above_one_is_a_clear_400(client: OpenAI):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, n=2)
