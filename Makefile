@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test bench bench-load bench-flash validate-model install install-test clean
+.PHONY: run test bench bench-load bench-flash bench-grammar validate-model install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,17 +36,21 @@ test: $(VENV)/.installed-test
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-bench: $(VENV)/.installed-test
+bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.hops
 	$(BIN)/python -m bench.load
 	$(BIN)/python -m bench.balance
+	$(BIN)/python -m bench.structured
 
 bench-flash: $(VENV)/.installed-test
 	$(BIN)/python -m bench.flash $(BENCH_ARGS)
 
 bench-load: $(VENV)/.installed-test
 	$(BIN)/python -m bench.load $(BENCH_ARGS)
+
+bench-grammar: $(VENV)/.installed-bench
+	$(BIN)/python -m bench.grammar $(BENCH_ARGS)
 
 validate-model: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.validate $(BENCH_ARGS)

@@ -137,6 +137,9 @@ def _first_line(error: str) -> str:
     return error.strip().splitlines()[0][:500] if error.strip() else "unknown error"
 
 
+_BITS = mx.arange(32, dtype=mx.int32)
+
+
 class GrammarProcessor:
     """An mlx-lm logits processor for one sequence: tokens its grammar forbids get -inf.
 
@@ -164,15 +167,18 @@ class GrammarProcessor:
         if self.error is None and self.matcher.is_error():
             self.error = _first_line(self.matcher.get_error())
         if self.error is not None:  # only EOS: the engine reports why the sequence ended
-            allowed = np.zeros(self.vocab_size, np.bool_)
-            allowed[list(self.eos)] = True
+            self.bitmask[:] = 0
+            for e in self.eos:
+                self.bitmask.view(np.uint32)[0, e >> 5] |= np.uint32(1 << (e & 31))
         else:
             started = time.perf_counter()
             fill_next_token_bitmask(self.matcher, self.bitmask)
-            allowed = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")[: self.vocab_size].astype(np.bool_)
             self.mask_s += time.perf_counter() - started
             self.masks += 1
-        width = logits.shape[-1]  # the lm_head's rows past the tokenizer's are never allowed
-        if len(allowed) != width:
-            allowed = np.pad(allowed, (0, max(0, width - len(allowed))))[:width]
-        return mx.where(mx.array(allowed), logits, -mx.inf)
+        # The packed mask (one bit per token) unpacked by MLX, beside the logits: no vocabulary-wide
+        # array crosses from numpy. Tokens past the mask's end (lm_head rows the tokenizer lacks) stay off.
+        words = mx.array(self.bitmask[0])
+        allowed = ((words[:, None] >> _BITS) & 1).reshape(-1)
+        width = logits.shape[-1]
+        allowed = allowed[:width] if allowed.size >= width else mx.pad(allowed, (0, width - allowed.size))
+        return mx.where(allowed.astype(mx.bool_), logits, -mx.inf)

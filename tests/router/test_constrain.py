@@ -136,3 +136,14 @@ def test_bad_schemas_are_bad_requests(grammars, fields, param, words):
         g.compile(request(**fields))
     assert e.value.param == param
     assert words in str(e.value)
+
+
+def test_a_token_the_grammar_refuses_ends_the_sequence_with_the_reason(grammars):
+    """Never a mask that allows nothing (sampling from all -inf): only EOS, and an error to report."""
+    g, tok = grammars["json_tools"]
+    proc = g.compile(request(response_format={"type": "json_object"}))
+    width = g.vocab_size
+    proc(mx.array([5]), mx.zeros((1, width)))
+    logits = proc(mx.array([5, tok.encode("]", add_special_tokens=False)[0]]), mx.zeros((1, width)))
+    assert proc.error
+    assert np.flatnonzero(np.isfinite(np.array(logits[0]))).tolist() == g.eos
