@@ -137,9 +137,6 @@ def _first_line(error: str) -> str:
     return error.strip().splitlines()[0][:500] if error.strip() else "unknown error"
 
 
-_BITS = mx.arange(32, dtype=mx.int32)
-
-
 class GrammarProcessor:
     """An mlx-lm logits processor for one sequence: tokens its grammar forbids get -inf.
 
@@ -178,7 +175,8 @@ class GrammarProcessor:
         # The packed mask (one bit per token) unpacked by MLX, beside the logits: no vocabulary-wide
         # array crosses from numpy. Tokens past the mask's end (lm_head rows the tokenizer lacks) stay off.
         words = mx.array(self.bitmask[0])
-        allowed = ((words[:, None] >> _BITS) & 1).reshape(-1)
+        # (An array made at import would belong to another thread's stream: the lanes have their own.)
+        allowed = ((words[:, None] >> mx.arange(32, dtype=mx.int32)) & 1).reshape(-1)
         width = logits.shape[-1]
         allowed = allowed[:width] if allowed.size >= width else mx.pad(allowed, (0, width - allowed.size))
         return mx.where(allowed.astype(mx.bool_), logits, -mx.inf)
