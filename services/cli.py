@@ -19,7 +19,7 @@ from shared.security import DEFAULT_LISTEN, DEFAULT_WORKERS, NATS_CONTEXT, Creds
 
 # Flags `moebus up` passes on to the service that owns them.
 ROUTER_FLAGS = ("share_model", "expert_timeout", "max_running", "max_waiting", "max_prompt_tokens", "prefill_step",
-                "micro_batches", "replicas")
+                "micro_batches", "replicas", "prompt_cache_bytes", "kv_budget")
 WORKER_FLAGS = ("memory_budget",)
 GATEWAY_FLAGS = ("api_key", "max_body_bytes", "request_timeout", "header_timeout", "body_timeout", "keep_alive",
                  "max_connections")
@@ -36,12 +36,10 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
             sys.modules["mlx.core"].clear_streams()
 
 
-def _model(flag: str | None) -> Path:
-    raw = setting(flag, "MOEBUS_MODEL", "", str)
-    if raw:
-        return Path(raw).expanduser().resolve()
-    from shared.demo import ensure_demo_model
-    return ensure_demo_model(home())
+def _model(flag: str | None, weights: bool = True) -> Path:
+    """--model (MOEBUS_MODEL): a directory, a Hugging Face repo id, or the demo model."""
+    from shared.hub import resolve_model
+    return resolve_model(setting(flag, "MOEBUS_MODEL", "", str), home(), weights=weights)
 
 
 def _nats(a: argparse.Namespace) -> str:
@@ -79,8 +77,17 @@ def cmd_router(a: argparse.Namespace) -> None:
         expert_timeout_s=positive(setting(a.expert_timeout, "MOEBUS_EXPERT_TIMEOUT", D.EXPERT_TIMEOUT_S, float), "expert timeout"),
         max_prompt_tokens=int(positive(setting(a.max_prompt_tokens, "MOEBUS_MAX_PROMPT_TOKENS", D.MAX_PROMPT_TOKENS, int),
                                        "max prompt tokens")),
+        prompt_cache_bytes=_prompt_cache_bytes(setting(a.prompt_cache_bytes, "MOEBUS_PROMPT_CACHE_BYTES", "", str)),
+        kv_budget=parse_size(kv, "--kv-budget") if (kv := setting(a.kv_budget, "MOEBUS_KV_BUDGET", "", str)) else None,
     )
     _run(serve(cfg))
+
+
+def _prompt_cache_bytes(given: str) -> int:
+    """--prompt-cache-bytes: a size, 0 for none, or by default a share of the machine's memory."""
+    if given:
+        return parse_size(given) if given.strip() != "0" else 0
+    return int(D.PROMPT_CACHE_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def cmd_worker(a: argparse.Namespace) -> None:
@@ -89,7 +96,7 @@ def cmd_worker(a: argparse.Namespace) -> None:
     model = setting(a.model, "MOEBUS_MODEL", "", str)  # none: the experts come from the cluster's model store
     creds = _creds(a, "worker")
     cfg = WorkerConfig(nats_url=_nats(a), creds=creds, identity=creds.user if creds else "",
-                       model=Path(model).expanduser().resolve() if model else None,
+                       model=_model(model, weights=False) if model else None,  # its experts' shards: once placed
                        memory_budget=parse_size(budget) if budget else None)
     _run(serve(cfg))
 
@@ -131,17 +138,17 @@ def cmd_flash_cache(a: argparse.Namespace) -> None:
     _run(serve(cfg))
 
 
-def parse_size(text: str) -> int:
-    """Bytes from "2G", "512M", "1.5GB" or a plain number."""
+def parse_size(text: str, flag: str = "--memory-budget") -> int:
+    """Bytes from "2G", "512M", "1.5GB", "8GiB" or a plain number."""
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     t = text.strip().upper().removesuffix("B").removesuffix("I")
     number, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
     try:
         size = int(float(number) * units[unit])
     except ValueError:
-        raise ConfigError(f"--memory-budget {text!r}: give bytes, or a size such as 2G or 512M") from None
+        raise ConfigError(f"{flag} {text!r}: give bytes, or a size such as 2G or 512M") from None
     if size <= 0:
-        raise ConfigError(f"--memory-budget {text!r} must be positive")
+        raise ConfigError(f"{flag} {text!r} must be positive")
     return size
 
 
@@ -225,6 +232,8 @@ def cmd_up(a: argparse.Namespace) -> None:
     keys, host = _api_keys(a), setting(a.host, "MOEBUS_HOST", D.HOST, str)
     _guard_open_gateway(a, host, keys, warn=False)  # the gateway says it once it starts
     budget = setting(a.memory_budget, "MOEBUS_MEMORY_BUDGET", "", str)
+    if kv := setting(a.kv_budget, "MOEBUS_KV_BUDGET", "", str):
+        parse_size(kv, "--kv-budget")  # refused now, not by the router it starts
     cfg = UpConfig(
         creds_dir=str(Path(creds).expanduser().resolve()) if creds else "",
         insecure=_insecure(a), nats_host=setting(a.nats_host, "MOEBUS_NATS_HOST", D.NATS_HOST, str),
@@ -309,6 +318,12 @@ def _router_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--max-running", type=int, help=f"sequences decoded together (MOEBUS_MAX_RUNNING, {D.MAX_RUNNING})")
     sp.add_argument("--max-waiting", type=int, help=f"queued requests beyond those; then 429 (MOEBUS_MAX_WAITING, {D.MAX_WAITING})")
     sp.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (MOEBUS_MAX_PROMPT_TOKENS)")
+    sp.add_argument("--prompt-cache-bytes", help="KV caches of finished prompts kept for reuse by later requests, "
+                                                 "e.g. 2G; 0 turns reuse off (MOEBUS_PROMPT_CACHE_BYTES; default: "
+                                                 f"{D.PROMPT_CACHE_SHARE * 100:.0f}%% of the machine's memory)")
+    sp.add_argument("--kv-budget", help="bytes for running sequences' KV caches, e.g. 8GiB: a request starts when "
+                                        "its prompt + max_tokens fit, and waits meanwhile (MOEBUS_KV_BUDGET; default: "
+                                        f"{D.KV_SHARE * 100:.0f}%% of the machine's memory less the router's weights)")
     sp.add_argument("--prefill-step", type=int, help=f"prompt tokens per step (MOEBUS_PREFILL_STEP, {D.PREFILL_STEP})")
     sp.add_argument("--micro-batches", type=int, help="2: from 8 running sequences on, decode two halves that "
                                                       f"overlap compute and bus waits; 1: one batch (MOEBUS_MICRO_BATCHES, {D.MICRO_BATCHES})")
@@ -359,8 +374,10 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--insecure", action="store_true", help="allow an open bus without credentials "
                                                                 "(MOEBUS_INSECURE=1)")
         if model:
-            sp.add_argument("--model", help="local Hugging Face MoE checkpoint dir (MOEBUS_MODEL; default: the demo "
-                                            "model; a worker: the experts it holds, from the router's copy over NATS)")
+            sp.add_argument("--model", help="a Hugging Face MoE model: ORG/NAME[@REVISION] (downloaded once into the "
+                                            "Hugging Face cache) or a local directory (MOEBUS_MODEL; default: the "
+                                            "demo model; a worker: only the shards of the experts it holds, or "
+                                            "without --model, those experts from the router's copy over NATS)")
         sp.set_defaults(fn=fn)
         return sp
 
@@ -410,7 +427,8 @@ def parser() -> argparse.ArgumentParser:
     fc.add_argument("--trace", help="write each layer request's experts to this JSON file at exit: the routing "
                                     "trace the benchmark replays (MOEBUS_FLASH_TRACE)")
     bd = sub.add_parser("bundle", help="write a model's experts as a bundle for the flash-cache")
-    bd.add_argument("--model", help="local Hugging Face MoE checkpoint dir (default: the demo model)")
+    bd.add_argument("--model", help="ORG/NAME[@REVISION] of the Hugging Face Hub, or a local directory (MOEBUS_MODEL; "
+                                    "default: the demo model)")
     bd.add_argument("--out", help="bundle directory (default: under $MOEBUS_HOME/bundles)")
     bd.set_defaults(fn=cmd_bundle)
     from services.perfmodel.cli import add_parser

@@ -13,6 +13,8 @@ MICRO_BATCHES = 2
 EXPERT_TIMEOUT_S = 30.0
 REPLICAS = 1
 MAX_PROMPT_TOKENS = 1 << 30
+KV_SHARE = 0.25  # of the machine's memory less the router's weights, for running sequences' KV (--kv-budget)
+PROMPT_CACHE_SHARE = 0.1  # of the machine's memory, for finished prompts' KV caches (--prompt-cache-bytes)
 # gateway
 HOST, PORT = "127.0.0.1", 8000
 REQUEST_TIMEOUT_S = DEFAULT_DEADLINE_S

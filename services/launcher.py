@@ -21,6 +21,7 @@ from shared.access import cluster_dir, ensure_users, server_block, tls_dir
 from shared.blas import blas_threads
 from shared.config import LocalCluster, forget_cluster, record_cluster
 from shared.errors import ConfigError
+from shared.hub import model_name
 from shared.natsd import bind_error, bus_child, free_port, start_nats
 from shared.security import DEFAULT_WORKERS, is_loopback
 
@@ -210,7 +211,7 @@ def up(cfg: UpConfig) -> int:
             if not announced:
                 if healthy(http):
                     announced = True
-                    print(banner(http, remote, cfg.model.name, cfg.auth), flush=True)
+                    print(banner(http, remote, model_name(cfg.model), cfg.auth), flush=True)
                 elif now > deadline:
                     say(f"not ready after {cfg.ready_timeout_s:g}s; stopping")
                     return 1

@@ -46,11 +46,20 @@ def render(s: ClusterStatus) -> str:
     if not s.workers:
         lines.append("(no workers)")
     lines.append(f"unowned experts: {_ranges(s.unowned_experts) or 'none'}")
+    if s.kv_budget_bytes:
+        lines.append(f"KV cache: {_size(s.kv_bytes_in_use)} in use of a {_size(s.kv_budget_bytes)} budget; "
+                     f"prompt cache {_size(s.prompt_cache_bytes)}")
     if s.expert_load and sum(s.expert_load):
         total = sum(s.expert_load)
         hot = sorted(range(len(s.expert_load)), key=lambda e: -s.expert_load[e])[:5]
         lines.append("busiest experts: " + ", ".join(f"{e} ({100 * s.expert_load[e] / total:.0f}%)" for e in hot))
     return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = min(len(units) - 1, max(0, (n.bit_length() - 1) // 10))
+    return f"{n} B" if i == 0 else f"{n / (1 << 10 * i):.1f} {units[i]}"
 
 
 def _ranges(ids: list[int]) -> str:

@@ -170,6 +170,7 @@ class GenerateEvent(Message):
     finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, those taken from the prompt cache (not prefilled)
     error: str | None = None
     stop_sequence: str | None = None  # the stop string that ended the text
     logprob: float | None = None  # of `token`, when the request asked for logprobs
@@ -197,6 +198,9 @@ class RouterStatus(Message):
     router: str = ""  # this router process's id (GenerateAccepted.router)
     unready_reason: str = ""
     unowned_experts: list[int] = Field(default_factory=list)
+    kv_bytes_in_use: int = 0  # reserved by running sequences' KV caches (prompt + max_tokens each)
+    kv_budget_bytes: int = 0  # --kv-budget: sequences wait to start beyond it
+    prompt_cache_bytes: int = 0  # finished prompts' KV caches kept for reuse
 
 
 class WorkerStatus(Message):
@@ -223,3 +227,6 @@ class ClusterStatus(Message):
     unowned_experts: list[int]
     expert_load: list[int]  # tokens routed to each expert so far
     owners: list[list[str]]  # the active placement: expert -> workers
+    kv_bytes_in_use: int = 0  # as in RouterStatus
+    kv_budget_bytes: int = 0
+    prompt_cache_bytes: int = 0

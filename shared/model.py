@@ -18,6 +18,7 @@ from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 from mlx_lm.utils import load_model
 
 from shared.errors import ModelError
+from shared.hub import model_name
 
 _CONTEXT_KEYS = ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length")
 
@@ -59,10 +60,15 @@ def fingerprint(path: Path) -> str:
 
 
 def load_lazy(path: Path) -> tuple[nn.Module, dict]:
-    """mlx-lm's model with lazily loaded weights; nothing is read until evaluated."""
+    """mlx-lm's model with lazily loaded weights; nothing is read until evaluated. A worker's
+    snapshot without all its shards: the others' tensors are placeholders (shared.shards)."""
+    from shared.shards import partial_classes
     read_config(path)
+    classes = partial_classes(path)
+    # Not strict with placeholders: mlx-lm would refuse a snapshot with no weight file yet.
+    partial = {} if classes is None else {"get_model_classes": classes, "strict": False}
     try:
-        return load_model(path, lazy=True)
+        return load_model(path, lazy=True, **partial)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise ModelError(f"{path}: mlx-lm cannot load this model: {e}") from None
 
@@ -93,7 +99,7 @@ def describe(path: Path, config: dict, slots: list[ExpertSlot]) -> ModelInfo:
         raise ModelError(f"{path}: MoE layers disagree on the number of experts {sorted(counts)}")
     context = next((int(config[k]) for k in _CONTEXT_KEYS if isinstance(config.get(k), int)), 4096)
     return ModelInfo(
-        name=path.name,
+        name=model_name(path),
         model_type=str(config.get("model_type")),
         fingerprint=fingerprint(path),
         max_context=context,

@@ -19,6 +19,7 @@ from shared.arrays import to_mlx, to_numpy
 from shared.errors import ModelError, WireError
 from shared.model import ExpertSlot, ModelInfo, describe, find_experts, load_lazy
 from shared.modelstore import ModelManifest, expert_file
+from shared.shards import check_fetched, fetch_experts, missing
 from shared.wire import ExpertRequest, encode_reply
 
 
@@ -193,12 +194,17 @@ class LocalExperts:
 
 
 def load_experts(path: Path, held: list[int]) -> tuple[LocalExperts, ModelInfo]:
-    """Load only the experts `held`, from every MoE layer."""
+    """Load only the experts `held`, from every MoE layer; a worker's snapshot of the Hugging
+    Face cache first fetches the shards holding them (nothing when they are here)."""
+    held = sorted(set(held))
+    fetch_experts(path, held)
     model, config = load_lazy(path)
     slots = find_experts(model)
     info = describe(path, config, slots)
-    held = sorted(set(held))
-    layers = _evaluate([_stack_held(slot, held) for slot in slots] if held else [])
+    modules = [_stack_held(slot, held) for slot in slots] if held else []
+    if missing(path):
+        check_fetched(path, modules)
+    layers = _evaluate(modules)
     del model, slots
     return _settle(layers, held, info.num_experts, info.moe_layers), info
 

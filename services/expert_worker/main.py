@@ -1,4 +1,4 @@
-"""expert-worker service: `moebus worker --nats URL [--model PATH] [--memory-budget SIZE]`.
+"""expert-worker service: `moebus worker --nats URL [--model PATH|ORG/NAME] [--memory-budget SIZE]`.
 
 A worker joins by announcing itself (id, host, capacity, speed); the router places experts on
 it through the cluster bucket (`shared.cluster`): the worker loads what `next` gives it, says
@@ -39,6 +39,7 @@ from shared.mlx_thread import LoopThread
 from shared.model import ModelInfo
 from shared.modelstore import ModelManifest
 from shared.security import Creds
+from shared.shards import fetch_experts
 from shared.wire import DTYPES, decode_request, reply_size
 
 VERSION = "0.2.0"
@@ -48,7 +49,9 @@ log = get_logger("worker")
 @dataclass(frozen=True)
 class WorkerConfig:
     nats_url: str
-    model: Path | None  # None: fetch the experts it holds from the router's copy (shared.modelstore)
+    # None: fetch the experts it holds from the router's copy (shared.modelstore). A snapshot of
+    # the Hugging Face cache without weights: fetch their shards from the Hub (shared.shards).
+    model: Path | None
     memory_budget: int | None = None  # bytes for experts; None: what the machine can spare
     creds: Creds | None = None
     identity: str = ""  # the first part of the worker's id: its NATS user, or this host's name
@@ -176,7 +179,8 @@ class Worker:
             js, manifest = self.source
             dest = await modelstore.fetch(js, manifest, held, home() / "experts")
             await self.mlx.run(self._swap, lambda: load_fetched(dest, manifest, held))
-        else:
+        else:  # a repo id's snapshot downloads the shards of these experts here, not on the MLX thread
+            await asyncio.to_thread(fetch_experts, self.cfg.model, held)
             await self.mlx.run(self._swap, lambda: load_experts(self.cfg.model, held)[0])
 
     def _swap(self, make: Callable[[], LocalExperts]) -> None:

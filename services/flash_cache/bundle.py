@@ -196,6 +196,7 @@ def ensure_bundle(model_path: Path, out: Path | None, root: Path) -> Path:
     """The bundle of `model_path`: at `out`, or under `root` by the checkpoint's key, written
     first (with a progress bar) when it is missing or unfinished; refused when it is another
     model's."""
+    from shared.hub import model_name
     from shared.model import fingerprint
     from shared.modelstore import checkpoint_key
     out = out or root / "bundles" / checkpoint_key(model_path)
@@ -207,7 +208,7 @@ def ensure_bundle(model_path: Path, out: Path | None, root: Path) -> Path:
         open_bundle(out, fingerprint(model_path))  # a bundle of another model: refused, not overwritten
         return out
     from tqdm import tqdm
-    with tqdm(total=None, desc=f"bundling {model_path.name} into {out}", unit="layer") as bar:
+    with tqdm(total=None, desc=f"bundling {model_name(model_path)} into {out}", unit="layer") as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)

@@ -181,7 +181,8 @@ def routes(router: Callable[[], RouterClient], check_model: Callable[[str], Awai
         last = events[-1]
         return JSONResponse({**message, "content": content(events), "stop_reason": stop_reason(last),
                              "stop_sequence": last.stop_sequence,
-                             "usage": {"input_tokens": last.prompt_tokens, "output_tokens": last.completion_tokens}})
+                             "usage": {"input_tokens": last.prompt_tokens, "output_tokens": last.completion_tokens,
+                                       "cache_read_input_tokens": last.cached_tokens}})
 
     @api.post("/v1/messages/count_tokens")
     async def count_tokens(body: CountTokensRequest) -> dict:
@@ -270,5 +271,5 @@ async def _events(gen: Generation, message: dict) -> AsyncIterator[dict]:
             for out in blocks.finish():
                 yield out
             yield {"type": "message_delta", "delta": {"stop_reason": stop_reason(e), "stop_sequence": e.stop_sequence},
-                   "usage": {"output_tokens": e.completion_tokens}}
+                   "usage": {"output_tokens": e.completion_tokens, "cache_read_input_tokens": e.cached_tokens}}
             yield {"type": "message_stop"}

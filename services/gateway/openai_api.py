@@ -93,7 +93,8 @@ def _message(events: list[GenerateEvent]) -> dict:
 
 def _usage(last: GenerateEvent) -> dict:
     return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
-            "total_tokens": last.prompt_tokens + last.completion_tokens}
+            "total_tokens": last.prompt_tokens + last.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": last.cached_tokens}}
 
 
 def _chat_logprobs(events: list[GenerateEvent]) -> dict:

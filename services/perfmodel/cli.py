@@ -7,7 +7,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from shared.config import home
+from shared.config import home, setting
 from shared.errors import ConfigError
 
 
@@ -19,13 +19,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pm = sub.add_parser("perfmodel", help="predict a cluster's speed and cost from this machine's measurements")
     ps = pm.add_subparsers(dest="perfmodel", required=True)
     cal = ps.add_parser("calibrate", help="measure this machine's parts (a few minutes) and write a profile")
-    cal.add_argument("--model", help="checkpoint to measure on (default: the demo model)")
+    cal.add_argument("--model", help="ORG/NAME[@REVISION] or a local directory to measure on (MOEBUS_MODEL; "
+                                     "default: the demo model)")
     cal.add_argument("--out", help="profile to write (default: $MOEBUS_HOME/perfmodel/profile.json)")
     cal.add_argument("--quick", action="store_true", help="fewer samples and sizes: a rough profile in a minute")
     cal.set_defaults(fn=cmd_calibrate)
     pr = ps.add_parser("predict", help="tokens/s and where the time goes, for a cluster")
     what = pr.add_mutually_exclusive_group()
-    what.add_argument("--model", help="checkpoint whose config.json gives the shape (default: the profile's model)")
+    what.add_argument("--model", help="ORG/NAME[@REVISION] or a local directory whose config.json gives the shape "
+                                      "(default: the profile's model)")
     what.add_argument("--shape", help="layers=48,hidden=2048,experts=128,top_k=8,ffn=768,heads=32,kv_heads=4,"
                                       "head_dim=128,vocab=151936[,weight_bytes=0.5625,wire_bytes=2]")
     pr.add_argument("--workers", type=int, default=1, help="expert workers (default 1)")
@@ -57,10 +59,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_calibrate(a: argparse.Namespace) -> None:
     from services.perfmodel.calibrate import CalibrateConfig, run
-    from services.cli import _model
+    from shared.hub import resolve_model
 
     out = Path(a.out).expanduser() if a.out else default_profile()
-    cfg = CalibrateConfig(model=_model(a.model), out=out)
+    cfg = CalibrateConfig(model=resolve_model(setting(a.model, "MOEBUS_MODEL", "", str), home()), out=out)
     if a.quick:
         cfg = replace(cfg, workers=(1, 2), batches=(1, 8), contexts=(16,), call_tokens=(1, 4), expert_tokens=(1, 4),
                       samples=40, steps=4)
@@ -95,9 +97,10 @@ def prediction(a: argparse.Namespace) -> dict:
     source = from_config(profile["model"]["config"])
     try:
         if a.model:
+            from shared.hub import resolve_model
             from shared.model import read_config  # mlx-lm: seconds to import, only for --model
 
-            target = from_config(read_config(Path(a.model)))
+            target = from_config(read_config(resolve_model(a.model, home(), weights=False)))  # config.json alone
         else:
             target = parse_shape(a.shape) if a.shape else source
     except ValueError as e:

@@ -23,7 +23,9 @@ from mlx_lm.generate import BatchGenerator
 
 from services import defaults
 from services.router.constrain import GrammarProcessor
+from services.router.kv import KVBudget, unbounded
 from services.router.output import Splitter, initial_state, machines
+from services.router.prompt_cache import PromptCache
 from services.router.sampling import StopText, request_sampler, special_token_ids
 from shared.errors import MoebusError
 from shared.logs import get_logger
@@ -55,6 +57,7 @@ class Sequence:
     grammar: GrammarProcessor | None = None
     started: bool = False
     calls: int = 0  # tool calls it made
+    cached: int = 0  # prompt tokens taken from the prompt cache
     n: int = 0
     index: int = 0
 
@@ -95,8 +98,10 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer: Any, limits: EngineLimits, publish: Publish,
                  max_context: int = 1 << 31,
                  before_step: Callable[[], None] = lambda: None,
-                 after_step: Callable[[float], None] = lambda seconds: None) -> None:
+                 after_step: Callable[[float], None] = lambda seconds: None,
+                 prompt_cache: PromptCache | None = None) -> None:
         self.model = model
+        self.prompt_cache = prompt_cache  # None: every prompt prefilled in full
         self.before_step = before_step  # e.g. switch to a new placement: never inside a step
         self.after_step = after_step  # a decode step's wall time, for the metrics
         self.max_context = max_context
@@ -120,6 +125,7 @@ class Engine:
         self.running = 0  # read by the event loop for status and admission
         self.waiting = 0
         self.running_max = 0  # the most sequences in the lanes at once: what sampling `running` can miss
+        self.kv: KVBudget = unbounded()  # the router sets its byte budget (services.router.kv)
         n = max(1, min(limits.micro_batches, limits.max_running))
         caps = [limits.max_running // n + (i < limits.max_running % n) for i in range(n)]  # sum: max_running
         self.lanes = [Lane(self._generator, caps[i], None if i == 0 else MLXThread(f"mlx-lane{i}"))
@@ -156,7 +162,10 @@ class Engine:
             sizes, caps = [len(lane.seqs) for lane in self.lanes], [lane.cap for lane in self.lanes]
             if all(n >= c for n, c in zip(sizes, caps)):
                 return
-            coming = len(self.queue)
+            coming, head = len(self.queue), self.queue[0]
+            # The oldest waits until its KV cache fits; later ones do not pass it, so it is never starved.
+            if not self.kv.reserve(head.req.request_id, len(head.prompt), head.req.max_tokens):
+                return
             seq = self.queue.popleft()
             self._insert(self.lanes[pick_lane(sizes, caps, self.limits.split_at, coming)], seq)
 
@@ -167,14 +176,29 @@ class Engine:
         try:
             sampler = request_sampler(req.temperature, req.top_p, req.top_k, req.min_p, req.seed)
             processors = [[seq.grammar] if seq.grammar is not None else []]
-            (uid,) = lane.call(lambda: lane.gen.insert([seq.prompt], max_tokens=[max_tokens], samplers=[sampler],
-                                                       logits_processors=processors))
+            uid = lane.call(self._start, lane, seq, max_tokens, sampler, processors)
         except Exception as e:  # noqa: BLE001 - the request was accepted: it must hear why it ends
             self._emit(seq, GenerateEvent(request_id=req.request_id, index=0, finish_reason="error",
                                           error=f"cannot start: {e!r}"))
             return
         lane.seqs[uid] = seq
         self.uids[req.request_id] = (lane, uid)
+
+    def _start(self, lane: Lane, seq: Sequence, max_tokens: int, sampler: Any, processors: list) -> int:
+        """Into the lane's batch, on the lane's thread: with the longest cached prefix of its
+        prompt, only the rest is prefilled."""
+        reuse = self.prompt_cache.fetch(seq.prompt) if self.prompt_cache is not None else None
+        if reuse is None or reuse.cache is None:
+            return lane.gen.insert([seq.prompt], max_tokens=[max_tokens], samplers=[sampler],
+                                   logits_processors=processors)[0]
+        seq.cached = reuse.cached
+        return lane.gen.insert([seq.prompt[reuse.cached:]], max_tokens=[max_tokens], caches=[reuse.cache],
+                               all_tokens=[seq.prompt[:reuse.cached]], samplers=[sampler],
+                               logits_processors=processors)[0]
+
+    @property
+    def prompt_cache_bytes(self) -> int:
+        return self.prompt_cache.nbytes if self.prompt_cache is not None else 0
 
     def fail_all(self, error: str) -> None:
         """Every sequence ends with `error` (shutdown); the batches start afresh."""
@@ -265,6 +289,8 @@ class Engine:
                 for r in responses:
                     if r.uid in lane.seqs:
                         self._on_token(lane, r.uid, lane.seqs[r.uid], r.token, r.logprobs, r.finish_reason)
+                    if r.prompt_cache is not None and self.prompt_cache is not None:
+                        self.prompt_cache.insert(r.all_tokens, r.prompt_cache)  # a finished sequence
             except Exception as e:  # noqa: BLE001 - every sequence of the lane hears of it
                 error = str(e) if isinstance(e, MoebusError) else f"internal error: {e!r}"
                 log.warning("decode step failed", error=error, sequences=len(lane.seqs))
@@ -308,7 +334,7 @@ class Engine:
             request_id=seq.req.request_id, index=seq.index, text=parts.text, reasoning=parts.reasoning,
             tool_calls=parts.calls or None, token=token, finish_reason=finish, error=error,
             prompt_tokens=len(seq.prompt) if done else 0, completion_tokens=seq.n if done else 0,
-            stop_sequence=stop_sequence, **extra))
+            cached_tokens=seq.cached if done else 0, stop_sequence=stop_sequence, **extra))
         seq.index += 1
         if done:
             self._drop(lane, uid, still_in_batch=in_batch)
@@ -338,6 +364,8 @@ class Engine:
                                       prompt_tokens=len(seq.prompt)))
 
     def _emit(self, seq: Sequence, event: GenerateEvent) -> None:
+        if event.finish_reason is not None:  # every way a sequence ends passes here: its KV bytes are free
+            self.kv.release(seq.req.request_id)
         self._out.append((seq.req.stream, event))
 
     def _drop(self, lane: Lane, uid: int, still_in_batch: bool = True) -> None:

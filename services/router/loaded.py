@@ -13,7 +13,9 @@ from services.router.bus_experts import install
 from services.router.constrain import GrammarProcessor, Grammars
 from services.router.engine import Engine, Publish
 from services.router.exchange import ExpertClient
+from services.router.kv import KVBudget, default_budget, kv_size, machine_memory, weights_bytes
 from services.router.metrics import ExchangeStats
+from services.router.prompt_cache import PromptCache
 from services.router.prompts import PromptEncoder
 from services.router.registry import Table, WorkerRegistry
 from shared.errors import BadRequest
@@ -63,7 +65,10 @@ def load_router_model(cfg: RouterConfig, client: ExpertClient, publish: Publish)
     client.stats = ExchangeStats(info.moe_layers, info.num_experts)
     client.table = client.latest = Table.empty(info.num_experts)
     engine = Engine(model, tokenizer, cfg.limits, publish, info.max_context, before_step=client.adopt,
-                    after_step=client.stats.record_step)
+                    after_step=client.stats.record_step,
+                    prompt_cache=PromptCache(cfg.prompt_cache_bytes) if cfg.prompt_cache_bytes > 0 else None)
+    budget = cfg.kv_budget or default_budget(weights_bytes(model), machine_memory())  # experts are out by now
+    engine.kv = KVBudget(kv_size(model, config), budget, info.max_context)
     client.while_waiting = engine.baton.released  # a lane waiting on its experts lets the other compute
     for lane in engine.lanes:
         lane.call(client.attach)  # each lane's own connection (shared.mlx_thread)

@@ -25,6 +25,7 @@ from services.router.placer import Placer
 from shared import cluster, modelstore, subjects
 from shared.bus import close, connect, inbox_only, request, stop_event, stop_service, ticks
 from shared.errors import BadRequest, BusError, MoebusError, NoResponders, WireError
+from shared.hub import model_name
 from shared.logs import get_logger
 from shared.messages import (
     Cancel, ClusterStatus, Discover, GenerateAccepted, GenerateEvent, GenerateRequest, RouterStatus, TokenCount,
@@ -50,6 +51,8 @@ class RouterConfig:
     probe_after_s: float = 0.5  # a call waiting this long asks whether its worker is still there
     replicas: int = defaults.REPLICAS
     max_prompt_tokens: int = defaults.MAX_PROMPT_TOKENS
+    kv_budget: int | None = None  # bytes of running sequences' KV caches; None: derived from memory (router.kv)
+    prompt_cache_bytes: int = 0  # finished prompts' KV caches kept for reuse; 0: none
     limits: EngineLimits = field(default_factory=EngineLimits)
 
 
@@ -72,7 +75,7 @@ class Router:
 
     def status(self) -> RouterStatus:
         if self.m is None or self.placer is None:
-            return RouterStatus(ready=False, model=self.cfg.model.name, max_context=0, workers=[], experts_covered=0,
+            return RouterStatus(ready=False, model=model_name(self.cfg.model), max_context=0, workers=[], experts_covered=0,
                                 experts_total=0, router=self.id, unready_reason="the router is loading the model")
         reg, info, eng = self.m.registry, self.m.info, self.m.engine
         unowned = self.placer.unowned()
@@ -92,7 +95,15 @@ class Router:
         return RouterStatus(ready=not unowned, model=info.name, max_context=info.max_context, workers=reg.workers,
                             experts_covered=info.num_experts - len(unowned), experts_total=info.num_experts,
                             running=eng.running, waiting=eng.waiting, router=self.id, unready_reason=reason,
-                            unowned_experts=unowned)
+                            unowned_experts=unowned, **self.memory())
+
+    def memory(self) -> dict[str, int]:
+        """KV bytes reserved by running sequences, their budget, and the prompt cache's bytes."""
+        if self.m is None:
+            return {}
+        eng = self.m.engine
+        return {"kv_bytes_in_use": eng.kv.in_use, "kv_budget_bytes": eng.kv.budget,
+                "prompt_cache_bytes": int(getattr(eng, "prompt_cache_bytes", 0))}
 
     def cluster(self) -> ClusterStatus:
         assert self.m is not None and self.placer is not None
@@ -108,12 +119,15 @@ class Router:
             placement_version=placer.active.version if placer.active else 0,
             pending_version=placer.next.version if placer.next else None, unowned_experts=placer.unowned(),
             expert_load=stats.expert_tokens.tolist() if stats is not None else [],
-            owners=placer.active.owners if placer.active else [])
+            owners=placer.active.owners if placer.active else [], **self.memory())
 
     def gauges(self) -> dict[str, float]:
         s = self.status()
         return {"sequences_running": s.running, "sequences_waiting": s.waiting,
                 "sequences_running_max": float(self.m.engine.running_max if self.m else 0),
+                "kv_bytes_in_use": float(s.kv_bytes_in_use), "kv_budget_bytes": float(s.kv_budget_bytes),
+                "kv_bytes_in_use_max": float(self.m.engine.kv.in_use_max if self.m else 0),
+                **(self.m.engine.prompt_cache.stats() if self.m and self.m.engine.prompt_cache else {}),
                 "grammar_mask_seconds": self.m.engine.mask_seconds if self.m else 0.0,
                 "grammar_masks": float(self.m.engine.masks if self.m else 0),
                 "workers_connected": len(s.workers),
@@ -242,6 +256,8 @@ class Router:
             ids, grammar = await asyncio.to_thread(self.m.prepare, g)
         except BadRequest as e:
             raise ServiceError("400", _error(e)) from None
+        if (never := self.m.engine.kv.refusal(len(ids), g.max_tokens)) is not None:  # waiting would not help
+            raise ServiceError("400", _error(never))
         self.active += 1
         self.mlx.submit(self.m.engine.add, g, ids, grammar)  # queued before any cancel of it can be
         await req.respond(encode(GenerateAccepted(request_id=g.request_id, prompt_tokens=len(ids), router=self.id)))
@@ -306,7 +322,7 @@ async def serve(cfg: RouterConfig) -> None:
 
             svc = await add_service(nc, name=subjects.SERVICE_ROUTER, version=VERSION,
                                     description="moebus router: attention, gates, sampling; experts over the bus",
-                                    metadata={"model": cfg.model.name, "router": router.id})
+                                    metadata={"model": model_name(cfg.model), "router": router.id})
             stack.push_async_callback(stop_service, svc)
             await svc.add_endpoint(name="status", subject=subjects.ROUTER_STATUS, handler=inbox_only(router.on_status))
             kv = await cluster.bucket(nc.jetstream())
@@ -334,7 +350,8 @@ async def serve(cfg: RouterConfig) -> None:
             await svc.add_endpoint(name="cluster", subject=subjects.ROUTER_CLUSTER, handler=inbox_only(router.on_cluster))
             await nc.publish(subjects.WORKERS_DISCOVER, encode(Discover(router="router")))
             log.info("router loaded", model=m.info.name, moe_layers=m.info.moe_layers, experts=m.info.num_experts,
-                     replicas=cfg.replicas)
+                     replicas=cfg.replicas, kv_budget_bytes=m.engine.kv.budget,
+                     kv_bytes_per_token=m.engine.kv.size.per_token)
             async for _ in ticks(stop, cfg.tick_s):
                 for lane in m.engine.lanes:  # an idle lane's connection answers the server's PINGs
                     (lane.thread or mlx).submit(client.pump)

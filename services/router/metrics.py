@@ -16,7 +16,17 @@ GAUGE_HELP = {"sequences_running_max": "The most sequences in the batch at once 
                                        "router started: never above --max-running",
               "grammar_mask_seconds": "Seconds spent computing constrained decoding's token masks, in all "
                                       "(divided by moebus_grammar_masks: the time per constrained token)",
-              "grammar_masks": "Token masks computed for constrained sequences (one per constrained token)"}
+              "grammar_masks": "Token masks computed for constrained sequences (one per constrained token)",
+              "prompt_cache_bytes": "Bytes of the finished prompts' KV caches kept for reuse",
+              "prompt_cache_budget_bytes": "The prompt cache's byte budget (--prompt-cache-bytes)",
+              "prompt_cache_entries": "Finished sequences whose KV cache is kept",
+              "prompt_cache_hits": "Requests that started from a cached prefix, since the router started",
+              "prompt_cache_misses": "Requests prefilled in full, since the router started",
+              "prompt_cache_tokens_reused": "Prompt tokens taken from the cache instead of prefilled, in all",
+              "kv_bytes_in_use": "Bytes of KV cache reserved by running sequences (prompt + max_tokens each)",
+              "kv_bytes_in_use_max": "The most KV bytes reserved at once since the router started: never above "
+                                     "--kv-budget",
+              "kv_budget_bytes": "--kv-budget: a sequence starts only when its KV cache fits beside the running ones"}
 
 
 class ExchangeStats:

@@ -24,7 +24,13 @@ def references(checkpoints: dict[str, Path]) -> dict[str, list[list[int]]]:
         refs[family] = [reference_greedy(path, p, NEW_TOKENS) for p in PROMPTS]
         # the single-process mlx-lm run is the second witness: moebus changes only where experts run
         assert refs[family] == [mlx_lm_greedy(path, p, NEW_TOKENS) for p in PROMPTS]
+        refs[family].append(reference_greedy(path, turn2(refs[family]), NEW_TOKENS))
     return refs
+
+
+def turn2(refs: list[list[int]]) -> list[int]:
+    """A conversation's next turn: the first prompt, its answer, new tokens."""
+    return PROMPTS[0] + refs[0] + [13, 14, 15]
 
 
 @pytest.mark.slow
@@ -36,19 +42,26 @@ async def test_greedy_tokens_match_transformers(family, workers, checkpoints, re
     words = {w: i for i, w in enumerate(vocab())}
     with Up(checkpoints[family], workers, tmp_path) as up:
         async with AsyncOpenAI(base_url=f"{up.url}/v1", api_key="-", max_retries=0) as client:
+            cached: list[int] = []
+
             async def one(prompt: list[int]) -> list[int]:
                 r = await client.completions.create(model=f"tiny-{family}", prompt=prompt, max_tokens=NEW_TOKENS,
                                                     temperature=0)
                 assert r.choices[0].finish_reason == "length"
                 assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == NEW_TOKENS
+                cached.append(r.usage.prompt_tokens_details.cached_tokens)
                 return [words[w] for w in r.choices[0].text.split()]
             alone = [await one(p) for p in PROMPTS]
+            # The next turn reuses the first's prompt and answer from the prompt cache: only the new
+            # tokens are prefilled, and the answer is still transformers' for the whole prompt.
+            alone.append(await one(turn2(references[family])))
+            assert cached == [0, 0, len(PROMPTS[0]) + NEW_TOKENS]
             together = await asyncio.gather(*(one(p) for p in PROMPTS * 6)) if workers == 2 else None
         steps = [float(line.split()[-1]) for line in httpx.get(f"{up.url}/metrics").text.splitlines()
                  if line.startswith("moebus_micro_batch_steps")]
     assert alone == references[family]
     if together is not None:
-        assert together == references[family] * 6
+        assert together == references[family][:2] * 6
         assert len(steps) == 2 and min(steps) > 0, steps  # both lanes decoded
 
 
@@ -83,7 +96,7 @@ async def test_flash_cache_keeps_the_greedy_tokens_while_evicting(family, checkp
                ) <= m.moe_layers * m.num_experts:
             assert time.monotonic() < deadline, f"{read:g} records read, of {m.moe_layers * m.num_experts}"
             await asyncio.sleep(0.1)
-    assert alone == references[family]
-    assert together == references[family] * 6
+    assert alone == references[family][:2]
+    assert together == references[family][:2] * 6
     assert _metric(text, "moebus_flash_slot_bytes") <= budget
     assert "flash-cache" in up.log.read_text()
