@@ -82,4 +82,8 @@ def test_the_byte_budget_holds_and_the_least_recently_used_goes_first(checkpoint
     assert cache.nbytes <= cache.max_bytes
     assert run(engine, events, {"b2": prompts["b"]})["b2"][1] == 0
     assert run(engine, events, {"c2": prompts["c"]})["c2"][1] > 0
+    # A load of distinct longer prompts, 4 at a time: the budget holds after every batch.
+    for k in range(5):
+        run(engine, events, {f"long{k}-{j}": [40 + 4 * k + j] + list(range(50, 80)) for j in range(4)})
+        assert 0 < cache.nbytes <= cache.max_bytes
     engine.close()
