@@ -3,6 +3,7 @@ cache filled through huggingface_hub from a stand-in for the Hub, which is gone 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from openai import OpenAI
@@ -23,8 +24,11 @@ def test_up_serves_a_repo_id_from_the_cache_offline(checkpoints: dict[str, Path]
         with OpenAI(base_url=f"{up.url}/v1", api_key="none", max_retries=0) as client:
             reply = client.chat.completions.create(model=REPO, messages=[{"role": "user", "content": "w1 w2"}],
                                                    max_tokens=4, temperature=0)
-        log = up.log.read_text()
+        ready = f'moebus is ready: {up.url}  (model "{REPO}")'
+        deadline = time.monotonic() + 30  # the launcher prints it after its own health check
+        while ready not in (log := up.log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.2)
     assert reply.model == REPO and reply.choices[0].message.content, reply
     assert reply.usage.completion_tokens == 4
-    assert f'moebus is ready: {up.url}  (model "{REPO}")' in log
+    assert ready in log
     assert "moebus: downloading" not in log

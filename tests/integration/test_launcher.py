@@ -112,4 +112,6 @@ def test_an_unsupported_architecture_is_refused_in_one_line(tmp_path):
 
 
 def test_a_missing_directory_is_refused_in_one_line(tmp_path):
-    assert "no config.json" in _one_line(_up(tmp_path / "nowhere"))
+    assert "nowhere: no such directory, nor a Hugging Face repo id" in _one_line(_up(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    assert "no config.json" in _one_line(_up(tmp_path / "empty"))
