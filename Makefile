@@ -42,6 +42,7 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.load
 	$(BIN)/python -m bench.balance
 	$(BIN)/python -m bench.structured
+	$(BIN)/python -m bench.conversation
 
 bench-flash: $(VENV)/.installed-test
 	$(BIN)/python -m bench.flash $(BENCH_ARGS)
