@@ -201,6 +201,7 @@ class RouterStatus(Message):
     kv_bytes_in_use: int = 0  # reserved by running sequences' KV caches (prompt + max_tokens each)
     kv_budget_bytes: int = 0  # --kv-budget: sequences wait to start beyond it
     prompt_cache_bytes: int = 0  # finished prompts' KV caches kept for reuse
+    mlx_active_bytes: int = 0  # the router's MLX memory now: weights, KV caches, prompt cache
 
 
 class WorkerStatus(Message):
@@ -230,3 +231,4 @@ class ClusterStatus(Message):
     kv_bytes_in_use: int = 0  # as in RouterStatus
     kv_budget_bytes: int = 0
     prompt_cache_bytes: int = 0
+    mlx_active_bytes: int = 0

@@ -45,7 +45,8 @@ def create_app(router: Callable[[], RouterClient], settings: HttpSettings, metri
         body = {"ready": ready, "model": s.model, "workers": s.workers, "experts_covered": s.experts_covered,
                 "experts_total": s.experts_total, "unowned_experts": s.unowned_experts,
                 "running": s.running, "waiting": s.waiting, "kv_bytes_in_use": s.kv_bytes_in_use,
-                "kv_budget_bytes": s.kv_budget_bytes, "prompt_cache_bytes": s.prompt_cache_bytes}
+                "kv_budget_bytes": s.kv_budget_bytes, "prompt_cache_bytes": s.prompt_cache_bytes,
+                "mlx_active_bytes": s.mlx_active_bytes}
         if not ready:
             body["error"] = s.unready_reason or f"generate requests fail: {failing}"
         return JSONResponse(body, status_code=200 if ready else 503)

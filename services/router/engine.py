@@ -23,7 +23,7 @@ from mlx_lm.generate import BatchGenerator
 
 from services import defaults
 from services.router.constrain import GrammarProcessor
-from services.router.kv import KVBudget, unbounded
+from services.router.kv import KVBudget, compact, unbounded
 from services.router.output import Splitter, initial_state, machines
 from services.router.prompt_cache import PromptCache
 from services.router.sampling import StopText, request_sampler, special_token_ids
@@ -70,6 +70,7 @@ class Lane:
         self.cap = cap  # sequences it decodes at once
         self.seqs: dict[int, Sequence] = {}
         self.steps = 0  # decode steps it ran: both lanes busy shows in the metrics
+        self.shrunk = False  # a sequence left since its arrays were last copied to their own size
         self._make = lambda: make(cap)
         self.gen = self.call(self._make)
 
@@ -125,6 +126,7 @@ class Engine:
         self.running = 0  # read by the event loop for status and admission
         self.waiting = 0
         self.running_max = 0  # the most sequences in the lanes at once: what sampling `running` can miss
+        self.memory_max = 0  # the most MLX memory after a step: what --kv-budget bounds, measured
         self.kv: KVBudget = unbounded()  # the router sets its byte budget (services.router.kv)
         n = max(1, min(limits.micro_batches, limits.max_running))
         caps = [limits.max_running // n + (i < limits.max_running % n) for i in range(n)]  # sum: max_running
@@ -162,12 +164,16 @@ class Engine:
             sizes, caps = [len(lane.seqs) for lane in self.lanes], [lane.cap for lane in self.lanes]
             if all(n >= c for n, c in zip(sizes, caps)):
                 return
-            coming, head = len(self.queue), self.queue[0]
+            head, picked = self.queue[0], pick_lane(sizes, caps, self.limits.split_at, len(self.queue))
             # The oldest waits until its KV cache fits; later ones do not pass it, so it is never starved.
-            if not self.kv.reserve(head.req.request_id, len(head.prompt), head.req.max_tokens):
+            # The picked lane first; else the lane with room it costs least in (rows pad to a lane's longest).
+            room = sorted((i for i in range(len(self.lanes)) if sizes[i] < caps[i] and i != picked),
+                          key=lambda i: self.kv.cost(i, len(head.prompt), head.req.max_tokens))
+            lane = next((i for i in [picked, *room]
+                         if self.kv.reserve(head.req.request_id, i, len(head.prompt), head.req.max_tokens)), None)
+            if lane is None:
                 return
-            seq = self.queue.popleft()
-            self._insert(self.lanes[pick_lane(sizes, caps, self.limits.split_at, coming)], seq)
+            self._insert(self.lanes[lane], self.queue.popleft())
 
     def _insert(self, lane: Lane, seq: Sequence) -> None:
         req = seq.req
@@ -267,6 +273,7 @@ class Engine:
                 fut.result()
         if busy:
             self.after_step(time.perf_counter() - started)
+            self.memory_max = max(self.memory_max, mx.get_active_memory())
         now = time.monotonic()
         for seq in [s for s in self.queue if now > s.deadline]:
             self.queue.remove(seq)
@@ -282,6 +289,7 @@ class Engine:
                 for uid, seq in list(lane.seqs.items()):
                     if now > seq.deadline:
                         self._fail(lane, uid, f"request deadline of {seq.req.timeout_s:g}s exceeded")
+                self._compact(lane)
                 if not lane.seqs:
                     return
                 _, responses = lane.gen.next()
@@ -291,6 +299,7 @@ class Engine:
                         self._on_token(lane, r.uid, lane.seqs[r.uid], r.token, r.logprobs, r.finish_reason)
                     if r.prompt_cache is not None and self.prompt_cache is not None:
                         self.prompt_cache.insert(r.all_tokens, r.prompt_cache)  # a finished sequence
+                self._compact(lane)
             except Exception as e:  # noqa: BLE001 - every sequence of the lane hears of it
                 error = str(e) if isinstance(e, MoebusError) else f"internal error: {e!r}"
                 log.warning("decode step failed", error=error, sequences=len(lane.seqs))
@@ -373,7 +382,14 @@ class Engine:
         if seq is not None:
             self.uids.pop(seq.req.request_id, None)
         if still_in_batch:
-            lane.gen.remove([uid])  # frees its KV cache
+            lane.gen.remove([uid])
+        lane.shrunk = True
+
+    def _compact(self, lane: Lane) -> None:
+        """Sequences left: their KV memory is free before the lane prefills the next, not when it next grows."""
+        if lane.shrunk:
+            compact(lane.gen)
+            lane.shrunk = False
 
     def _count(self) -> None:
         seqs = [s for lane in self.lanes for s in lane.seqs.values()]

@@ -1,10 +1,11 @@
 """KV memory: what one sequence's cache costs at the model's real size, and the budget that
 decides when a sequence may start.
 
-A sequence reserves its whole cache, prompt plus `max_tokens` (bounded by the context), when it
-joins a lane, and gives it back when it ends: the sum of reservations never passes the budget.
-That sum is the caches' logical size; mlx-lm's batch allocates in 256-token steps and pads a
-lane's shorter sequences to its longest, so its arrays can be larger by that much.
+A sequence reserves what its cache can grow to when it joins a lane and gives it back when it
+ends. What it reserves is what mlx-lm allocates, not the cache's logical size: a batch pads a
+lane's rows to its longest and grows them 256 tokens at a time, so one long sequence makes every
+row of its lane long. The engine copies a lane's arrays to their own size when a sequence leaves
+(`compact`), so the memory comes back when the reservation does.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import ArraysCache, RotatingKVCache, make_prompt_cache
+from mlx_lm.models.cache import ArraysCache, BatchKVCache, RotatingKVCache, make_prompt_cache
 
 from services.defaults import KV_SHARE
 from shared.errors import BadRequest
@@ -128,50 +129,97 @@ def weights_bytes(model: nn.Module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
+STEP = 256  # tokens: mlx-lm's KV caches grow this many at a time (KVCache.step, BatchKVCache.step)
+
+
+def lane_bytes(size: KVSize, totals: list[int]) -> int:
+    """The most KV memory mlx-lm's batch can hold for one lane's sequences, each growing to
+    `totals[i]` tokens: a lane's rows are aligned to its longest and grown a step at a time, so
+    every row can be as long as the longest sequence plus one step."""
+    return len(totals) * size.bytes_for(max(totals) + STEP) if totals else 0
+
+
 @dataclass
 class KVBudget:
-    """Reservations of running sequences against a byte budget. Reserved on the MLX thread when
-    a sequence joins a lane, released where it ends; `in_use` is read by the event loop."""
+    """Lanes' KV memory, as mlx-lm allocates it (`lane_bytes`), against a byte budget. A sequence
+    reserves its whole life, prompt plus `max_tokens` (bounded by the context), when it joins a
+    lane and gives it back when it ends. Reserved and released on the MLX threads; `in_use` is
+    read by the event loop."""
 
     size: KVSize
     budget: int
     max_context: int = 1 << 31
     in_use: int = 0
     in_use_max: int = 0  # the most reserved at once: what sampling `in_use` can miss
-    reserved: dict[str, int] = field(default_factory=dict)
+    lanes: dict[int, dict[str, int]] = field(default_factory=dict)  # lane -> request -> tokens at its end
 
     def tokens(self, prompt_tokens: int, max_tokens: int) -> int:
         return min(prompt_tokens + max_tokens, self.max_context)  # the context ends a sequence first
 
     def need(self, prompt_tokens: int, max_tokens: int) -> int:
-        return self.size.bytes_for(self.tokens(prompt_tokens, max_tokens))
+        """What one sequence alone in a lane holds."""
+        return lane_bytes(self.size, [self.tokens(prompt_tokens, max_tokens)])
 
-    def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int) -> bool:
-        need = self.need(prompt_tokens, max_tokens)
-        if not fits(self.in_use, need, self.budget):
+    def cost(self, lane: int, prompt_tokens: int, max_tokens: int) -> int:
+        """What joining `lane` adds: its own row, and every other row's growth to it if it is the longest."""
+        totals = list(self.lanes.get(lane, {}).values())
+        return lane_bytes(self.size, totals + [self.tokens(prompt_tokens, max_tokens)]) - lane_bytes(self.size, totals)
+
+    def reserve(self, request_id: str, lane: int, prompt_tokens: int, max_tokens: int) -> bool:
+        if not fits(self.in_use, self.cost(lane, prompt_tokens, max_tokens), self.budget):
             return False
-        self.reserved[request_id] = need
-        self.in_use += need
-        self.in_use_max = max(self.in_use_max, self.in_use)
+        self.lanes.setdefault(lane, {})[request_id] = self.tokens(prompt_tokens, max_tokens)
+        self._total()
         return True
 
     def release(self, request_id: str) -> None:
-        self.in_use -= self.reserved.pop(request_id, 0)
+        for seqs in self.lanes.values():
+            if seqs.pop(request_id, None) is not None:
+                self._total()
+                return
+
+    def _total(self) -> None:
+        self.in_use = sum(lane_bytes(self.size, list(seqs.values())) for seqs in self.lanes.values())
+        self.in_use_max = max(self.in_use_max, self.in_use)
+
+    @property
+    def reserved(self) -> dict[str, int]:
+        return {rid: t for seqs in self.lanes.values() for rid, t in seqs.items()}
 
     def refusal(self, prompt_tokens: int, max_tokens: int) -> BadRequest | None:
         """Why a request can never start, however long it waits; None when it can."""
         need = self.need(prompt_tokens, max_tokens)
         if need <= self.budget:
             return None
-        completion, fit = self.tokens(prompt_tokens, max_tokens) - prompt_tokens, self.size.tokens_within(self.budget)
-        return BadRequest(f"this request needs {need} bytes of KV cache ({prompt_tokens} prompt + {completion} "
-                          f"max_tokens tokens at {self.size.per_token} bytes each); the budget is {self.budget} bytes "
-                          f"(--kv-budget): at most {fit} tokens fit",
-                          "max_tokens" if prompt_tokens < fit else None)  # else a shorter max_tokens cannot help
+        tokens = self.tokens(prompt_tokens, max_tokens)
+        fit = max(0, self.size.tokens_within(self.budget) - STEP)
+        return BadRequest(f"this request needs {need} bytes of KV cache ({prompt_tokens} prompt + "
+                          f"{tokens - prompt_tokens} max_tokens tokens, and the {STEP} more its cache grows by, at "
+                          f"{self.size.per_token} bytes each); the budget is {self.budget} bytes (--kv-budget): at "
+                          f"most {fit} tokens fit", "max_tokens" if prompt_tokens < fit else None)
 
 
 def fits(in_use: int, need: int, budget: int) -> bool:
     return in_use + need <= budget
+
+
+def compact(gen: object) -> None:
+    """After a sequence leaves, mlx-lm's batch keeps the others' rows as views into the old,
+    longer arrays, which stay allocated until the lane next grows: copy each layer's K and V to
+    their own length (plus the step the next token would grow them by) so that memory is free
+    when the reservation is. A batch laid out otherwise is left alone."""
+    batches = (getattr(gen, "_prompt_batch", None), getattr(gen, "_generation_batch", None))
+    fresh = []
+    for cache in (c for b in batches for c in getattr(b, "prompt_cache", None) or ()):
+        if type(cache) is BatchKVCache and cache.keys is not None and cache.keys.shape[0] > 0:
+            cache.keys, cache.values = _own(cache.keys, cache._idx), _own(cache.values, cache._idx)
+            fresh += [cache.keys, cache.values]
+    mx.eval(fresh)  # now, so the old arrays are gone before the next sequence's prefill
+
+
+def _own(a: mx.array, used: int) -> mx.array:
+    b, h, _, d = a.shape
+    return mx.concatenate([a[..., :used, :], mx.zeros((b, h, STEP, d), a.dtype)], axis=2)
 
 
 def unbounded() -> KVBudget:

@@ -9,6 +9,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import orjson
 from nats.aio.msg import Msg
@@ -98,12 +99,14 @@ class Router:
                             unowned_experts=unowned, **self.memory())
 
     def memory(self) -> dict[str, int]:
-        """KV bytes reserved by running sequences, their budget, and the prompt cache's bytes."""
+        """KV bytes reserved by running sequences, their budget, the prompt cache's bytes, and all
+        the MLX memory the router holds (what the first three bound, beside the weights)."""
         if self.m is None:
             return {}
         eng = self.m.engine
         return {"kv_bytes_in_use": eng.kv.in_use, "kv_budget_bytes": eng.kv.budget,
-                "prompt_cache_bytes": int(getattr(eng, "prompt_cache_bytes", 0))}
+                "prompt_cache_bytes": int(getattr(eng, "prompt_cache_bytes", 0)),
+                "mlx_active_bytes": mx.get_active_memory()}
 
     def cluster(self) -> ClusterStatus:
         assert self.m is not None and self.placer is not None
@@ -127,6 +130,8 @@ class Router:
                 "sequences_running_max": float(self.m.engine.running_max if self.m else 0),
                 "kv_bytes_in_use": float(s.kv_bytes_in_use), "kv_budget_bytes": float(s.kv_budget_bytes),
                 "kv_bytes_in_use_max": float(self.m.engine.kv.in_use_max if self.m else 0),
+                "mlx_active_bytes": float(s.mlx_active_bytes),
+                "mlx_active_bytes_max": float(self.m.engine.memory_max if self.m else 0),
                 **(self.m.engine.prompt_cache.stats() if self.m and self.m.engine.prompt_cache else {}),
                 "grammar_mask_seconds": self.m.engine.mask_seconds if self.m else 0.0,
                 "grammar_masks": float(self.m.engine.masks if self.m else 0),

@@ -23,7 +23,10 @@ GAUGE_HELP = {"sequences_running_max": "The most sequences in the batch at once 
               "prompt_cache_hits": "Requests that started from a cached prefix, since the router started",
               "prompt_cache_misses": "Requests prefilled in full, since the router started",
               "prompt_cache_tokens_reused": "Prompt tokens taken from the cache instead of prefilled, in all",
-              "kv_bytes_in_use": "Bytes of KV cache reserved by running sequences (prompt + max_tokens each)",
+              "kv_bytes_in_use": "Bytes of KV cache reserved by running sequences: each can grow to its prompt + "
+                                  "max_tokens, and a lane's rows are as long as its longest, plus one 256-token step",
+              "mlx_active_bytes": "The router's MLX memory now: weights, KV caches, prompt cache",
+              "mlx_active_bytes_max": "The router's most MLX memory between decode steps since it started",
               "kv_bytes_in_use_max": "The most KV bytes reserved at once since the router started: never above "
                                      "--kv-budget",
               "kv_budget_bytes": "--kv-budget: a sequence starts only when its KV cache fits beside the running ones"}

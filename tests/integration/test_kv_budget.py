@@ -15,6 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.router.kv import STEP
 from tests.checkpoints import HEADS, HIDDEN, KV_HEADS, LAYERS
 from tests.cluster import ROOT, Up
 
@@ -23,14 +24,15 @@ MODEL = "tiny-mixtral"
 PER_TOKEN = 2 * LAYERS * KV_HEADS * (HIDDEN // HEADS) * 4  # K and V, every layer, float32: the checkpoint's dtype
 PROMPTS = [f"w{i} w{i + 7} w{2 * i + 1}" for i in range(6)]  # 3 tokens each: the word tokenizer adds none
 MAX_TOKENS = 40
-RESERVATION = (3 + MAX_TOKENS) * PER_TOKEN
+RESERVATION = (3 + MAX_TOKENS + STEP) * PER_TOKEN  # as mlx-lm allocates it: a step beyond what it holds
 BUDGET = 2 * RESERVATION + RESERVATION // 2  # two sequences fit, never three
+SLACK = 64 << 10  # MLX memory between steps besides the KV caches: each row's last tokens and logprobs
 
 
 @pytest.fixture(scope="module")
 def cluster(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Up, Path]]:
     home = tmp_path_factory.mktemp("kv-home")
-    with Up(checkpoints["mixtral"], 1, home, extra=("--kv-budget", str(BUDGET)), env={"MOEBUS_HOME": str(home)}) as up:
+    with Up(checkpoints["mixtral"], 1, home, extra=("--kv-budget", str(BUDGET), "--prompt-cache-bytes", "0"), env={"MOEBUS_HOME": str(home)}) as up:
         yield up, home
 
 
@@ -46,6 +48,7 @@ async def test_a_load_beyond_the_budget_waits_its_turn_and_stays_within_it(clust
     up, _ = cluster
     async with httpx.AsyncClient(base_url=up.url, timeout=120) as http:
         alone = [(await http.post("/v1/completions", json=_body(p))).json() for p in PROMPTS]
+        idle = (await http.get("/health")).json()["mlx_active_bytes"]  # the weights and what a step keeps
         done = asyncio.Event()
         seen: list[int] = []
 
@@ -73,20 +76,24 @@ async def test_a_load_beyond_the_budget_waits_its_turn_and_stays_within_it(clust
     assert gauges["moebus_kv_bytes_in_use_max"] in (RESERVATION, 2 * RESERVATION)  # a high-water mark: nothing missed
     assert gauges["moebus_sequences_running_max"] <= 2
     assert health["kv_bytes_in_use"] == gauges["moebus_kv_bytes_in_use"] == 0  # every sequence gave its bytes back
+    # What the router's MLX really held between steps, beside its weights: within the budget.
+    assert 0 < gauges["moebus_mlx_active_bytes_max"] - idle <= BUDGET + SLACK, (gauges, idle)
 
 
 async def test_a_request_that_could_never_fit_is_told_how_many_tokens_would(cluster: tuple[Up, Path]):
     up, home = cluster
     async with httpx.AsyncClient(base_url=up.url, timeout=60) as http:
-        r = await http.post("/v1/completions", json=_body(PROMPTS[0], max_tokens=200))
-        ok = await http.post("/v1/completions", json=_body(PROMPTS[0], max_tokens=BUDGET // PER_TOKEN - 3))
+        r = await http.post("/v1/completions", json=_body(PROMPTS[0], max_tokens=500))
+        ok = await http.post("/v1/completions", json=_body(PROMPTS[0], max_tokens=BUDGET // PER_TOKEN - STEP - 3))
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == "max_tokens" and error["type"] == "invalid_request_error"
-    assert error["message"] == (f"this request needs {203 * PER_TOKEN} bytes of KV cache (3 prompt + 200 max_tokens "
-                                f"tokens at {PER_TOKEN} bytes each); the budget is {BUDGET} bytes (--kv-budget): "
-                                f"at most {BUDGET // PER_TOKEN} tokens fit")
-    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == BUDGET // PER_TOKEN - 3  # the most
+    assert error["message"] == (f"this request needs {(503 + STEP) * PER_TOKEN} bytes of KV cache (3 prompt + 500 "
+                                f"max_tokens tokens, and the {STEP} more its cache grows by, at {PER_TOKEN} bytes "
+                                f"each); the budget is {BUDGET} bytes (--kv-budget): at most "
+                                f"{BUDGET // PER_TOKEN - STEP} tokens fit")
+    fit = BUDGET // PER_TOKEN - STEP - 3
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == fit  # the most
     out = subprocess.run([sys.executable, "-m", "services.cli", "status"], cwd=ROOT, capture_output=True, text=True,
                          timeout=30, env={**os.environ, "MOEBUS_HOME": str(home)})
     assert out.returncode == 0, out.stderr

@@ -45,7 +45,7 @@ def test_health_models_and_a_streamed_chat(up: Up, client: OpenAI):
     health = httpx.get(f"{up.url}/health").json()
     assert len(health.pop("workers")) == 2
     assert health.pop("kv_budget_bytes") > 0 and health.pop("kv_bytes_in_use") == 0  # nothing runs
-    assert isinstance(health.pop("prompt_cache_bytes"), int)
+    assert isinstance(health.pop("prompt_cache_bytes"), int) and health.pop("mlx_active_bytes") > 0  # the weights at least
     assert health == {"ready": True, "model": MODEL, "experts_covered": 8, "experts_total": 8, "unowned_experts": [],
                       "running": 0, "waiting": 0}
     assert [m.id for m in client.models.list()] == [MODEL]
