@@ -19,7 +19,8 @@ from shared.security import DEFAULT_LISTEN, DEFAULT_WORKERS, NATS_CONTEXT, Creds
 
 # Flags `moebus up` passes on to the service that owns them.
 ROUTER_FLAGS = ("share_model", "expert_timeout", "max_running", "max_waiting", "max_prompt_tokens", "prefill_step",
-                "micro_batches", "replicas", "prompt_cache_bytes", "kv_budget")
+                "micro_batches", "replicas", "prompt_cache_bytes", "kv_budget", "speculate", "draft_max",
+                "draft_replay")
 WORKER_FLAGS = ("memory_budget",)
 GATEWAY_FLAGS = ("api_key", "max_body_bytes", "request_timeout", "header_timeout", "body_timeout", "keep_alive",
                  "max_connections")
@@ -65,12 +66,15 @@ def cmd_router(a: argparse.Namespace) -> None:
         max_waiting=setting(a.max_waiting, "MOEBUS_MAX_WAITING", D.MAX_WAITING, int),
         prefill_step=int(positive(setting(a.prefill_step, "MOEBUS_PREFILL_STEP", D.PREFILL_STEP, int), "prefill step")),
         micro_batches=setting(a.micro_batches, "MOEBUS_MICRO_BATCHES", D.MICRO_BATCHES, int),
+        draft_max=setting(a.draft_max, "MOEBUS_DRAFT_MAX", D.DRAFT_MAX, int),
     )
     replicas = setting(a.replicas, "MOEBUS_REPLICAS", D.REPLICAS, int)
     if not 1 <= replicas <= 16:
         raise ConfigError(f"--replicas must be 1..16, not {replicas}")
     if limits.micro_batches not in (1, 2):
         raise ConfigError(f"--micro-batches must be 1 or 2, not {limits.micro_batches}")
+    if not 0 <= limits.draft_max <= 16:
+        raise ConfigError(f"--draft-max must be 0..16, not {limits.draft_max}")
     cfg = RouterConfig(
         nats_url=_nats(a), creds=_creds(a, "router"), model=_model(a.model), limits=limits, replicas=replicas,
         share_model=bool(a.share_model or setting(None, "MOEBUS_SHARE_MODEL", "", str) in ("1", "true", "yes")),
@@ -79,8 +83,19 @@ def cmd_router(a: argparse.Namespace) -> None:
                                        "max prompt tokens")),
         prompt_cache_bytes=_prompt_cache_bytes(setting(a.prompt_cache_bytes, "MOEBUS_PROMPT_CACHE_BYTES", "", str)),
         kv_budget=parse_size(kv, "--kv-budget") if (kv := setting(a.kv_budget, "MOEBUS_KV_BUDGET", "", str)) else None,
+        drafter=_drafter(setting(a.speculate, "MOEBUS_SPECULATE", "lookup", str), a.draft_replay),
     )
     _run(serve(cfg))
+
+
+def _drafter(speculate: str, replay: str | None) -> Any:
+    """--speculate lookup|off, or --draft-replay FILE (measurement: a known acceptance rate)."""
+    from services.router.drafters import PromptLookup, Replay
+    if replay:
+        return Replay.from_file(Path(replay))
+    if speculate not in ("lookup", "off"):
+        raise ConfigError(f"--speculate must be lookup or off, not {speculate!r}")
+    return PromptLookup() if speculate == "lookup" else None
 
 
 def _prompt_cache_bytes(given: str) -> int:
@@ -327,6 +342,11 @@ def _router_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--prefill-step", type=int, help=f"prompt tokens per step (MOEBUS_PREFILL_STEP, {D.PREFILL_STEP})")
     sp.add_argument("--micro-batches", type=int, help="2: from 8 running sequences on, decode two halves that "
                                                       f"overlap compute and bus waits; 1: one batch (MOEBUS_MICRO_BATCHES, {D.MICRO_BATCHES})")
+    sp.add_argument("--speculate", help="draft tokens and verify several per round trip: lookup (the prompt and "
+                                        "the text so far) or off (MOEBUS_SPECULATE, lookup)")
+    sp.add_argument("--draft-max", type=int, help="drafted tokens a sequence verifies per step, at most; 0: none "
+                                                  f"(MOEBUS_DRAFT_MAX, {D.DRAFT_MAX})")
+    sp.add_argument("--draft-replay", help=argparse.SUPPRESS)  # benchmarks: a drafter of known acceptance
     sp.add_argument("--share-model", action="store_true", default=None,
                     help="put the experts in NATS (once), for workers started without --model (MOEBUS_SHARE_MODEL=1)")
     sp.add_argument("--replicas", type=int, help="owners of every expert where capacity allows: with 2, a worker "

@@ -23,10 +23,12 @@ from mlx_lm.generate import BatchGenerator
 
 from services import defaults
 from services.router.constrain import GrammarProcessor
+from services.router.drafters import Drafter
 from services.router.kv import KVBudget, compact, unbounded
 from services.router.output import Splitter, initial_state, machines
 from services.router.prompt_cache import PromptCache
 from services.router.sampling import StopText, request_sampler, special_token_ids
+from services.router.speculate import SpecStats, Speculation, install, supported
 from shared.errors import MoebusError
 from shared.logs import get_logger
 from shared.messages import GenerateEvent, GenerateRequest
@@ -44,6 +46,8 @@ class EngineLimits:
     prefill_step: int = defaults.PREFILL_STEP  # prompt tokens per step, so long prompts do not stall streams
     micro_batches: int = defaults.MICRO_BATCHES  # 2: two lanes overlap one's compute with the other's bus wait
     split_at: int = 8  # ...once this many sequences run; below it one batch costs less
+    draft_max: int = defaults.DRAFT_MAX  # drafted tokens a sequence verifies per step, at most
+    speculate_max_running: int = defaults.SPECULATE_MAX_RUNNING  # a lane with more sequences does not draft
 
 
 @dataclass
@@ -100,8 +104,13 @@ class Engine:
                  max_context: int = 1 << 31,
                  before_step: Callable[[], None] = lambda: None,
                  after_step: Callable[[float], None] = lambda seconds: None,
-                 prompt_cache: PromptCache | None = None) -> None:
+                 prompt_cache: PromptCache | None = None, drafter: Drafter | None = None) -> None:
         self.model = model
+        if drafter is not None and not supported(model):
+            log.info("speculative decoding is off: this model's caches cannot forget rejected drafts")
+            drafter = None
+        self.drafter = drafter  # None: one token per step (services.router.speculate)
+        self.spec_stats = SpecStats()  # every lane's verify steps, for the metrics
         self.prompt_cache = prompt_cache  # None: every prompt prefilled in full
         self.before_step = before_step  # e.g. switch to a new placement: never inside a step
         self.after_step = after_step  # a decode step's wall time, for the metrics
@@ -138,10 +147,14 @@ class Engine:
         return {(i, uid): s for i, lane in enumerate(self.lanes) for uid, s in lane.seqs.items()}
 
     def _generator(self, cap: int) -> BatchGenerator:
-        return BatchGenerator(
+        gen = BatchGenerator(
             self.model, stop_tokens=[[e] for e in self.eos], completion_batch_size=cap,
             prefill_batch_size=min(8, cap), prefill_step_size=self.limits.prefill_step,
         )
+        if self.drafter is not None and self.limits.draft_max > 0:
+            install(gen, Speculation(self.drafter, self.limits.draft_max, self.limits.speculate_max_running,
+                                     stats=self.spec_stats))
+        return gen
 
     def add(self, req: GenerateRequest, prompt: list[int], grammar: GrammarProcessor | None = None) -> None:
         chat = req.messages is not None

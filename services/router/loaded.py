@@ -66,7 +66,8 @@ def load_router_model(cfg: RouterConfig, client: ExpertClient, publish: Publish)
     client.table = client.latest = Table.empty(info.num_experts)
     engine = Engine(model, tokenizer, cfg.limits, publish, info.max_context, before_step=client.adopt,
                     after_step=client.stats.record_step,
-                    prompt_cache=PromptCache(cfg.prompt_cache_bytes) if cfg.prompt_cache_bytes > 0 else None)
+                    prompt_cache=PromptCache(cfg.prompt_cache_bytes) if cfg.prompt_cache_bytes > 0 else None,
+                    drafter=cfg.drafter)
     budget = cfg.kv_budget or default_budget(weights_bytes(model), machine_memory())  # experts are out by now
     engine.kv = KVBudget(kv_size(model, config), budget, info.max_context)
     client.while_waiting = engine.baton.released  # a lane waiting on its experts lets the other compute

@@ -8,6 +8,7 @@ import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -54,6 +55,7 @@ class RouterConfig:
     max_prompt_tokens: int = defaults.MAX_PROMPT_TOKENS
     kv_budget: int | None = None  # bytes of running sequences' KV caches; None: derived from memory (router.kv)
     prompt_cache_bytes: int = 0  # finished prompts' KV caches kept for reuse; 0: none
+    drafter: Any = None  # speculative decoding's drafter (services.router.drafters); None: off
     limits: EngineLimits = field(default_factory=EngineLimits)
 
 
@@ -341,7 +343,8 @@ async def serve(cfg: RouterConfig) -> None:
                 stack.callback(sharing.cancel)
             stack.push_async_callback(lambda: placer.resign() if nc.is_connected else asyncio.sleep(0))
             metrics = registry(client.stats, router.gauges, m.registry.reports,
-                               lambda: [lane.steps for lane in m.engine.lanes])
+                               lambda: [lane.steps for lane in m.engine.lanes],
+                               lambda: (m.engine.drafter.name, m.engine.spec_stats) if m.engine.drafter else None)
 
             async def on_metrics(req: Request) -> None:
                 await req.respond(metrics())

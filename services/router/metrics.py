@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
@@ -70,11 +71,13 @@ class ExchangeStats:
 
 class RouterCollector:
     def __init__(self, stats: ExchangeStats, gauges: Callable[[], dict[str, float]],
-                 workers: Callable[[], dict], lanes: Callable[[], list[int]]) -> None:
+                 workers: Callable[[], dict], lanes: Callable[[], list[int]],
+                 speculation: Callable[[], tuple[str, Any] | None]) -> None:
         self.stats = stats
         self.gauges = gauges
         self.workers = workers
         self.lanes = lanes
+        self.speculation = speculation  # (drafter name, SpecStats), or None when it is off
 
     def collect(self) -> Iterator:
         s = self.stats
@@ -123,6 +126,7 @@ class RouterCollector:
         for lane, n in enumerate(self.lanes()):
             steps.add_metric([str(lane)], n)
         yield steps
+        yield from _speculation(self.speculation())
         reports = self.workers()
         memory = GaugeMetricFamily("moebus_worker_mlx_memory_bytes",
                                    "Each worker's MLX allocator counters, from its last heartbeat",
@@ -159,8 +163,21 @@ def _flash(reports: dict) -> Iterator:
         yield family
 
 
+def _speculation(spec: tuple[str, Any] | None) -> Iterator:
+    for attr, name, doc in (("drafted", "draft_tokens", "Tokens drafted for verify steps"),
+                            ("accepted", "draft_tokens_accepted", "Drafted tokens the model kept"),
+                            ("steps", "verify_steps", "Decode steps that verified drafts"),
+                            ("tokens", "verify_step_tokens", "Tokens verify steps yielded, kept drafts and the "
+                                                             "model's own (divided by verify steps: tokens per step)")):
+        family = CounterMetricFamily(f"moebus_{name}", doc, labels=["drafter"])
+        if spec is not None:
+            family.add_metric([spec[0]], getattr(spec[1], attr))
+        yield family
+
+
 def registry(stats: ExchangeStats, gauges: Callable[[], dict[str, float]],
-             workers: Callable[[], dict], lanes: Callable[[], list[int]]) -> Callable[[], bytes]:
+             workers: Callable[[], dict], lanes: Callable[[], list[int]],
+             speculation: Callable[[], tuple[str, Any] | None] = lambda: None) -> Callable[[], bytes]:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(RouterCollector(stats, gauges, workers, lanes))
+    reg.register(RouterCollector(stats, gauges, workers, lanes, speculation))
     return lambda: generate_latest(reg)

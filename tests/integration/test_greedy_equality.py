@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -40,10 +41,16 @@ SPLITS = [(f, w) for f in FAMILIES for w in (1, 2, 3) if w > 1 or f == FAMILIES[
 @pytest.mark.slow
 @pytest.mark.parametrize("family, workers", SPLITS)
 async def test_greedy_tokens_match_transformers(family, workers, checkpoints, references, tmp_path):
-    """One prompt at a time, then (on 2 workers) 12 at once: both micro-batches, the default,
-    decode and take turns at MLX while the other waits on the bus."""
+    """One prompt at a time, then (on 2 workers) 4 and 12 at once: both micro-batches, the
+    default, decode and take turns at MLX while the other waits on the bus. Speculation runs
+    throughout: a drafter proposes transformers' own tokens, 30% of them wrong, and the router
+    verifies up to 4 at a time per round trip (rows of one step keeping different lengths)."""
     words = {w: i for i, w in enumerate(vocab())}
-    with Up(checkpoints[family], workers, tmp_path) as up:
+    replay = tmp_path / "replay.json"
+    prompts = [*PROMPTS, turn2(references[family])]
+    replay.write_text(json.dumps({"accept": 0.7, "seed": workers, "runs": [
+        {"prompt": p, "continuation": r} for p, r in zip(prompts, references[family])]}))
+    with Up(checkpoints[family], workers, tmp_path, extra=("--draft-replay", str(replay))) as up:
         async with AsyncOpenAI(base_url=f"{up.url}/v1", api_key="-", max_retries=0) as client:
             cached: list[int] = []
 
@@ -59,11 +66,15 @@ async def test_greedy_tokens_match_transformers(family, workers, checkpoints, re
             # tokens are prefilled, and the answer is still transformers' for the whole prompt.
             alone.append(await one(turn2(references[family])))
             assert cached == [0, 0, len(PROMPTS[0]) + NEW_TOKENS]
+            few = await asyncio.gather(*(one(p) for p in PROMPTS * 2)) if workers == 2 else None
             together = await asyncio.gather(*(one(p) for p in PROMPTS * 6)) if workers == 2 else None
-        steps = [float(line.split()[-1]) for line in httpx.get(f"{up.url}/metrics").text.splitlines()
-                 if line.startswith("moebus_micro_batch_steps")]
+        text = httpx.get(f"{up.url}/metrics").text
+        steps = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("moebus_micro_batch_steps")]
     assert alone == references[family]
+    drafted, kept = _metric(text, "moebus_draft_tokens_total"), _metric(text, "moebus_draft_tokens_accepted_total")
+    assert 0 < kept < drafted and _metric(text, "moebus_verify_steps_total") > 0  # drafts kept and refused
     if together is not None:
+        assert few == references[family][:2] * 2
         assert together == references[family][:2] * 6
         assert len(steps) == 2 and min(steps) > 0, steps  # both lanes decoded
 

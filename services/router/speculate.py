@@ -1,0 +1,237 @@
+"""Speculative decoding over the bus: several tokens per expert round trip.
+
+A decode step pays one round trip per MoE layer whatever it carries, so a sequence with k
+drafted tokens runs k + 1 positions in one step (one message per worker per layer, for all
+positions of all sequences) and keeps the drafted tokens the model itself would have chosen,
+plus the model's own next one. Each position's token is drawn from the model's distribution
+exactly as a one-token step draws it (greedy, or the sequence's own seeded key chain), and a
+draft is kept while it equals that token: for drafters that propose one token per position
+this is the standard rule (accept with min(1, p/q), else resample from max(0, p - q)) and the
+output is the one decoding without drafts gives, token for token.
+
+Rows of a batch may draft different k and keep different lengths: every row runs 1 + max k
+positions and drops what it did not keep from its KV cache (`drop_tail`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, GenerationBatch
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+from services.router.drafters import Drafter
+from services.router.sampling import SeededSampler
+
+POSITION_COST = 0.1  # one more position in a step, as a share of a one-token step's time (bus-bound)
+PROBE_EVERY = 32  # steps a sequence that stopped drafting waits before it tries one token again
+DECAY = 0.9  # weight of the older acceptance evidence per verify step
+
+
+def tokens_per_step(alpha: float, k: int) -> float:
+    """Expected tokens a verify step yields with k drafts, each kept with probability alpha
+    once the ones before it were: 1 + alpha + ... + alpha^k."""
+    return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def choose_k(alpha: float, k_max: int, cost: float = POSITION_COST) -> int:
+    """The draft length with the most tokens per unit of step time; 0 when drafting does not pay."""
+    return max(range(k_max + 1), key=lambda k: (tokens_per_step(alpha, k) / (1 + cost * k), -k))
+
+
+@dataclass
+class SeqState:
+    draft: Any  # the drafter's own state for this sequence
+    kept: float = 0.5  # drafted tokens kept, decayed (the prior: a third, so a first draft is one token)
+    missed: float = 1.0  # drafts cut short by a rejection, decayed
+    idle: int = 0  # steps since it last drafted while off
+
+    @property
+    def alpha(self) -> float:
+        return self.kept / (self.kept + self.missed)
+
+    def k(self, k_max: int) -> int:
+        k = choose_k(self.alpha, k_max)
+        if k == 0:
+            self.idle += 1
+            if self.idle >= PROBE_EVERY:  # the text may have turned repetitive: look again
+                self.idle = 0
+                return 1
+        return k
+
+    def record(self, drafted: int, kept: int) -> None:
+        self.kept = DECAY * self.kept + kept
+        self.missed = DECAY * self.missed + (kept < drafted)
+
+
+@dataclass
+class SpecStats:
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0  # verify steps
+    tokens: int = 0  # tokens verify steps yielded (kept drafts + the model's own)
+
+
+@dataclass
+class Speculation:
+    """What a lane's batch drafts: the drafter, the most tokens a sequence drafts, and the
+    batch size from which it stops (there the batch already fills each round trip)."""
+
+    drafter: Drafter
+    k_max: int = 4
+    max_running: int = 4
+    states: dict[int, SeqState] = field(default_factory=dict)  # by BatchGenerator uid
+    stats: SpecStats = field(default_factory=SpecStats)
+
+    def plan(self, batch: GenerationBatch) -> tuple[list[int], list[list[int]]] | None:
+        """Each row's next token (already chosen) and its drafts; None: a one-token step."""
+        if len(batch.uids) > self.max_running:
+            return None
+        ks = []
+        for i, uid in enumerate(batch.uids):
+            state = self.states.get(uid)
+            room = batch.max_tokens[i] - batch._num_tokens[i] - 1  # never past max_tokens, so never past the context
+            constrained = bool(batch.logits_processors and batch.logits_processors[i])  # a grammar sees one token a step
+            ks.append(0 if state is None or constrained else max(0, min(state.k(self.k_max), room)))
+        if not any(ks):
+            return None
+        mx.eval(batch._next_tokens)
+        pending = batch._next_tokens.tolist()
+        drafts = [self.drafter.propose(self.states[uid].draft, [*batch.tokens[i], pending[i]], k)[:k] if k else []
+                  for i, (uid, k) in enumerate(zip(batch.uids, ks))]
+        return (pending, drafts) if any(drafts) else None
+
+    def record(self, uid: int, drafted: int, kept: int) -> None:
+        if drafted:
+            self.states[uid].record(drafted, kept)
+            self.stats.drafted += drafted
+            self.stats.accepted += kept
+
+
+def supported(model: Any) -> bool:
+    """Only plain KV caches can drop a rejected tail; recurrent or sliding-window state cannot."""
+    return all(type(c) is KVCache for c in make_prompt_cache(model))
+
+
+def drop_tail(caches: list[Any], drop: list[int]) -> None:
+    """Forget the last drop[b] positions of each row b. All rows end at the same index, so the
+    common part is trimmed and a row that drops more is shifted right by the difference: its
+    dropped positions wrap to the front and become left padding, which attention masks."""
+    common = min(drop)
+    extra = [d - common for d in drop]
+    shift = mx.array(extra) if any(extra) else None
+    for c in caches:
+        c.trim(common)
+        if shift is None or c.keys is None:
+            continue
+        n = c._idx
+        where = ((mx.arange(n)[None, :] - shift[:, None]) % n)[:, None, :, None]
+        c.keys[..., :n, :] = mx.take_along_axis(c.keys[..., :n, :], where, axis=2)
+        c.values[..., :n, :] = mx.take_along_axis(c.values[..., :n, :], where, axis=2)
+        c.left_padding = c.left_padding + shift
+        c.offset = c.offset - shift
+
+
+class SpecBatch(GenerationBatch):
+    """mlx-lm's decode batch with a verify step: when some row has drafts, one step runs them
+    all; otherwise mlx-lm's own one-token step."""
+
+    spec: Speculation
+
+    def next(self) -> list:
+        if not self.uids:
+            return []
+        plan = self.spec.plan(self)
+        return super().next() if plan is None else self._verify(*plan)
+
+    def extend(self, batch: GenerationBatch) -> None:
+        for uid, tokens in zip(batch.uids, batch.tokens):  # what is in its cache so far: the prompt
+            self.spec.states[uid] = SeqState(self.spec.drafter.start(list(tokens)))
+        super().extend(batch)
+
+    def filter(self, keep: list[int]) -> None:
+        gone = set(self.uids) - {self.uids[i] for i in keep}
+        super().filter(keep)
+        for uid in gone:
+            self.spec.states.pop(uid, None)
+
+    def _verify(self, pending: list[int], drafts: list[list[int]]) -> list:
+        n, k = len(self.uids), max(len(d) for d in drafts)
+        rows = [[p, *d, *[d[-1] if d else p] * (k - len(d))] for p, d in zip(pending, drafts)]  # filler: never kept
+        inputs = mx.array(rows, dtype=self._next_tokens.dtype)
+        logits = self.model(inputs, cache=self.prompt_cache)
+        if any(self.logits_processors):  # rows with processors drafted nothing: position 0 only
+            logits = mx.stack([self._process(e, inputs, logits[e]) for e in range(n)])
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        samplers = [self.fallback_sampler if s is None else s for s in (self.samplers or [None] * n)]
+        drawn = [s.draw(logprobs[e, :len(drafts[e]) + 1]) if isinstance(s, SeededSampler)
+                 else s(logprobs[e, :len(drafts[e]) + 1]) for e, s in enumerate(samplers)]
+        mx.eval(drawn, logprobs)
+        kept, nexts = [], []
+        for e, (d, tokens) in enumerate(zip(drafts, drawn)):
+            y, a = tokens.tolist(), 0
+            while a < len(d) and y[a] == d[a]:
+                a += 1
+            if isinstance(samplers[e], SeededSampler):
+                samplers[e].commit(a + 1)
+            self.spec.record(self.uids[e], len(d), a)
+            kept.append(a)
+            nexts.append(y[a])
+        drop_tail(self.prompt_cache, [k - a for a in kept])
+        self.spec.stats.steps += 1
+        self.spec.stats.tokens += sum(kept) + n
+        out = [[(pending[e], self._next_logprobs[e]), *((drafts[e][j], logprobs[e, j]) for j in range(kept[e]))]
+               for e in range(n)]
+        self._next_tokens = mx.array(nexts, dtype=self._next_tokens.dtype)
+        self._next_logprobs = [logprobs[e, kept[e]] for e in range(n)]
+        return self._respond(out)
+
+    def _process(self, e: int, inputs: mx.array, row: mx.array) -> mx.array:
+        if not self.logits_processors[e]:
+            return row
+        context = self._token_context[e].update_and_fetch(inputs[e:e + 1, 0])
+        first = row[None, 0]
+        for processor in self.logits_processors[e]:
+            first = processor(context, first)
+        return mx.concatenate([first, row[1:]])
+
+    def _respond(self, out: list[list[tuple[int, mx.array]]]) -> list:
+        """Each row's tokens in order, as one-token steps report them; a row ends at its first
+        stop or at max_tokens, and what it wrote after that in this step is forgotten."""
+        responses, keep = [], []
+        for e, tokens in enumerate(out):
+            finish = None
+            for at, (token, lp) in enumerate(tokens):
+                self.tokens[e].append(token)
+                self._num_tokens[e] += 1
+                if self._num_tokens[e] >= self.max_tokens[e]:
+                    finish = "length"
+                if self._matchers[e].advance(token):
+                    finish = "stop"
+                if finish is None:
+                    responses.append(self.Response(self.uids[e], token, lp, None, None, None))
+                    continue
+                cache = self.extract_cache(e)
+                for c in cache:
+                    c.trim(len(tokens) - 1 - at)
+                responses.append(self.Response(self.uids[e], token, lp, finish, cache, self.tokens[e]))
+                break
+            if finish is None:
+                keep.append(e)
+        if len(keep) < len(self.uids):
+            self.filter(keep)
+        return responses
+
+
+def install(gen: BatchGenerator, spec: Speculation) -> bool:
+    """Give `gen` a decode batch that speculates; False (and nothing changed) where it cannot."""
+    batch = getattr(gen, "_generation_batch", None)
+    if type(batch) is not GenerationBatch or batch.uids or not supported(gen.model):
+        return False
+    spec_batch = SpecBatch.empty(gen.model, gen.sampler)
+    spec_batch.spec = spec
+    gen._generation_batch = spec_batch
+    return True
+

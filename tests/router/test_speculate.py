@@ -1,0 +1,184 @@
+"""Speculative decoding on a plain mlx-lm model (no bus): the verify step gives the tokens decoding
+without drafts gives, greedy and seeded, alone and batched, whatever the drafts; the policy,
+the drafters and the KV cache's rollback on their own."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx_lm import load
+from mlx_lm.models.cache import BatchKVCache
+
+from services.router.drafters import PromptLookup, Replay
+from services.router.engine import Engine, EngineLimits
+from services.router.prompt_cache import PromptCache
+from services.router.sampling import SeededSampler
+from services.router.speculate import PROBE_EVERY, SeqState, choose_k, drop_tail, tokens_per_step
+from shared.messages import GenerateEvent, GenerateRequest
+from tests.checkpoints import FAMILIES, reference_greedy
+
+PROMPTS = {f"r{i}": [8 + (i * 7 + j) % 300 for j in range(3 + 11 * i)] for i in range(4)}  # 3 to 36 tokens
+
+
+def test_tokens_per_step_and_the_draft_length_that_pays():
+    assert tokens_per_step(0.0, 4) == 1 and tokens_per_step(1.0, 4) == 5
+    assert math.isclose(tokens_per_step(0.7, 4), 1 + 0.7 + 0.49 + 0.343 + 0.2401)
+    assert choose_k(0.0, 4) == 0 and choose_k(0.05, 4) == 0  # drafts that are never kept cost a position each
+    assert choose_k(0.7, 4) == 4 and choose_k(0.95, 8) == 8
+    assert choose_k(0.5, 4) == 2  # 1.75 tokens for 1.2 of the time beats 1.5 for 1.1 and 1.875 for 1.3
+    assert choose_k(0.7, 0) == 0  # --draft-max 0
+
+
+def test_a_sequence_whose_drafts_fail_stops_drafting_and_looks_again_now_and_then():
+    s = SeqState(draft=None)
+    assert s.k(4) == 1  # the prior: a third kept
+    for _ in range(8):
+        s.record(drafted=s.k(4) or 1, kept=0)
+    assert s.alpha < 0.1
+    ks = [s.k(4) for _ in range(3 * PROBE_EVERY)]
+    assert ks.count(1) == 3 and set(ks) == {0, 1}  # one probe every PROBE_EVERY steps
+    for _ in range(10):
+        s.record(drafted=4, kept=4)
+    assert s.k(4) == 4
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_earlier_occurrence():
+    lookup = PromptLookup(sizes=(3, 2))
+    state = lookup.start([1, 2, 3])
+    assert lookup.propose(state, [1, 2, 3, 9], 4) == []  # nothing repeats yet
+    # ... 5 6 7 8 | 6 7 -> the 2-gram "6 7" was followed by 8, 1, 5
+    assert lookup.propose(state, [1, 2, 3, 9, 5, 6, 7, 8, 1, 5, 6, 7], 3) == [8, 1, 5]
+    # a longer match wins over a later shorter one: "1 5 6" -> 7; the 2-gram "5 6" alone last led to 9
+    ctx = [1, 5, 6, 7, 4, 5, 6, 9, 1, 5, 6]
+    longest, shortest = PromptLookup(sizes=(3, 2)), PromptLookup(sizes=(2,))
+    assert longest.propose(longest.start([]), ctx, 2) == [7, 4]
+    assert shortest.propose(shortest.start([]), ctx, 2) == [9, 1]
+
+
+def test_replay_drafts_the_recording_corrupted_at_the_rate_asked_and_the_same_each_time():
+    recorded = list(range(100, 1100))
+    replay = Replay({(1, 2): recorded}, accept=0.7, seed=3)
+    state = replay.start([1, 2])
+    drafts = [replay.propose(state, [1, 2, *recorded[:at]], 4) for at in range(0, 990, 4)]
+    flat = [t for d in drafts for t in d]
+    kept = sum(t == r for t, r in zip(flat, recorded))
+    assert 0.65 < kept / len(flat) < 0.75
+    assert replay.propose(state, [1, 2, *recorded[:8]], 4) == drafts[2]  # a position's draft is fixed
+    assert replay.propose(replay.start([7]), [7, 1], 4) == []  # no recording: no drafts
+
+
+def test_drop_tail_forgets_each_rows_own_rejected_positions():
+    cache = BatchKVCache([2, 0, 1])  # rows of 3, 5 and 4 tokens, left-padded to 5
+    keys = mx.arange(15, dtype=mx.float32).reshape(3, 1, 5, 1)
+    cache.update_and_fetch(keys, keys + 100)
+    step = mx.array([[[[1000 + 10 * b + j] for j in range(3)]] for b in range(3)], dtype=mx.float32)
+    cache.update_and_fetch(step, step + 100)  # a verify step: 3 positions a row
+    drop_tail([cache], [2, 0, 1])  # row 0 keeps 1 of them, row 1 all 3, row 2 two
+    want = [[2, 3, 4, 1000], [5, 6, 7, 8, 9, 1010, 1011, 1012], [11, 12, 13, 14, 1020, 1021]]
+    for b, row in enumerate(want):
+        got = cache.extract(b)
+        assert got.keys[0, 0, :, 0].tolist() == row and got.values[0, 0, :, 0].tolist() == [v + 100 for v in row]
+    assert cache.offset.tolist() == [4, 8, 6]  # each row's next position
+    drop_tail([cache], [1, 1, 1])  # the same for all: a plain trim
+    assert [cache.extract(b).keys[0, 0, :, 0].tolist() for b in range(3)] == [r[:-1] for r in want]
+
+
+def _run(engine: Engine, prompts: dict[str, list[int]], max_tokens: int, temperature: float = 0.0,
+         seed: int | None = None) -> dict[str, list[int]]:
+    events: list[tuple[str, GenerateEvent]] = []
+    engine.publish = events.extend
+    for rid, prompt in prompts.items():
+        engine.add(GenerateRequest(request_id=rid, stream=f"moebus.v1.stream.{rid}", max_tokens=max_tokens,
+                                   temperature=temperature, seed=seed), prompt)
+    for _ in range(500):
+        if not engine.step():
+            break
+    out: dict[str, list[int]] = {}
+    for _, e in events:
+        assert e.error is None, e.error
+        out.setdefault(e.request_id, []).extend([e.token] if e.token is not None else [])
+    return out
+
+
+def _engine(model, tokenizer, drafter=None, micro_batches: int = 1, **kw) -> Engine:
+    return Engine(model, tokenizer, EngineLimits(max_running=8, micro_batches=micro_batches), lambda _: None,
+                  drafter=drafter, **kw)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_tokens_with_drafts_are_transformers_alone_and_batched(checkpoints: dict[str, Path], family: str):
+    model, tokenizer = load(str(checkpoints[family]))
+    new = 16
+    refs = {rid: reference_greedy(checkpoints[family], p, new) for rid, p in PROMPTS.items()}
+    plain = _run(_engine(model, tokenizer), PROMPTS, new)
+    assert plain == {rid: r[:len(plain[rid])] for rid, r in refs.items()}  # an end token may stop one early
+    recorded = {tuple(p): refs[rid] for rid, p in PROMPTS.items()}
+    for accept in (1.0, 0.6, 0.0):
+        engine = _engine(model, tokenizer, Replay(recorded, accept, seed=7))
+        alone = {rid: _run(engine, {rid: p}, new)[rid] for rid, p in PROMPTS.items()}
+        together = _run(engine, PROMPTS, new)  # rows draft different k and keep different lengths
+        assert alone == together == plain, accept
+        stats = engine.spec_stats
+        if accept == 1.0:  # every drafted token kept: several tokens a step
+            assert stats.accepted == stats.drafted > 0 and stats.tokens > 2 * stats.steps
+        elif accept == 0.6:
+            assert 0 < stats.accepted < stats.drafted
+        else:  # nothing kept: each run of a sequence stops drafting within 8 tokens (1 at a time)
+            assert stats.accepted == 0 and 0 < stats.drafted <= 8 * 2 * len(PROMPTS)
+
+
+def test_seeded_sampling_gives_the_same_tokens_with_drafts_as_without(checkpoints: dict[str, Path]):
+    """Each position draws with its own key of the request's chain, and a verify step commits only
+    the positions it keeps: so the tokens are those of decoding without drafts, token for token."""
+    model, tokenizer = load(str(checkpoints["qwen3_moe"]))
+    plain = _run(_engine(model, tokenizer), PROMPTS, 24, temperature=0.8, seed=11)
+    recorded = {tuple(p): plain[rid] for rid, p in PROMPTS.items()}
+    engine = _engine(model, tokenizer, Replay(recorded, 0.7, seed=2), micro_batches=2)
+    assert _run(engine, PROMPTS, 24, temperature=0.8, seed=11) == plain
+    assert 0 < engine.spec_stats.accepted < engine.spec_stats.drafted
+    other = _run(_engine(model, tokenizer), PROMPTS, 24, temperature=0.8, seed=12)
+    assert other != plain  # the seed matters: the equality above is not that of a greedy run
+
+
+def test_the_acceptance_rule_keeps_the_models_distribution():
+    """A deterministic draft x is kept with probability p(x); on a rejection the token comes from
+    p without x, renormalised: together, p. Measured over many seeds on a 4-token vocabulary."""
+    p = mx.array([0.1, 0.2, 0.3, 0.4])
+    logprobs = mx.log(mx.stack([p, p]))
+    draft, n = 2, 4000
+    first, kept, rejected = Counter(), 0, Counter()
+    for seed in range(n):
+        sampler = SeededSampler(mx.random.key(seed), 1.0, 1.0, 0, 0.0)
+        y = sampler.draw(logprobs).tolist()
+        first[y[0]] += 1
+        if y[0] == draft:
+            kept += 1
+        else:
+            rejected[y[0]] += 1
+    for token, prob in enumerate(p.tolist()):
+        assert abs(first[token] / n - prob) < 4 * math.sqrt(prob * (1 - prob) / n)
+    assert abs(kept / n - 0.3) < 4 * math.sqrt(0.21 / n)
+    for token, prob in ((0, 0.1 / 0.7), (1, 0.2 / 0.7), (3, 0.4 / 0.7)):  # max(0, p - q), normalised
+        share = rejected[token] / (n - kept)
+        assert abs(share - prob) < 4 * math.sqrt(prob * (1 - prob) / (n - kept))
+
+
+def test_a_sequence_that_stops_inside_a_verify_step_leaves_only_its_own_tokens(checkpoints: dict[str, Path]):
+    """A stop token among kept drafts ends the sequence there: nothing after it is sent, and the
+    prompt cache gets its tokens only, so the next turn reusing it is what a cold start gives."""
+    model, tokenizer = load(str(checkpoints["mixtral"]))
+    prompt = PROMPTS["r2"]
+    cold = _run(_engine(model, tokenizer), {"a": prompt}, 12)["a"]
+    stop = next(i for i in range(4, 12) if cold[i] not in cold[:i])  # a token it first writes mid-way
+    tokenizer.add_eos_token(cold[stop])  # ...made a stop token: a step of kept drafts ends there
+    assert _run(_engine(model, tokenizer), {"a": prompt}, 12)["a"] == cold[:stop]
+    turn2 = prompt + cold[:stop + 1] + [13, 14]
+    want = _run(_engine(model, tokenizer), {"b": turn2}, 6)["b"]
+    engine = _engine(model, tokenizer, Replay({tuple(prompt): cold}, 1.0), prompt_cache=PromptCache(1 << 26))
+    assert _run(engine, {"a": prompt}, 12)["a"] == cold[:stop]
+    assert engine.spec_stats.tokens > stop + 1  # the steps verified tokens past the stop token: not sent
+    assert _run(engine, {"b": turn2}, 6)["b"] == want
