@@ -32,7 +32,7 @@ from bench.conversation import Words, stream_turn
 from bench.load import cluster
 from bench.run import metric, progress, scrape
 from bench.table import write_and_show
-from services.router.speculate import choose_k, tokens_per_step
+from services.router.draft_policy import choose_k, tokens_per_step
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 4  # --draft-max, the default

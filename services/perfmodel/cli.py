@@ -35,6 +35,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--link-latency-us", type=float, default=0.0, help="one-way latency between a worker and the bus")
     pr.add_argument("--link-gbps", type=float, default=0.0, help="link bandwidth, Gbit/s (0: unlimited)")
     pr.add_argument("--context", type=int, default=0, help="tokens already in each sequence's KV cache")
+    pr.add_argument("--acceptance", type=float, help="speculative decoding: the share of drafted tokens kept "
+                                                     "(a drafter's published acceptance rate, 0..1)")
+    pr.add_argument("--draft-max", type=int, default=4, help="with --acceptance: drafted tokens per step, at most "
+                                                             "(the router's --draft-max, default 4)")
     pr.add_argument("--profile", help="from `calibrate` (default: $MOEBUS_HOME/perfmodel/profile.json)")
     pr.add_argument("--machine", help="JSON of another machine: mem_gbps and gflops (the roofline's peaks) and "
                                       "`costs`, its fixed costs (e.g. bench/machines/m2-ultra.json); the rest is "
@@ -93,6 +97,8 @@ def prediction(a: argparse.Namespace) -> dict:
 
     if a.workers < 1 or a.concurrency < 1 or a.link_latency_us < 0 or a.link_gbps < 0 or a.context < 0:
         raise ConfigError("--workers and --concurrency must be at least 1; latency, bandwidth and context not negative")
+    if a.acceptance is not None and not (0 <= a.acceptance < 1 and 0 <= a.draft_max <= 16):
+        raise ConfigError("--acceptance must be in [0, 1) and --draft-max 0..16")
     profile = load_profile(a.profile)
     source = from_config(profile["model"]["config"])
     try:
@@ -113,7 +119,7 @@ def prediction(a: argparse.Namespace) -> dict:
     if target != source or on != measured or fixed:
         c = carry(c, source, target, measured, on, fixed)
     p = predict(target.formula(), c, a.workers, a.concurrency, Link(a.link_latency_us, a.link_gbps, a.emulated),
-                a.context)
+                a.context, a.acceptance, a.draft_max)
     return {"shape": target.__dict__, "link": {"latency_us": a.link_latency_us, "gbps": a.link_gbps},
             "prediction": p.as_dict()}
 
@@ -144,6 +150,8 @@ def cmd_predict(a: argparse.Namespace) -> None:
     print(f"{p['workers']} worker(s), {p['concurrency']} stream(s), {p['micro_batches']} micro-batch(es): "
           f"{p['tok_s_stream']} tok/s per stream, {p['tok_s_total']} tok/s in all, {p['step_ms']} ms per step "
           f"(bound: {p['bound']})")
+    if p["draft_k"]:
+        print(f"  speculative decoding: {p['draft_k']} drafts a step, {p['tokens_per_step']} tokens a step per stream")
     for key in ("router_ms", "experts_ms", "fixed_ms", "transfer_ms", "latency_ms", "waiting_ms"):
         print(f"  {key[:-3]:<9} {p[key]:>9.3f} ms")
 

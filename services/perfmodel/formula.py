@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from services.router.draft_policy import choose_k, tokens_per_step
+
 SPLIT_AT = 8  # sequences from which the router runs two micro-batches (its engine's default)
 
 
@@ -92,6 +94,8 @@ class Prediction:
     latency_ms: float
     waiting_ms: float
     bound: str  # "chain", "router" or "cpu": which term set the layer time
+    tokens_per_step: float = 1.0  # per stream: more than 1 with speculative decoding
+    draft_k: int = 0  # drafted tokens each stream verifies per step
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -132,9 +136,15 @@ def message_bytes(shape: Shape, tokens: float, workers: int) -> float:
 
 
 def predict(shape: Shape, costs: Costs, workers: int, concurrency: int, link: Link = Link(),
-            context: int = 0) -> Prediction:
+            context: int = 0, acceptance: float | None = None, draft_max: int = 4) -> Prediction:
+    """A step's time and tokens/s. With `acceptance` (the share of drafted tokens a verify step
+    keeps, as published for a drafter), each stream verifies k drafts a step, k as the router
+    picks it, so a step carries k + 1 positions per stream and yields 1 + a + ... + a^k tokens."""
+    k = choose_k(acceptance, draft_max) if acceptance is not None else 0
     m = micro_batches(concurrency)
-    b = math.ceil(concurrency / m)
+    b = math.ceil(concurrency / m) * (k + 1)  # positions in one lane's step
+    concurrency_in = concurrency
+    concurrency = concurrency * (k + 1)  # what the step computes is as many positions
     at = lambda ys, n=concurrency: interpolate(costs.batches, ys, n)  # noqa: E731
     extra = by_workers(costs.workers_step_us, workers) if costs.workers_step_us else 0.0
     if m > 1 and costs.router_cpu_us:  # every lane's work, as measured with the router's own lanes
@@ -161,6 +171,9 @@ def predict(shape: Shape, costs: Costs, workers: int, concurrency: int, link: Li
     step = shape.layers * layer
     parts = {"router_ms": r, "experts_ms": x, "fixed_ms": fixed, "transfer_ms": transfer, "latency_ms": latency,
              "waiting_ms": layer - chain}
-    return Prediction(concurrency=concurrency, workers=workers, micro_batches=m, step_ms=round(step / 1e3, 3),
-                      tok_s_stream=round(1e6 / step, 2), tok_s_total=round(concurrency * 1e6 / step, 2),
-                      **{k: round(v * shape.layers / 1e3, 3) for k, v in parts.items()}, bound=bound)
+    per_step = tokens_per_step(acceptance, k) if acceptance is not None else 1.0
+    return Prediction(concurrency=concurrency_in, workers=workers, micro_batches=m, step_ms=round(step / 1e3, 3),
+                      tok_s_stream=round(per_step * 1e6 / step, 2),
+                      tok_s_total=round(concurrency_in * per_step * 1e6 / step, 2),
+                      **{key: round(v * shape.layers / 1e3, 3) for key, v in parts.items()}, bound=bound,
+                      tokens_per_step=round(per_step, 3), draft_k=k)

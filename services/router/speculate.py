@@ -22,24 +22,9 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, GenerationBatch
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from services.router.draft_policy import DECAY, PROBE_EVERY, choose_k
 from services.router.drafters import Drafter
 from services.router.sampling import SeededSampler
-
-POSITION_COST = 0.1  # one more position in a step, as a share of a one-token step's time (bus-bound)
-PROBE_EVERY = 32  # steps a sequence that stopped drafting waits before it tries one token again
-DECAY = 0.9  # weight of the older acceptance evidence per verify step
-
-
-def tokens_per_step(alpha: float, k: int) -> float:
-    """Expected tokens a verify step yields with k drafts, each kept with probability alpha
-    once the ones before it were: 1 + alpha + ... + alpha^k."""
-    return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
-
-
-def choose_k(alpha: float, k_max: int, cost: float = POSITION_COST) -> int:
-    """The draft length with the most tokens per unit of step time; 0 when drafting does not pay."""
-    return max(range(k_max + 1), key=lambda k: (tokens_per_step(alpha, k) / (1 + cost * k), -k))
-
 
 @dataclass
 class SeqState:
@@ -47,12 +32,17 @@ class SeqState:
     kept: float = 0.5  # drafted tokens kept, decayed (the prior: a third, so a first draft is one token)
     missed: float = 1.0  # drafts cut short by a rejection, decayed
     idle: int = 0  # steps since it last drafted while off
+    dry: int = 0  # proposals in a row the drafter had nothing for
+    wait: int = 0  # steps before asking the drafter again after a dry spell
 
     @property
     def alpha(self) -> float:
         return self.kept / (self.kept + self.missed)
 
     def k(self, k_max: int) -> int:
+        if self.wait > 0:  # the drafter had nothing lately: do not stop the batch to ask it every step
+            self.wait -= 1
+            return 0
         k = choose_k(self.alpha, k_max)
         if k == 0:
             self.idle += 1
@@ -60,6 +50,11 @@ class SeqState:
                 self.idle = 0
                 return 1
         return k
+
+    def proposed(self, drafts: list[int]) -> None:
+        """Nothing proposed: wait 1, 2, 4 ... up to PROBE_EVERY steps before asking again."""
+        self.dry = 0 if drafts else self.dry + 1
+        self.wait = min(1 << (self.dry - 1), PROBE_EVERY) if self.dry else 0
 
     def record(self, drafted: int, kept: int) -> None:
         self.kept = DECAY * self.kept + kept
@@ -99,8 +94,14 @@ class Speculation:
             return None
         mx.eval(batch._next_tokens)
         pending = batch._next_tokens.tolist()
-        drafts = [self.drafter.propose(self.states[uid].draft, [*batch.tokens[i], pending[i]], k)[:k] if k else []
-                  for i, (uid, k) in enumerate(zip(batch.uids, ks))]
+        drafts = []
+        for i, (uid, k) in enumerate(zip(batch.uids, ks)):
+            if not k:
+                drafts.append([])
+                continue
+            state = self.states[uid]
+            drafts.append(self.drafter.propose(state.draft, [*batch.tokens[i], pending[i]], k)[:k])
+            state.proposed(drafts[-1])
         return (pending, drafts) if any(drafts) else None
 
     def record(self, uid: int, drafted: int, kept: int) -> None:

@@ -154,3 +154,14 @@ def test_carry_recomputes_only_the_roofline_part():
     assert moved.rest_us == COSTS.rest_us  # the bus's fixed cost is not a roofline
     bigger = dataclasses.replace(s, ffn=256)
     assert carry(COSTS, s, bigger, here, here).pair_us == pytest.approx(2 * COSTS.pair_us)
+
+
+def test_speculation_multiplies_tokens_per_step_and_pays_positions_for_it():
+    plain = predict(SHAPE, COSTS, 1, 1)
+    spec = predict(SHAPE, COSTS, 1, 1, acceptance=0.7, draft_max=4)
+    same_work = predict(SHAPE, COSTS, 1, 5)  # a verify step of 4 drafts computes 5 positions, as 5 streams do
+    assert spec.draft_k == 4 and spec.tokens_per_step == pytest.approx(2.7731, abs=1e-3)
+    assert spec.step_ms == same_work.step_ms > plain.step_ms
+    assert spec.tok_s_stream == pytest.approx(2.7731 * 1e3 / spec.step_ms, rel=1e-3)
+    off = predict(SHAPE, COSTS, 1, 1, acceptance=0.0)  # drafts never kept: the router does not draft
+    assert off.draft_k == 0 and off.step_ms == plain.step_ms and off.tok_s_stream == plain.tok_s_stream

@@ -17,7 +17,8 @@ from services.router.drafters import PromptLookup, Replay
 from services.router.engine import Engine, EngineLimits
 from services.router.prompt_cache import PromptCache
 from services.router.sampling import SeededSampler
-from services.router.speculate import PROBE_EVERY, SeqState, choose_k, drop_tail, tokens_per_step
+from services.router.draft_policy import PROBE_EVERY, choose_k, tokens_per_step
+from services.router.speculate import SeqState, drop_tail
 from shared.messages import GenerateEvent, GenerateRequest
 from tests.checkpoints import FAMILIES, reference_greedy
 
@@ -44,6 +45,18 @@ def test_a_sequence_whose_drafts_fail_stops_drafting_and_looks_again_now_and_the
     for _ in range(10):
         s.record(drafted=4, kept=4)
     assert s.k(4) == 4
+
+
+def test_a_drafter_with_nothing_to_propose_is_asked_less_and_less_often():
+    s = SeqState(draft=None)
+    asked = []
+    for step in range(200):
+        if s.k(4):
+            asked.append(step)
+            s.proposed([] if step < 150 else [7])
+    gaps = [b - a for a, b in zip(asked, asked[1:])]
+    assert gaps[:6] == [2, 3, 5, 9, 17, 33] and max(gaps) == PROBE_EVERY + 1  # 1, 2, 4 ... 32 steps between
+    assert asked[-1] == 199 and asked[-2] == 198  # it proposed again: asked every step
 
 
 def test_prompt_lookup_proposes_what_followed_the_latest_earlier_occurrence():
