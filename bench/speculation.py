@@ -56,7 +56,7 @@ def steps(url: str) -> float:
                if line.startswith("moebus_micro_batch_steps_total"))
 
 
-async def condition(url: str, client: AsyncOpenAI, model: str, runs: list[list[int]], recorded: list[list[int]],
+async def condition(url: str, client: AsyncOpenAI, model: str, runs: list[list[int]], recorded: list[list[int] | None],
                     tokens: int) -> dict:
     """The runs at once: their decode tokens/s, steps, and whether each answer is the recording."""
     before, text0 = steps(url), scrape(url)
@@ -72,29 +72,40 @@ async def condition(url: str, client: AsyncOpenAI, model: str, runs: list[list[i
              for k in ("draft_tokens", "draft_tokens_accepted", "verify_steps", "verify_step_tokens")}
     return {"tok_s": decoded / max(last - first, 1e-9), "wall_s": wall, "steps": after - before,
             "tokens": sum(r["completion_tokens"] for r in out),
-            "exact": all(r["answer"] == rec[:len(r["answer"])] for r, rec in zip(out, recorded)), **delta}
+            "exact": all(rec is None or r["answer"] == rec[:len(r["answer"])] for r, rec in zip(out, recorded)),
+            **delta}
 
 
 async def run_model(url: str, plan: list[tuple[float | None, int, list[list[list[int]]]]],
                     recorded: dict[tuple[int, ...], list[int]], tokens: int) -> list[dict]:
+    """Every condition once per rep, the reps interleaved: drift over the run touches all alike."""
     async with AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=900) as client:
         model = (await client.models.list()).data[0].id
-        rows = []
-        for accept, streams, reps in plan:
-            results = [await condition(url, client, model, runs, [recorded.get(tuple(p), []) for p in runs], tokens)
-                       for runs in reps]
-            rows.append({"accept": accept, "streams": streams, "reps": results,
-                         "tok_s": statistics.median(r["tok_s"] for r in results),
-                         # the first step prefills and picks each stream's first token: decode steps after it
-                         "tokens_per_step": statistics.median((r["tokens"] - streams) / max(r["steps"] - 1, 1)
-                                                              for r in results),
-                         "tokens_per_verify_step": sum(r["verify_step_tokens"] for r in results)
-                         / max(1, sum(r["verify_steps"] for r in results)),
-                         "exact": all(r["exact"] for r in results),
-                         "acceptance": sum(r["draft_tokens_accepted"] for r in results)
-                         / max(1, sum(r["draft_tokens"] for r in results))})
-            progress(f"  a={accept} c={streams}: {rows[-1]['tok_s']:.2f} tok/s, "
-                     f"{rows[-1]['tokens_per_step']:.2f} tokens/step, exact={rows[-1]['exact']}")
+        results: list[list[dict]] = [[] for _ in plan]
+        for rep in range(len(plan[0][2])):
+            for i, (accept, streams, reps) in enumerate(plan):
+                runs = reps[rep]
+                r = await condition(url, client, model, runs, [recorded.get(tuple(p)) for p in runs], tokens)
+                text = scrape(url)  # the last round trips: mostly this condition's
+                r.update({f"{k}_us_p50": round(1e6 * metric(text, f"moebus_{name}", '{quantile="0.5"}'), 1)
+                          for k, name in (("layer_rtt", "expert_roundtrip_recent_seconds"),
+                                          ("worker_compute", "expert_compute_recent_seconds"),
+                                          ("router_outside_step", "router_step_outside_experts_recent_seconds"))})
+                results[i].append(r)
+                progress(f"  a={accept} c={streams}: {r['tok_s']:.2f} tok/s, exact={r['exact']}, "
+                         f"layer rtt {r['layer_rtt_us_p50']} us (worker {r['worker_compute_us_p50']} us)")
+    rows = []
+    for (accept, streams, _), res in zip(plan, results):
+        rows.append({"accept": accept, "streams": streams, "reps": res,
+                     "tok_s": statistics.median(r["tok_s"] for r in res),
+                     # the first step prefills and picks each stream's first token: decode steps after it
+                     "tokens_per_step": statistics.median((r["tokens"] - streams) / max(r["steps"] - 1, 1) for r in res),
+                     "tokens_per_verify_step": sum(r["verify_step_tokens"] for r in res)
+                     / max(1, sum(r["verify_steps"] for r in res)),
+                     "exact": all(r["exact"] for r in res),
+                     "acceptance": sum(r["draft_tokens_accepted"] for r in res) / max(1, sum(r["draft_tokens"] for r in res)),
+                     **{k: statistics.median(r[k] for r in res)
+                        for k in ("layer_rtt_us_p50", "worker_compute_us_p50", "router_outside_step_us_p50")}})
     return rows
 
 
@@ -103,7 +114,7 @@ def main() -> None:
     ap.add_argument("--models", default="thin,mixtral-0.5b")
     ap.add_argument("--quick", action="store_true", help="the tiny model at tiny settings")
     ap.add_argument("--tokens", type=int, default=64, help="completion tokens per stream")
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "speculation.json")
     ap.add_argument("--models-dir", type=Path, default=ROOT / "bench" / "models", help="where models are made once")

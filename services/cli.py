@@ -73,8 +73,8 @@ def cmd_router(a: argparse.Namespace) -> None:
         raise ConfigError(f"--replicas must be 1..16, not {replicas}")
     if limits.micro_batches not in (1, 2):
         raise ConfigError(f"--micro-batches must be 1 or 2, not {limits.micro_batches}")
-    if not 0 <= limits.draft_max <= 16:
-        raise ConfigError(f"--draft-max must be 0..16, not {limits.draft_max}")
+    _draft_max(limits.draft_max)
+    drafter = _drafter(setting(a.speculate, "MOEBUS_SPECULATE", "lookup", str), a.draft_replay)
     cfg = RouterConfig(
         nats_url=_nats(a), creds=_creds(a, "router"), model=_model(a.model), limits=limits, replicas=replicas,
         share_model=bool(a.share_model or setting(None, "MOEBUS_SHARE_MODEL", "", str) in ("1", "true", "yes")),
@@ -83,9 +83,14 @@ def cmd_router(a: argparse.Namespace) -> None:
                                        "max prompt tokens")),
         prompt_cache_bytes=_prompt_cache_bytes(setting(a.prompt_cache_bytes, "MOEBUS_PROMPT_CACHE_BYTES", "", str)),
         kv_budget=parse_size(kv, "--kv-budget") if (kv := setting(a.kv_budget, "MOEBUS_KV_BUDGET", "", str)) else None,
-        drafter=_drafter(setting(a.speculate, "MOEBUS_SPECULATE", "lookup", str), a.draft_replay),
+        drafter=drafter,
     )
     _run(serve(cfg))
+
+
+def _draft_max(k: int) -> None:
+    if not 0 <= k <= 16:
+        raise ConfigError(f"--draft-max must be 0..16, not {k}")
 
 
 def _drafter(speculate: str, replay: str | None) -> Any:
@@ -249,6 +254,8 @@ def cmd_up(a: argparse.Namespace) -> None:
     budget = setting(a.memory_budget, "MOEBUS_MEMORY_BUDGET", "", str)
     if kv := setting(a.kv_budget, "MOEBUS_KV_BUDGET", "", str):
         parse_size(kv, "--kv-budget")  # refused now, not by the router it starts
+    _drafter(setting(a.speculate, "MOEBUS_SPECULATE", "lookup", str), a.draft_replay)  # likewise
+    _draft_max(setting(a.draft_max, "MOEBUS_DRAFT_MAX", D.DRAFT_MAX, int))
     cfg = UpConfig(
         creds_dir=str(Path(creds).expanduser().resolve()) if creds else "",
         insecure=_insecure(a), nats_host=setting(a.nats_host, "MOEBUS_NATS_HOST", D.NATS_HOST, str),

@@ -19,6 +19,8 @@ from services.router.prompt_cache import PromptCache
 from services.router.sampling import SeededSampler
 from services.router.draft_policy import PROBE_EVERY, choose_k, tokens_per_step
 from services.router.speculate import SeqState, drop_tail
+from services.cli import parser
+from shared.errors import ConfigError
 from shared.messages import GenerateEvent, GenerateRequest
 from tests.checkpoints import FAMILIES, reference_greedy
 
@@ -195,3 +197,16 @@ def test_a_sequence_that_stops_inside_a_verify_step_leaves_only_its_own_tokens(c
     assert _run(engine, {"a": prompt}, 12)["a"] == cold[:stop]
     assert engine.spec_stats.tokens > stop + 1  # the steps verified tokens past the stop token: not sent
     assert _run(engine, {"b": turn2}, 6)["b"] == want
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--speculate", "maybe"], "--speculate must be lookup or off, not 'maybe'"),
+    (["--draft-max", "99"], "--draft-max must be 0..16, not 99"),
+    (["--draft-replay", "/nonexistent/replay.json"], "--draft-replay /nonexistent/replay.json: not a replay file"),
+])
+def test_bad_speculation_flags_are_refused_before_anything_starts(flags: list[str], message: str):
+    for command in ("up", "router"):
+        a = parser().parse_args([command, *flags])
+        with pytest.raises(ConfigError) as e:
+            a.fn(a)
+        assert str(e.value).startswith(message)
