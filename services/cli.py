@@ -20,7 +20,7 @@ from shared.security import DEFAULT_LISTEN, DEFAULT_WORKERS, NATS_CONTEXT, Creds
 # Flags `moebus up` passes on to the service that owns them.
 ROUTER_FLAGS = ("share_model", "expert_timeout", "max_running", "max_waiting", "max_prompt_tokens", "prefill_step",
                 "micro_batches", "replicas", "prompt_cache_bytes", "kv_budget", "speculate", "draft_max",
-                "draft_replay")
+                "draft_model", "draft_replay")
 WORKER_FLAGS = ("memory_budget",)
 GATEWAY_FLAGS = ("api_key", "max_body_bytes", "request_timeout", "header_timeout", "body_timeout", "keep_alive",
                  "max_connections")
@@ -74,7 +74,7 @@ def cmd_router(a: argparse.Namespace) -> None:
     if limits.micro_batches not in (1, 2):
         raise ConfigError(f"--micro-batches must be 1 or 2, not {limits.micro_batches}")
     _draft_max(limits.draft_max)
-    drafter = _drafter(setting(a.speculate, "MOEBUS_SPECULATE", "lookup", str), a.draft_replay)
+    speculation = _speculation(a, resolve=True)
     cfg = RouterConfig(
         nats_url=_nats(a), creds=_creds(a, "router"), model=_model(a.model), limits=limits, replicas=replicas,
         share_model=bool(a.share_model or setting(None, "MOEBUS_SHARE_MODEL", "", str) in ("1", "true", "yes")),
@@ -83,7 +83,7 @@ def cmd_router(a: argparse.Namespace) -> None:
                                        "max prompt tokens")),
         prompt_cache_bytes=_prompt_cache_bytes(setting(a.prompt_cache_bytes, "MOEBUS_PROMPT_CACHE_BYTES", "", str)),
         kv_budget=parse_size(kv, "--kv-budget") if (kv := setting(a.kv_budget, "MOEBUS_KV_BUDGET", "", str)) else None,
-        drafter=drafter,
+        **speculation,
     )
     _run(serve(cfg))
 
@@ -93,14 +93,20 @@ def _draft_max(k: int) -> None:
         raise ConfigError(f"--draft-max must be 0..16, not {k}")
 
 
-def _drafter(speculate: str, replay: str | None) -> Any:
-    """--speculate lookup|off, or --draft-replay FILE (measurement: a known acceptance rate)."""
-    from services.router.drafters import PromptLookup, Replay
-    if replay:
-        return Replay.from_file(Path(replay))
+def _speculation(a: argparse.Namespace, resolve: bool) -> dict[str, Any]:
+    """--speculate lookup|off, --draft-model PATH|ORG/NAME, or --draft-replay FILE (measurement:
+    a known acceptance rate); the router makes the drafter from them (services.router.drafters)."""
+    speculate = setting(a.speculate, "MOEBUS_SPECULATE", "lookup", str)
+    draft_model = setting(a.draft_model, "MOEBUS_DRAFT_MODEL", "", str)
     if speculate not in ("lookup", "off"):
         raise ConfigError(f"--speculate must be lookup or off, not {speculate!r}")
-    return PromptLookup() if speculate == "lookup" else None
+    if a.draft_replay:
+        from services.router.drafters import Replay
+        Replay.from_file(Path(a.draft_replay))  # refused now, not by the router
+    if (draft_model or a.draft_replay) and a.speculate == "off":
+        raise ConfigError("--speculate off and a drafter (--draft-model, --draft-replay) contradict each other")
+    return {"speculate": speculate, "draft_replay": Path(a.draft_replay) if a.draft_replay else None,
+            "draft_model": (_model(draft_model) if resolve else Path(draft_model)) if draft_model else None}
 
 
 def _prompt_cache_bytes(given: str) -> int:
@@ -254,7 +260,7 @@ def cmd_up(a: argparse.Namespace) -> None:
     budget = setting(a.memory_budget, "MOEBUS_MEMORY_BUDGET", "", str)
     if kv := setting(a.kv_budget, "MOEBUS_KV_BUDGET", "", str):
         parse_size(kv, "--kv-budget")  # refused now, not by the router it starts
-    _drafter(setting(a.speculate, "MOEBUS_SPECULATE", "lookup", str), a.draft_replay)  # likewise
+    _speculation(a, resolve=False)  # likewise
     _draft_max(setting(a.draft_max, "MOEBUS_DRAFT_MAX", D.DRAFT_MAX, int))
     cfg = UpConfig(
         creds_dir=str(Path(creds).expanduser().resolve()) if creds else "",
@@ -353,6 +359,8 @@ def _router_flags(sp: argparse.ArgumentParser) -> None:
                                         "the text so far) or off (MOEBUS_SPECULATE, lookup)")
     sp.add_argument("--draft-max", type=int, help="drafted tokens a sequence verifies per step, at most; 0: none "
                                                   f"(MOEBUS_DRAFT_MAX, {D.DRAFT_MAX})")
+    sp.add_argument("--draft-model", help="draft with a small model of the same tokenizer, on the router: a "
+                                          "directory or ORG/NAME[@REVISION] (MOEBUS_DRAFT_MODEL)")
     sp.add_argument("--draft-replay", help=argparse.SUPPRESS)  # benchmarks: a drafter of known acceptance
     sp.add_argument("--share-model", action="store_true", default=None,
                     help="put the experts in NATS (once), for workers started without --model (MOEBUS_SHARE_MODEL=1)")

@@ -98,3 +98,57 @@ class Replay:
         at = len(context) - prompt_len  # generated so far: the next one is recorded[at]
         return [t if random.Random(f"{self.seed}:{which}:{at + j}").random() < accept else (t + 1) % self.vocab
                 for j, t in enumerate(recorded[at:at + k])]
+
+
+@dataclass
+class _Drafting:
+    cache: list[Any]  # the draft model's own KV cache for this sequence
+    fed: int = 0  # context tokens in it
+
+
+class DraftModel:
+    """A small model with the served model's tokenizer, run on the router: its greedy
+    continuation. Each sequence keeps the draft model's own KV cache, fed only what the context
+    added since the last proposal (its drafted tokens are trimmed again: kept ones come back as
+    context). Its memory is outside --kv-budget: a draft model is small."""
+
+    name = "model"
+    CHUNK = 512  # prompt tokens per forward pass on a sequence's first proposal
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def start(self, prompt: list[int]) -> _Drafting:
+        from mlx_lm.models.cache import make_prompt_cache
+        return _Drafting(make_prompt_cache(self.model))
+
+    def propose(self, state: _Drafting, context: list[int], k: int) -> list[int]:
+        import mlx.core as mx
+        from mlx_lm.models.cache import trim_prompt_cache
+        new = context[state.fed:]
+        for at in range(0, len(new), self.CHUNK):
+            logits = self.model(mx.array([new[at:at + self.CHUNK]]), cache=state.cache)
+        state.fed = len(context)
+        out: list[int] = []
+        while True:
+            out.append(int(mx.argmax(logits[0, -1]).item()))
+            if len(out) == k:
+                break
+            logits = self.model(mx.array([out[-1:]]), cache=state.cache)
+        trim_prompt_cache(state.cache, k - 1)  # back to the context
+        return out
+
+
+def make_drafter(speculate: str, draft_model: Path | None, replay: Path | None, tokenizer: Any) -> Drafter | None:
+    """The router's drafter from its flags: a replay file (measurement), a draft model, prompt
+    lookup, or none. Runs on the MLX thread: a draft model is loaded there."""
+    if replay is not None:
+        return Replay.from_file(replay)
+    if draft_model is not None:
+        from mlx_lm import load
+        model, theirs = load(str(draft_model))
+        if theirs.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"--draft-model {draft_model}: its tokenizer is not the served model's "
+                              "(a draft model must share it, token for token)")
+        return DraftModel(model)
+    return PromptLookup() if speculate == "lookup" else None

@@ -13,6 +13,7 @@ from services.router.bus_experts import install
 from services.router.constrain import GrammarProcessor, Grammars
 from services.router.engine import Engine, Publish
 from services.router.exchange import ExpertClient
+from services.router.drafters import make_drafter
 from services.router.kv import KVBudget, default_budget, kv_size, machine_memory, weights_bytes
 from services.router.metrics import ExchangeStats
 from services.router.prompt_cache import PromptCache
@@ -67,7 +68,7 @@ def load_router_model(cfg: RouterConfig, client: ExpertClient, publish: Publish)
     engine = Engine(model, tokenizer, cfg.limits, publish, info.max_context, before_step=client.adopt,
                     after_step=client.stats.record_step,
                     prompt_cache=PromptCache(cfg.prompt_cache_bytes) if cfg.prompt_cache_bytes > 0 else None,
-                    drafter=cfg.drafter)
+                    drafter=make_drafter(cfg.speculate, cfg.draft_model, cfg.draft_replay, tokenizer))
     budget = cfg.kv_budget or default_budget(weights_bytes(model), machine_memory())  # experts are out by now
     engine.kv = KVBudget(kv_size(model, config), budget, info.max_context)
     client.while_waiting = engine.baton.released  # a lane waiting on its experts lets the other compute

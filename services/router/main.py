@@ -8,7 +8,6 @@ import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -55,7 +54,9 @@ class RouterConfig:
     max_prompt_tokens: int = defaults.MAX_PROMPT_TOKENS
     kv_budget: int | None = None  # bytes of running sequences' KV caches; None: derived from memory (router.kv)
     prompt_cache_bytes: int = 0  # finished prompts' KV caches kept for reuse; 0: none
-    drafter: Any = None  # speculative decoding's drafter (services.router.drafters); None: off
+    speculate: str = "lookup"  # the drafter when neither of the next two is given; "off": none
+    draft_model: Path | None = None  # a small model of the same tokenizer drafts
+    draft_replay: Path | None = None  # measurement: recorded continuations of a known acceptance
     limits: EngineLimits = field(default_factory=EngineLimits)
 
 

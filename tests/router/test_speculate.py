@@ -13,7 +13,7 @@ import pytest
 from mlx_lm import load
 from mlx_lm.models.cache import BatchKVCache
 
-from services.router.drafters import PromptLookup, Replay
+from services.router.drafters import PromptLookup, Replay, make_drafter
 from services.router.engine import Engine, EngineLimits
 from services.router.prompt_cache import PromptCache
 from services.router.sampling import SeededSampler
@@ -203,6 +203,8 @@ def test_a_sequence_that_stops_inside_a_verify_step_leaves_only_its_own_tokens(c
     (["--speculate", "maybe"], "--speculate must be lookup or off, not 'maybe'"),
     (["--draft-max", "99"], "--draft-max must be 0..16, not 99"),
     (["--draft-replay", "/nonexistent/replay.json"], "--draft-replay /nonexistent/replay.json: not a replay file"),
+    (["--speculate", "off", "--draft-model", "/x"], "--speculate off and a drafter (--draft-model, --draft-replay) "
+                                                     "contradict each other"),
 ])
 def test_bad_speculation_flags_are_refused_before_anything_starts(flags: list[str], message: str):
     for command in ("up", "router"):
@@ -210,3 +212,36 @@ def test_bad_speculation_flags_are_refused_before_anything_starts(flags: list[st
         with pytest.raises(ConfigError) as e:
             a.fn(a)
         assert str(e.value).startswith(message)
+
+
+def test_a_model_whose_cache_cannot_forget_does_not_speculate(checkpoints: dict[str, Path]):
+    """Recurrent state (linear attention) or a sliding window cannot drop a rejected tail: such a
+    model decodes one token a step, and says so."""
+    from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
+
+    model, tokenizer = load(str(checkpoints["mixtral"]))
+    assert _engine(model, tokenizer, PromptLookup()).drafter is not None
+    for other in (lambda: ArraysCache(2), lambda: RotatingKVCache(max_size=64)):
+        model.make_cache = lambda other=other: [KVCache(), other()]  # one such layer is enough
+        assert _engine(model, tokenizer, PromptLookup()).drafter is None
+    del model.make_cache
+
+
+def test_a_draft_model_drafts_its_own_greedy_tokens(checkpoints: dict[str, Path]):
+    """The served model as its own draft model keeps every draft; another model of the same
+    tokenizer keeps few. Either way the tokens are those of decoding without drafts."""
+    model, tokenizer = load(str(checkpoints["mixtral"]))
+    plain = _run(_engine(model, tokenizer), PROMPTS, 16)
+    same = make_drafter("lookup", checkpoints["mixtral"], None, tokenizer)
+    engine = _engine(model, tokenizer, same)
+    assert _run(engine, PROMPTS, 16) == plain
+    assert engine.spec_stats.accepted == engine.spec_stats.drafted > 16
+    other = _engine(model, tokenizer, make_drafter("lookup", checkpoints["dbrx"], None, tokenizer))
+    assert _run(other, PROMPTS, 16) == plain
+    assert other.spec_stats.accepted < other.spec_stats.drafted
+
+
+def test_a_draft_model_of_another_tokenizer_is_refused(checkpoints: dict[str, Path], tool_checkpoints):
+    _, tokenizer = load(str(checkpoints["mixtral"]))
+    with pytest.raises(ConfigError, match="its tokenizer is not the served model's"):
+        make_drafter("lookup", tool_checkpoints["json_tools"], None, tokenizer)
