@@ -43,6 +43,7 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.balance
 	$(BIN)/python -m bench.structured
 	$(BIN)/python -m bench.conversation
+	$(BIN)/python -m bench.speculation
 
 bench-flash: $(VENV)/.installed-test
 	$(BIN)/python -m bench.flash $(BENCH_ARGS)

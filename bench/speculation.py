@@ -57,7 +57,7 @@ def steps(url: str) -> float:
 
 
 async def condition(url: str, client: AsyncOpenAI, model: str, runs: list[list[int]], recorded: list[list[int] | None],
-                    tokens: int) -> dict:
+                    tokens: int, drafter: str = "replay") -> dict:
     """The runs at once: their decode tokens/s, steps, and whether each answer is the recording."""
     before, text0 = steps(url), scrape(url)
     t0 = time.perf_counter()
@@ -67,8 +67,8 @@ async def condition(url: str, client: AsyncOpenAI, model: str, runs: list[list[i
     first = min(t0 + r["ttft"] for r in out)
     last = max(t0 + r["seconds"] for r in out)
     decoded = sum(r["completion_tokens"] - 1 for r in out)
-    delta = {k: metric(text1, f"moebus_{k}_total", '{drafter="replay"}') - metric(text0, f"moebus_{k}_total",
-                                                                                   '{drafter="replay"}')
+    label = f'{{drafter="{drafter}"}}'
+    delta = {k: metric(text1, f"moebus_{k}_total", label) - metric(text0, f"moebus_{k}_total", label)
              for k in ("draft_tokens", "draft_tokens_accepted", "verify_steps", "verify_step_tokens")}
     return {"tok_s": decoded / max(last - first, 1e-9), "wall_s": wall, "steps": after - before,
             "tokens": sum(r["completion_tokens"] for r in out),
@@ -76,8 +76,8 @@ async def condition(url: str, client: AsyncOpenAI, model: str, runs: list[list[i
             **delta}
 
 
-async def run_model(url: str, plan: list[tuple[float | None, int, list[list[list[int]]]]],
-                    recorded: dict[tuple[int, ...], list[int]], tokens: int) -> list[dict]:
+async def run_model(url: str, plan: list[tuple[float | str | None, int, list[list[list[int]]]]],
+                    recorded: dict[tuple[int, ...], list[int]], tokens: int, drafter: str = "replay") -> list[dict]:
     """Every condition once per rep, the reps interleaved: drift over the run touches all alike."""
     async with AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=900) as client:
         model = (await client.models.list()).data[0].id
@@ -85,7 +85,7 @@ async def run_model(url: str, plan: list[tuple[float | None, int, list[list[list
         for rep in range(len(plan[0][2])):
             for i, (accept, streams, reps) in enumerate(plan):
                 runs = reps[rep]
-                r = await condition(url, client, model, runs, [recorded.get(tuple(p)) for p in runs], tokens)
+                r = await condition(url, client, model, runs, [recorded.get(tuple(p)) for p in runs], tokens, drafter)
                 text = scrape(url)  # the last round trips: mostly this condition's
                 r.update({f"{k}_us_p50": round(1e6 * metric(text, f"moebus_{name}", '{quantile="0.5"}'), 1)
                           for k, name in (("layer_rtt", "expert_roundtrip_recent_seconds"),
@@ -159,6 +159,22 @@ def main() -> None:
                           "formula": "" if r["accept"] is None else f"{r['formula_policy_k']:.2f} (k={r['policy_k']})",
                           "kept": "" if r["accept"] is None else f"{r['acceptance']:.2f}",
                           "exact": "yes" if r["exact"] else "NO"})
+        # Real drafters: the model drafting for itself on the router (every draft kept: the verify
+        # step's own cost against the ideal k + 1), and prompt lookup (what it finds in a random
+        # model's text: its acceptance says nothing of real text).
+        for label, flags, drafter in (("self", ("--draft-model", str(path)), "model"), ("lookup", (), "lookup")):
+            progress(f"{name}: moebus up, drafter {drafter}")
+            own = [[words.opening(16)] for _ in range(a.reps)]
+            with cluster(str(path), a.workers, a.out.with_name("speculation.log"), flags) as url:
+                asyncio.run(run_model(url, [(None, 1, [warm])], {}, 4, drafter))
+                r = asyncio.run(run_model(url, [(label, 1, own)], {}, a.tokens, drafter))[0]
+            r["ratio"] = r["tok_s"] / base[1]  # against no drafts in the replay cluster: another start
+            report.setdefault("real_drafters", {}).setdefault(name, {})[label] = r
+            table.append({"model": name, "c": 1, "a": label, "tok_s": f"{r['tok_s']:.2f}",
+                          "ratio": f"{r['ratio']:.2f}x", "per_step": f"{r['tokens_per_step']:.2f}",
+                          "per_verify": f"{r['tokens_per_verify_step']:.2f}",
+                          "formula": f"{K + 1:.2f} (k={K})" if label == "self" else "",
+                          "kept": f"{r['acceptance']:.2f}", "exact": "(tests)"})
         report["models"][name] = rows
     report["seconds"] = round(time.perf_counter() - started, 1)
     write_and_show(a.out, report, table, [("model", "model", 13), ("streams", "c", 7), ("a", "a", 5),

@@ -20,7 +20,7 @@ from shared.security import DEFAULT_LISTEN, DEFAULT_WORKERS, NATS_CONTEXT, Creds
 # Flags `moebus up` passes on to the service that owns them.
 ROUTER_FLAGS = ("share_model", "expert_timeout", "max_running", "max_waiting", "max_prompt_tokens", "prefill_step",
                 "micro_batches", "replicas", "prompt_cache_bytes", "kv_budget", "speculate", "draft_max",
-                "draft_model", "draft_replay")
+                "draft_model", "draft_replay", "speculate_max_running")
 WORKER_FLAGS = ("memory_budget",)
 GATEWAY_FLAGS = ("api_key", "max_body_bytes", "request_timeout", "header_timeout", "body_timeout", "keep_alive",
                  "max_connections")
@@ -67,6 +67,8 @@ def cmd_router(a: argparse.Namespace) -> None:
         prefill_step=int(positive(setting(a.prefill_step, "MOEBUS_PREFILL_STEP", D.PREFILL_STEP, int), "prefill step")),
         micro_batches=setting(a.micro_batches, "MOEBUS_MICRO_BATCHES", D.MICRO_BATCHES, int),
         draft_max=setting(a.draft_max, "MOEBUS_DRAFT_MAX", D.DRAFT_MAX, int),
+        speculate_max_running=int(positive(setting(a.speculate_max_running, "MOEBUS_SPECULATE_MAX_RUNNING",
+                                                   D.SPECULATE_MAX_RUNNING, int), "speculate max running")),
     )
     replicas = setting(a.replicas, "MOEBUS_REPLICAS", D.REPLICAS, int)
     if not 1 <= replicas <= 16:
@@ -359,6 +361,9 @@ def _router_flags(sp: argparse.ArgumentParser) -> None:
                                         "the text so far) or off (MOEBUS_SPECULATE, lookup)")
     sp.add_argument("--draft-max", type=int, help="drafted tokens a sequence verifies per step, at most; 0: none "
                                                   f"(MOEBUS_DRAFT_MAX, {D.DRAFT_MAX})")
+    sp.add_argument("--speculate-max-running", type=int, help="a micro-batch of more sequences does not draft: "
+                                                              "its batch fills each round trip already "
+                                                              f"(MOEBUS_SPECULATE_MAX_RUNNING, {D.SPECULATE_MAX_RUNNING})")
     sp.add_argument("--draft-model", help="draft with a small model of the same tokenizer, on the router: a "
                                           "directory or ORG/NAME[@REVISION] (MOEBUS_DRAFT_MODEL)")
     sp.add_argument("--draft-replay", help=argparse.SUPPRESS)  # benchmarks: a drafter of known acceptance

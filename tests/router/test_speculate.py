@@ -144,6 +144,11 @@ def test_greedy_tokens_with_drafts_are_transformers_alone_and_batched(checkpoint
             assert 0 < stats.accepted < stats.drafted
         else:  # nothing kept: each run of a sequence stops drafting within 8 tokens (1 at a time)
             assert stats.accepted == 0 and 0 < stats.drafted <= 8 * 2 * len(PROMPTS)
+    # Prompt lookup, with prompts that repeat themselves: it finds something to propose.
+    loops = {rid: (p[:4] * 4)[:-1] for rid, p in PROMPTS.items()}
+    engine = _engine(model, tokenizer, PromptLookup())
+    assert _run(engine, loops, new) == _run(_engine(model, tokenizer), loops, new)
+    assert engine.spec_stats.drafted > 0
 
 
 def test_seeded_sampling_gives_the_same_tokens_with_drafts_as_without(checkpoints: dict[str, Path]):
