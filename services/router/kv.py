@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import ArraysCache, BatchKVCache, RotatingKVCache, make_prompt_cache
 
 from services.defaults import KV_SHARE
+from services.router.holes import HOLE_LIMIT
 from shared.errors import BadRequest
 
 _KV_HEADS = ("n_kv_heads", "num_key_value_heads", "num_kv_heads")  # mlx-lm's attention modules' spellings
@@ -130,13 +131,15 @@ def weights_bytes(model: nn.Module) -> int:
 
 
 STEP = 256  # tokens: mlx-lm's KV caches grow this many at a time (KVCache.step, BatchKVCache.step)
+SLACK = STEP + HOLE_LIMIT  # beyond a row's tokens: a growth step, and speculation's dropped positions
 
 
 def lane_bytes(size: KVSize, totals: list[int]) -> int:
     """The most KV memory mlx-lm's batch can hold for one lane's sequences, each growing to
     `totals[i]` tokens: a lane's rows are aligned to its longest and grown a step at a time, so
-    every row can be as long as the longest sequence plus one step."""
-    return len(totals) * size.bytes_for(max(totals) + STEP) if totals else 0
+    every row can be as long as the longest sequence plus one step (and the positions
+    speculative decoding dropped but has not squeezed out yet)."""
+    return len(totals) * size.bytes_for(max(totals) + SLACK) if totals else 0
 
 
 @dataclass
@@ -192,9 +195,9 @@ class KVBudget:
         if need <= self.budget:
             return None
         tokens = self.tokens(prompt_tokens, max_tokens)
-        fit = max(0, self.size.tokens_within(self.budget) - STEP)
+        fit = max(0, self.size.tokens_within(self.budget) - SLACK)
         return BadRequest(f"this request needs {need} bytes of KV cache ({prompt_tokens} prompt + "
-                          f"{tokens - prompt_tokens} max_tokens tokens, and the {STEP} more its cache grows by, at "
+                          f"{tokens - prompt_tokens} max_tokens tokens, and the {SLACK} more its cache can hold, at "
                           f"{self.size.per_token} bytes each); the budget is {self.budget} bytes (--kv-budget): at "
                           f"most {fit} tokens fit", "max_tokens" if prompt_tokens < fit else None)
 
@@ -211,7 +214,7 @@ def compact(gen: object) -> None:
     batches = (getattr(gen, "_prompt_batch", None), getattr(gen, "_generation_batch", None))
     fresh = []
     for cache in (c for b in batches for c in getattr(b, "prompt_cache", None) or ()):
-        if type(cache) is BatchKVCache and cache.keys is not None and cache.keys.shape[0] > 0:
+        if isinstance(cache, BatchKVCache) and cache.keys is not None and cache.keys.shape[0] > 0:
             cache.keys, cache.values = _own(cache.keys, cache._idx), _own(cache.values, cache._idx)
             fresh += [cache.keys, cache.values]
     mx.eval(fresh)  # now, so the old arrays are gone before the next sequence's prefill

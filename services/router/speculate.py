@@ -10,7 +10,7 @@ this is the standard rule (accept with min(1, p/q), else resample from max(0, p 
 output is the one decoding without drafts gives, token for token.
 
 Rows of a batch may draft different k and keep different lengths: every row runs 1 + max k
-positions and drops what it did not keep from its KV cache (`drop_tail`).
+positions and drops what it did not keep from its KV cache (`holes.drop_tail`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from services.router.draft_policy import DECAY, PROBE_EVERY, choose_k
 from services.router.drafters import Drafter
+from services.router.holes import HoledKVCache, drop_tail
 from services.router.sampling import SeededSampler
 
 @dataclass
@@ -116,25 +117,6 @@ def supported(model: Any) -> bool:
     return all(type(c) is KVCache for c in make_prompt_cache(model))
 
 
-def drop_tail(caches: list[Any], drop: list[int]) -> None:
-    """Forget the last drop[b] positions of each row b. All rows end at the same index, so the
-    common part is trimmed and a row that drops more is shifted right by the difference: its
-    dropped positions wrap to the front and become left padding, which attention masks."""
-    common = min(drop)
-    extra = [d - common for d in drop]
-    shift = mx.array(extra) if any(extra) else None
-    for c in caches:
-        c.trim(common)
-        if shift is None or c.keys is None:
-            continue
-        n = c._idx
-        where = ((mx.arange(n)[None, :] - shift[:, None]) % n)[:, None, :, None]
-        c.keys[..., :n, :] = mx.take_along_axis(c.keys[..., :n, :], where, axis=2)
-        c.values[..., :n, :] = mx.take_along_axis(c.values[..., :n, :], where, axis=2)
-        c.left_padding = c.left_padding + shift
-        c.offset = c.offset - shift
-
-
 class SpecBatch(GenerationBatch):
     """mlx-lm's decode batch with a verify step: when some row has drafts, one step runs them
     all; otherwise mlx-lm's own one-token step."""
@@ -151,6 +133,7 @@ class SpecBatch(GenerationBatch):
         for uid, tokens in zip(batch.uids, batch.tokens):  # what is in its cache so far: the prompt
             self.spec.states[uid] = SeqState(self.spec.drafter.start(list(tokens)))
         super().extend(batch)
+        self.prompt_cache = [HoledKVCache.adopt(c) for c in self.prompt_cache]  # rows may drop unlike amounts
 
     def filter(self, keep: list[int]) -> None:
         gone = set(self.uids) - {self.uids[i] for i in keep}

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.router.kv import STEP
+from services.router.kv import SLACK
 from tests.checkpoints import HEADS, HIDDEN, KV_HEADS, LAYERS
 from tests.cluster import ROOT, Up
 
@@ -23,10 +23,10 @@ pytestmark = pytest.mark.slow
 MODEL = "tiny-mixtral"
 PER_TOKEN = 2 * LAYERS * KV_HEADS * (HIDDEN // HEADS) * 4  # K and V, every layer, float32: the checkpoint's dtype
 PROMPTS = [f"w{i} w{i + 7} w{2 * i + 1}" for i in range(6)]  # 3 tokens each: the word tokenizer adds none
-MAX_TOKENS = 40
-RESERVATION = (3 + MAX_TOKENS + STEP) * PER_TOKEN  # as mlx-lm allocates it: a step beyond what it holds
+MAX_TOKENS = 20
+RESERVATION = (3 + MAX_TOKENS + SLACK) * PER_TOKEN  # as mlx-lm allocates it: a step and speculation's holes beyond
 BUDGET = 2 * RESERVATION + RESERVATION // 2  # two sequences fit, never three
-SLACK = 64 << 10  # MLX memory between steps besides the KV caches: each row's last tokens and logprobs
+BESIDES = 64 << 10  # MLX memory between steps besides the KV caches: each row's last tokens and logprobs
 
 
 @pytest.fixture(scope="module")
@@ -77,22 +77,22 @@ async def test_a_load_beyond_the_budget_waits_its_turn_and_stays_within_it(clust
     assert gauges["moebus_sequences_running_max"] <= 2
     assert health["kv_bytes_in_use"] == gauges["moebus_kv_bytes_in_use"] == 0  # every sequence gave its bytes back
     # What the router's MLX really held between steps, beside its weights: within the budget.
-    assert 0 < gauges["moebus_mlx_active_bytes_max"] - idle <= BUDGET + SLACK, (gauges, idle)
+    assert 0 < gauges["moebus_mlx_active_bytes_max"] - idle <= BUDGET + BESIDES, (gauges, idle)
 
 
 async def test_a_request_that_could_never_fit_is_told_how_many_tokens_would(cluster: tuple[Up, Path]):
     up, home = cluster
     async with httpx.AsyncClient(base_url=up.url, timeout=60) as http:
         r = await http.post("/v1/completions", json=_body(PROMPTS[0], max_tokens=500))
-        ok = await http.post("/v1/completions", json=_body(PROMPTS[0], max_tokens=BUDGET // PER_TOKEN - STEP - 3))
+        ok = await http.post("/v1/completions", json=_body(PROMPTS[0], max_tokens=BUDGET // PER_TOKEN - SLACK - 3))
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == "max_tokens" and error["type"] == "invalid_request_error"
-    assert error["message"] == (f"this request needs {(503 + STEP) * PER_TOKEN} bytes of KV cache (3 prompt + 500 "
-                                f"max_tokens tokens, and the {STEP} more its cache grows by, at {PER_TOKEN} bytes "
+    assert error["message"] == (f"this request needs {(503 + SLACK) * PER_TOKEN} bytes of KV cache (3 prompt + 500 "
+                                f"max_tokens tokens, and the {SLACK} more its cache can hold, at {PER_TOKEN} bytes "
                                 f"each); the budget is {BUDGET} bytes (--kv-budget): at most "
-                                f"{BUDGET // PER_TOKEN - STEP} tokens fit")
-    fit = BUDGET // PER_TOKEN - STEP - 3
+                                f"{BUDGET // PER_TOKEN - SLACK} tokens fit")
+    fit = BUDGET // PER_TOKEN - SLACK - 3
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == fit  # the most
     out = subprocess.run([sys.executable, "-m", "services.cli", "status"], cwd=ROOT, capture_output=True, text=True,
                          timeout=30, env={**os.environ, "MOEBUS_HOME": str(home)})

@@ -12,7 +12,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from services.cli import parse_size, parser
 from services.router.engine import Engine, EngineLimits
-from services.router.kv import STEP, KVBudget, KVSize, _from_config, kv_size, lane_bytes
+from services.router.kv import SLACK, KVBudget, KVSize, _from_config, kv_size, lane_bytes
 from shared.errors import ConfigError
 from shared.messages import GenerateEvent, GenerateRequest
 from tests.checkpoints import FAMILIES
@@ -44,30 +44,31 @@ def test_the_per_token_size_is_what_mlx_lm_caches_hold(checkpoints: dict[str, Pa
 
 def test_a_sequence_reserves_what_mlx_lm_allocates_for_its_lane():
     size = KVSize(((10, None),))  # 10 bytes a token
-    assert lane_bytes(size, []) == 0 and lane_bytes(size, [40]) == 10 * (40 + STEP)
-    assert lane_bytes(size, [40, 200, 7]) == 3 * 10 * (200 + STEP)  # every row as long as the longest
+    assert lane_bytes(size, []) == 0 and lane_bytes(size, [40]) == 10 * (40 + SLACK)
+    assert lane_bytes(size, [40, 200, 7]) == 3 * 10 * (200 + SLACK)  # every row as long as the longest
     kv = KVBudget(size, budget=10_000, max_context=300)
-    assert kv.reserve("a", 0, 20, 20) and kv.in_use == 2960
+    one = lambda tokens: 10 * (tokens + SLACK)  # noqa: E731 - a row of `tokens`, as allocated
+    assert kv.reserve("a", 0, 20, 20) and kv.in_use == one(40)
     # A long one costs its own row and the growth of every row it joins: less in an empty lane.
-    assert kv.cost(0, 100, 100) == 2 * 4560 - 2960 and kv.cost(1, 100, 100) == 4560
-    assert kv.reserve("b", 0, 100, 100) and kv.in_use == 9120
-    assert not kv.reserve("c", 1, 1, 10)  # 2670 more would pass 10,000
-    assert "c" not in kv.reserved and kv.in_use == 9120
+    assert kv.cost(0, 100, 100) == 2 * one(200) - one(40) and kv.cost(1, 100, 100) == one(200)
+    assert kv.reserve("b", 0, 100, 100) and kv.in_use == 2 * one(200) <= 10_000
+    assert not kv.reserve("c", 1, 1, 10)  # one(11) more would pass 10,000
+    assert "c" not in kv.reserved and kv.in_use == 2 * one(200)
     kv.release("b")
     kv.release("b")  # twice, or never reserved: nothing more is freed
     kv.release("never")
-    assert kv.in_use == 2960 and kv.in_use_max == 9120 and kv.reserved == {"a": 40}
-    assert kv.reserve("c", 1, 1, 10) and kv.in_use == 2960 + 2670
-    assert kv.need(50, 1000) == 10 * (300 + STEP)  # the context ends a sequence before its max_tokens
+    assert kv.in_use == one(40) and kv.in_use_max == 2 * one(200) and kv.reserved == {"a": 40}
+    assert kv.reserve("c", 1, 1, 10) and kv.in_use == one(40) + one(11)
+    assert kv.need(50, 1000) == 10 * (300 + SLACK)  # the context ends a sequence before its max_tokens
 
 
 def test_a_request_that_could_never_fit_is_told_how_many_tokens_would():
-    kv = KVBudget(KVSize(((16, None), (16, None))), budget=32 * (100 + STEP), max_context=4096)  # 100 tokens fit
+    kv = KVBudget(KVSize(((16, None), (16, None))), budget=32 * (100 + SLACK), max_context=4096)  # 100 tokens fit
     assert kv.refusal(40, 60) is None
     e = kv.refusal(40, 61)
     assert e is not None and e.param == "max_tokens"
-    assert str(e) == (f"this request needs {32 * (101 + STEP)} bytes of KV cache (40 prompt + 61 max_tokens tokens, "
-                      f"and the {STEP} more its cache grows by, at 32 bytes each); the budget is {32 * (100 + STEP)} "
+    assert str(e) == (f"this request needs {32 * (101 + SLACK)} bytes of KV cache (40 prompt + 61 max_tokens tokens, "
+                      f"and the {SLACK} more its cache can hold, at 32 bytes each); the budget is {32 * (100 + SLACK)} "
                       f"bytes (--kv-budget): at most 100 tokens fit")
     too_long = kv.refusal(120, 1)
     assert too_long is not None and too_long.param is None  # a shorter max_tokens would not help
@@ -150,7 +151,7 @@ def test_a_running_sequence_cancelled_gives_its_bytes_to_the_next(checkpoints: d
     assert ends == {"long": "error", "next": "length"} and engine.kv.in_use == 0
 
 
-SLACK = 64 << 10  # besides the KV caches, a step keeps each row's last tokens and logprobs: a few KiB
+BESIDES = 64 << 10  # besides the KV caches, a step keeps each row's last tokens and logprobs: a few KiB
 
 
 @pytest.mark.parametrize("micro_batches", [1, 2])
@@ -180,4 +181,4 @@ def test_the_memory_mlx_holds_between_steps_is_within_the_reservations(checkpoin
     ends = [e for _, e in events if e.finish_reason and e.request_id != "warm"]
     assert len(ends) == len(lengths) and all(e.finish_reason == "length" for e in ends)
     assert engine.kv.in_use_max > 3 * lane_bytes(size, [300])  # several ran at once, long beside short
-    assert max(over) <= SLACK, max(over)
+    assert max(over) <= BESIDES, max(over)

@@ -18,7 +18,8 @@ from services.router.engine import Engine, EngineLimits
 from services.router.prompt_cache import PromptCache
 from services.router.sampling import SeededSampler
 from services.router.draft_policy import PROBE_EVERY, choose_k, tokens_per_step
-from services.router.speculate import SeqState, drop_tail
+from services.router.holes import HOLE_LIMIT, HoledKVCache, drop_tail
+from services.router.speculate import SeqState
 from services.cli import parser
 from shared.errors import ConfigError
 from shared.messages import GenerateEvent, GenerateRequest
@@ -86,20 +87,51 @@ def test_replay_drafts_the_recording_corrupted_at_the_rate_asked_and_the_same_ea
     assert replay.propose(replay.start([7]), [7, 1], 4) == []  # no recording: no drafts
 
 
+def _rows(cache: HoledKVCache) -> list[list[float]]:
+    return [cache.extract(b).keys[0, 0, :, 0].tolist() for b in range(len(cache.offset))]
+
+
 def test_drop_tail_forgets_each_rows_own_rejected_positions():
-    cache = BatchKVCache([2, 0, 1])  # rows of 3, 5 and 4 tokens, left-padded to 5
+    cache = HoledKVCache.adopt(BatchKVCache([2, 0, 1]))  # rows of 3, 5 and 4 tokens, left-padded to 5
     keys = mx.arange(15, dtype=mx.float32).reshape(3, 1, 5, 1)
     cache.update_and_fetch(keys, keys + 100)
     step = mx.array([[[[1000 + 10 * b + j] for j in range(3)]] for b in range(3)], dtype=mx.float32)
     cache.update_and_fetch(step, step + 100)  # a verify step: 3 positions a row
     drop_tail([cache], [2, 0, 1])  # row 0 keeps 1 of them, row 1 all 3, row 2 two
     want = [[2, 3, 4, 1000], [5, 6, 7, 8, 9, 1010, 1011, 1012], [11, 12, 13, 14, 1020, 1021]]
-    for b, row in enumerate(want):
-        got = cache.extract(b)
-        assert got.keys[0, 0, :, 0].tolist() == row and got.values[0, 0, :, 0].tolist() == [v + 100 for v in row]
-    assert cache.offset.tolist() == [4, 8, 6]  # each row's next position
+    assert _rows(cache) == want and cache.holes() == 2
+    assert [cache.extract(b).values[0, 0, :, 0].tolist() for b in range(3)] == [[v + 100 for v in r] for r in want]
+    assert cache.offset.tolist() == [4, 8, 6]  # each row's next position (RoPE's), holes not counted
+    # The holes are hidden from attention: a new position sees each row's kept ones only.
+    mask = cache.make_mask(1, return_array=True)
+    assert mask[:, 0, 0, :].tolist()[0][:9] == [False, False, True, True, True, True, False, False, True]
+    two = mx.array([[[[2000 + b], [2001 + b]]] for b in range(3)], dtype=mx.float32)
+    cache.update_and_fetch(two, two + 100)  # the next step writes after the holes
     drop_tail([cache], [1, 1, 1])  # the same for all: a plain trim
-    assert [cache.extract(b).keys[0, 0, :, 0].tolist() for b in range(3)] == [r[:-1] for r in want]
+    want = [r + [2000 + b] for b, r in enumerate(want)]
+    assert _rows(cache) == want and cache.offset.tolist() == [5, 9, 7]
+    cache.squeeze()  # holes become left padding: the same rows, no hole map
+    assert cache.hole is None and _rows(cache) == want
+    assert cache.left_padding.tolist() == [4, 0, 2] and cache.offset.tolist() == [5, 9, 7]  # 9 positions a row
+
+
+def test_holes_survive_the_batchs_own_operations_and_are_squeezed_at_the_limit():
+    cache = HoledKVCache.adopt(BatchKVCache([0, 0]))
+    k = mx.arange(8, dtype=mx.float32).reshape(2, 1, 4, 1)
+    cache.update_and_fetch(k, k)
+    drop_tail([cache], [0, 2])  # row 1 forgets 6, 7
+    other = BatchKVCache([0])  # a sequence joining the batch
+    new = mx.array([[[[50], [51]]]], dtype=mx.float32)
+    other.update_and_fetch(new, new)
+    cache.extend(other)
+    assert _rows(cache) == [[0, 1, 2, 3], [4, 5], [50, 51]]
+    cache.filter([1, 2])  # the first leaves
+    assert _rows(cache) == [[4, 5], [50, 51]]
+    for step in range(HOLE_LIMIT):  # a row that keeps dropping is squeezed once it holds the limit
+        x = mx.full((2, 1, 1, 1), 100.0 + step)
+        cache.update_and_fetch(x, x)
+        drop_tail([cache], [0, 1])
+    assert cache.hole is None and _rows(cache) == [[4, 5, *(100.0 + s for s in range(HOLE_LIMIT))], [50, 51]]
 
 
 def _run(engine: Engine, prompts: dict[str, list[int]], max_tokens: int, temperature: float = 0.0,
