@@ -168,7 +168,9 @@ def _speculation(spec: tuple[str, Any] | None) -> Iterator:
                             ("accepted", "draft_tokens_accepted", "Drafted tokens the model kept"),
                             ("steps", "verify_steps", "Decode steps that verified drafts"),
                             ("tokens", "verify_step_tokens", "Tokens verify steps yielded, kept drafts and the "
-                                                             "model's own (divided by verify steps: tokens per step)")):
+                                                             "model's own (divided by verify steps: tokens per step)"),
+                            ("draft_seconds", "draft_seconds", "Seconds spent proposing drafts (a draft model's "
+                                                               "own forward passes)")):
         family = CounterMetricFamily(f"moebus_{name}", doc, labels=["drafter"])
         if spec is not None:
             family.add_metric([spec[0]], getattr(spec[1], attr))

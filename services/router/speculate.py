@@ -15,6 +15,7 @@ positions and drops what it did not keep from its KV cache (`holes.drop_tail`).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,7 @@ class SpecStats:
     accepted: int = 0
     steps: int = 0  # verify steps
     tokens: int = 0  # tokens verify steps yielded (kept drafts + the model's own)
+    draft_seconds: float = 0.0  # spent proposing (a draft model's own forward passes)
 
 
 @dataclass
@@ -100,8 +102,9 @@ class Speculation:
             if not k:
                 drafts.append([])
                 continue
-            state = self.states[uid]
+            state, started = self.states[uid], time.perf_counter()
             drafts.append(self.drafter.propose(state.draft, [*batch.tokens[i], pending[i]], k)[:k])
+            self.stats.draft_seconds += time.perf_counter() - started
             state.proposed(drafts[-1])
         return (pending, drafts) if any(drafts) else None
 
