@@ -165,7 +165,7 @@ def main() -> None:
         # Real drafters: the model drafting for itself on the router (every draft kept: the verify
         # step's own cost against the ideal k + 1), and prompt lookup (what it finds in a random
         # model's text: its acceptance says nothing of real text).
-        for label, flags, drafter in (("self", ("--draft-model", str(path)), "model"), ("lookup", ("--speculate", "lookup"), "lookup")):
+        for label, flags, drafter in (("self", ("--draft-model", str(path)), "model"), ("lookup", (), "lookup")):
             progress(f"{name}: moebus up, drafter {drafter}")
             own = [[words.opening(16)] for _ in range(a.reps)]
             with cluster(str(path), a.workers, a.out.with_name("speculation.log"), flags) as url:

@@ -98,7 +98,7 @@ def _draft_max(k: int) -> None:
 def _speculation(a: argparse.Namespace, resolve: bool) -> dict[str, Any]:
     """--speculate lookup|off, --draft-model PATH|ORG/NAME, or --draft-replay FILE (measurement:
     a known acceptance rate); the router makes the drafter from them (services.router.drafters)."""
-    speculate = setting(a.speculate, "MOEBUS_SPECULATE", "off", str)
+    speculate = setting(a.speculate, "MOEBUS_SPECULATE", "lookup", str)
     draft_model = setting(a.draft_model, "MOEBUS_DRAFT_MODEL", "", str)
     if speculate not in ("lookup", "off"):
         raise ConfigError(f"--speculate must be lookup or off, not {speculate!r}")
@@ -358,7 +358,7 @@ def _router_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--micro-batches", type=int, help="2: from 8 running sequences on, decode two halves that "
                                                       f"overlap compute and bus waits; 1: one batch (MOEBUS_MICRO_BATCHES, {D.MICRO_BATCHES})")
     sp.add_argument("--speculate", help="draft tokens and verify several per round trip: lookup (the prompt and "
-                                        "the text so far) or off (MOEBUS_SPECULATE, off)")
+                                        "the text so far) or off (MOEBUS_SPECULATE, lookup)")
     sp.add_argument("--draft-max", type=int, help="drafted tokens a sequence verifies per step, at most; 0: none "
                                                   f"(MOEBUS_DRAFT_MAX, {D.DRAFT_MAX})")
     sp.add_argument("--speculate-max-running", type=int, help="a micro-batch of more sequences does not draft: "

@@ -16,6 +16,7 @@ from services.gateway.errors import ApiError, error_response
 from services.gateway.metrics import GatewayMetrics
 
 OPEN_PATHS = ("/health", "/openapi.json")  # probes and the public schema need no key
+CANCEL_AGAIN_S = 0.1  # how long a cancelled app may take before it is cancelled again
 CLIENT_CLOSED = 499  # nginx's status for a client that left before its answer; it is never sent
 
 
@@ -79,7 +80,12 @@ class Limits:
         try:
             await asyncio.wait((app, gone), return_when=asyncio.FIRST_COMPLETED)
             if gone.done() and not app.done() and not answering:
-                app.cancel()
+                # Until it stops: one cancel can be lost. Python 3.11's wait_for returns a
+                # result that arrives as it is cancelled (nats-py's next_msg awaits one), and
+                # the generation would run on to its max_tokens with nobody to answer.
+                while not app.done():
+                    app.cancel()
+                    await asyncio.wait((app,), timeout=CANCEL_AGAIN_S)
             await asyncio.wait((app,))
             if not app.cancelled():
                 app.result()  # the app's own exception, for the server to log

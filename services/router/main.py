@@ -54,7 +54,7 @@ class RouterConfig:
     max_prompt_tokens: int = defaults.MAX_PROMPT_TOKENS
     kv_budget: int | None = None  # bytes of running sequences' KV caches; None: derived from memory (router.kv)
     prompt_cache_bytes: int = 0  # finished prompts' KV caches kept for reuse; 0: none
-    speculate: str = "off"  # "lookup": prompt lookup drafts when neither of the next two is given
+    speculate: str = "lookup"  # the drafter when neither of the next two is given; "off": none
     draft_model: Path | None = None  # a small model of the same tokenizer drafts
     draft_replay: Path | None = None  # measurement: recorded continuations of a known acceptance
     limits: EngineLimits = field(default_factory=EngineLimits)
