@@ -134,13 +134,13 @@ def cmd_bundle(a: argparse.Namespace) -> None:
     path = ensure_bundle(_model(a.model), Path(a.out).expanduser().resolve() if a.out else None, home())
     m = open_bundle(path)
     print(f"moebus: bundle of {m.name} in {path}: {m.moe_layers} MoE layers x {m.num_experts} experts, "
-          f"{m.record_bytes} bytes per expert record, {m.moe_layers * m.num_experts * m.stride} bytes")
+          f"{m.expert_bytes} bytes per expert over its layers, {m.data_bytes} bytes")
 
 
 def cmd_flash_cache(a: argparse.Namespace) -> None:
     from services.expert_worker.main import WorkerConfig, serve, spare_memory
     from services.flash_cache.bundle import ensure_bundle, open_bundle
-    from services.flash_cache.store import FlashConfig, slots_per_layer
+    from services.flash_cache.store import FlashConfig, plan_pools
     model = setting(a.model, "MOEBUS_MODEL", "", str)
     if a.bundle and not model:
         bundle = Path(a.bundle).expanduser().resolve()
@@ -159,7 +159,7 @@ def cmd_flash_cache(a: argparse.Namespace) -> None:
                         policy=policy, mode=mode, read_threads=threads, trace=Path(trace) if trace else None,
                         prefetch=bool(a.prefetch or setting(None, "MOEBUS_FLASH_PREFETCH", "", str) in ("1", "true", "yes")))
     if flash.mode != "naive":
-        slots_per_layer(open_bundle(bundle), flash.budget)  # refused now, not after joining
+        plan_pools(open_bundle(bundle), flash.budget)  # refused now, not after joining
     creds = _creds(a, "worker")
     cfg = WorkerConfig(nats_url=_nats(a), creds=creds, identity=creds.user if creds else "", model=None,
                        flash=flash)
@@ -268,6 +268,7 @@ def cmd_up(a: argparse.Namespace) -> None:
         creds_dir=str(Path(creds).expanduser().resolve()) if creds else "",
         insecure=_insecure(a), nats_host=setting(a.nats_host, "MOEBUS_NATS_HOST", D.NATS_HOST, str),
         model=_model(a.model), workers=setting(a.workers, "MOEBUS_WORKERS", D.WORKERS, int),
+        workers_given=a.workers is not None or "MOEBUS_WORKERS" in os.environ,
         host=host, port=setting(a.port, "MOEBUS_PORT", D.PORT, int), auth=_shown_key(a, keys),
         nats_url=nats_url,
         nats_port=setting(a.nats_port, "MOEBUS_NATS_PORT", D.NATS_PORT, int),
@@ -422,7 +423,8 @@ def parser() -> argparse.ArgumentParser:
         return sp
 
     up = service("up", cmd_up, "the whole system: nats-server, router, workers, gateway")
-    up.add_argument("--workers", type=int, help=f"expert-worker processes (MOEBUS_WORKERS, default {D.WORKERS})")
+    up.add_argument("--workers", type=int, help=f"expert-worker processes (MOEBUS_WORKERS, default {D.WORKERS}); "
+                                                "with a flash-cache, DRAM workers beside it, given only (0: none)")
     up.add_argument("--nats-port", type=int, help=f"embedded nats-server port when --nats is not given (default {D.NATS_PORT})")
     up.add_argument("--nats-host", help="address the embedded nats-server listens on: 0.0.0.0 lets other machines "
                                         f"join (MOEBUS_NATS_HOST, default {D.NATS_HOST})")

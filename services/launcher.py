@@ -42,6 +42,9 @@ class UpConfig:
     gateway_args: tuple[str, ...] = ()
     worker_args: tuple[str, ...] = ()
     memory_budget: int | None = None  # bytes for experts per worker; the whole model's over it: a flash-cache
+    # With a flash-cache: `workers` DRAM workers beside it (the hottest experts) when --workers was
+    # given, none otherwise (the flash-cache alone on a memory-limited machine).
+    workers_given: bool = False
     window: int = defaults.WINDOW
     link: tuple[float, float] | None = None  # (one-way delay µs, Gbit/s): workers reach the bus through the link proxy
     auth: str = ""  # the API key the ready line's example sends: the key, or a shell variable holding it
@@ -140,18 +143,21 @@ def say(line: str) -> None:
 
 
 def up(cfg: UpConfig) -> int:
-    if cfg.workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {cfg.workers}")
     experts_bytes = check_model(cfg.model)
     flash = None
-    if use_flash(experts_bytes, cfg.memory_budget):
+    from_ssd = use_flash(experts_bytes, cfg.memory_budget)
+    if cfg.workers < (0 if from_ssd else 1):
+        raise ConfigError(f"--workers must be at least {0 if from_ssd else 1}, got {cfg.workers}")
+    if from_ssd:
         from services.flash_cache.bundle import ensure_bundle, open_bundle
-        from services.flash_cache.store import slots_per_layer
+        from services.flash_cache.store import plan_pools
         from shared.config import home
         flash = ensure_bundle(cfg.model, None, home())
-        slots_per_layer(open_bundle(flash), cfg.memory_budget)  # too small for one token: refused now
+        plan_pools(open_bundle(flash), cfg.memory_budget)  # too small for one token: refused now
         print(f"moebus: the experts ({experts_bytes} bytes) exceed --memory-budget {cfg.memory_budget}: serving them "
-              f"from SSD through the flash-cache (bundle {flash}, window {cfg.window})", flush=True)
+              f"from SSD through the flash-cache (bundle {flash}, window {cfg.window})"
+              + (f", {cfg.workers} DRAM worker(s) beside it holding the hottest" if cfg.workers_given and cfg.workers
+                 else ""), flush=True)
     check_ports(cfg)
     stopping = False
 
@@ -191,6 +197,10 @@ def up(cfg: UpConfig) -> int:
         if flash is not None:
             commands.append(("flash-cache", [*base, "flash-cache", *worker_bus, "--bundle", str(flash), "--memory-budget",
                                              str(cfg.memory_budget), "--window", str(cfg.window)]))
+            # DRAM workers beside it take the hottest experts off it (placed by load)
+            commands += [(f"worker {i}", [*base, "worker", *worker_bus, "--model", str(cfg.model), "--memory-budget",
+                                          str(cfg.memory_budget), *cfg.worker_args])
+                         for i in range(cfg.workers if cfg.workers_given else 0)]
         else:
             commands += [(f"worker {i}", [*base, "worker", *worker_bus, "--model", str(cfg.model), *cfg.worker_args])
                          for i in range(cfg.workers)]

@@ -40,7 +40,7 @@ def render(s: ClusterStatus) -> str:
              + (f" (v{s.pending_version} loading)" if s.pending_version else "") + f", replicas {s.replicas}"]
     lines.append(f"{'worker':<28} {'host':<20} {'capacity':>8} {'held':>5} {'tokens':>10} {'heartbeat':>9}  experts")
     for w in s.workers:
-        flag = " (draining)" if w.draining else ""
+        flag = (" (draining)" if w.draining else "") + (" (flash-cache)" if w.backend == "flash" else "")
         lines.append(f"{w.worker:<28} {w.host[:20]:<20} {w.capacity:>8} {len(w.experts):>5} {w.tokens:>10} "
                      f"{w.last_heartbeat_s:>8.1f}s  {_ranges(w.experts)}{flag}")
     if not s.workers:

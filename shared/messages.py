@@ -71,6 +71,8 @@ class WorkerAnnounce(Message):
     tokens: Big = 0  # (token, expert) pairs served
     memory: dict[str, Big] = Field(default_factory=dict, max_length=16)  # MLX's counters (bytes)
     flash: dict[str, Big] = Field(default_factory=dict, max_length=16)  # a flash-cache's counters
+    # flash: a flash-cache, which serves any expert from SSD (placed what DRAM workers do not hold)
+    backend: str = Field(default="dram", pattern=r"^(dram|flash)$")
 
 
 class Discover(Message):
@@ -214,6 +216,7 @@ class WorkerStatus(Message):
     loaded: int
     draining: bool
     speed: float
+    backend: str = "dram"  # or flash: a flash-cache, serving from SSD
 
 
 class ClusterStatus(Message):

@@ -78,3 +78,49 @@ def _give(owners: Placement, e: int, live: list[str], capacity: Mapping[str, int
     room = [w for w in live if w not in owners[e] and count[w] < capacity[w]]
     if room:
         owners[e].append(min(room, key=lambda w: (count[w] - target.get(w, 0), count[w] / capacity[w], w)))
+
+
+# A tiered cluster moves experts into DRAM for load only when the experts it would bring in carry
+# this share of all routed tokens more than those it holds: short bursts of another topic, and
+# the noise of a few hundred tokens, do not reload a worker's experts.
+MOVE_MARGIN = 0.1
+
+
+def hot_set(load: Sequence[float] | None, room: int, held: Sequence[int], num_experts: int,
+            margin: float = MOVE_MARGIN) -> list[int]:
+    """The `room` experts DRAM should hold: those it `held` (the hottest of them if too many,
+    topped up with the hottest others), or the hottest `room` by `load` when they carry more
+    than `margin` of all load beyond that. Without load, lowest ids fill the room."""
+    load = list(load) if load is not None and sum(load) > 0 else [0.0] * num_experts
+    by_heat = sorted(range(num_experts), key=lambda e: (-load[e], e))
+    kept = sorted(held, key=lambda e: (-load[e], e))[:room]
+    kept += [e for e in by_heat if e not in kept][: room - len(kept)]
+    best = by_heat[:room]
+    total = sum(load)
+    if total > 0 and sum(load[e] for e in best) - sum(load[e] for e in kept) > margin * total:
+        return sorted(best)
+    return sorted(kept)
+
+
+def place_tiered(capacity: Mapping[str, int], flash: set[str], num_experts: int, current: Placement | None = None,
+                 load: Sequence[float] | None = None, margin: float = MOVE_MARGIN) -> Placement:
+    """Owners for a cluster of DRAM workers and flash-caches (`flash`: those that serve every
+    expert from SSD). The DRAM workers hold the hottest experts their capacity allows (see
+    `hot_set`, which keeps what they hold unless moving pays by `margin`); the flash-caches own
+    every other expert, so each expert has one kind of owner and its tokens never go to SSD
+    while DRAM holds it. Without flash-caches: `place`."""
+    caches = sorted(w for w in flash if capacity.get(w, 0) > 0)
+    if not caches:
+        return place(capacity, num_experts, current, load)
+    dram = {w: c for w, c in capacity.items() if c > 0 and w not in flash}
+    held = [e for e in range(num_experts) if current and e < len(current) and any(w in dram for w in current[e])]
+    hot = hot_set(load, min(num_experts, sum(dram.values())), held, num_experts, margin)
+    cold = [e for e in range(num_experts) if e not in set(hot)]
+    owners: Placement = [[] for _ in range(num_experts)]
+    for group, workers in ((hot, dram), (cold, {w: len(cold) for w in caches})):
+        if not group:
+            continue
+        mine = [[w for w in current[e] if w in workers] for e in group] if current and len(current) == num_experts else None
+        for e, row in zip(group, place(workers, len(group), mine, None if load is None else [load[e] for e in group])):
+            owners[e] = row
+    return owners

@@ -24,7 +24,8 @@ from nats.js import JetStreamContext
 from nats.micro import add_service
 from nats.micro.request import Request, ServiceError
 
-from services.expert_worker.experts import LocalExperts, NotHeld, expert_bytes, load_experts, load_fetched
+from services.expert_compute import Experts, NotHeld
+from services.expert_worker.experts import LocalExperts, expert_bytes, load_experts, load_fetched
 from services.expert_worker.identity import Holder, claim, claim_of
 from services.flash_cache.bundle import open_bundle
 from services.flash_cache.store import FlashConfig, FlashExperts
@@ -109,7 +110,7 @@ class Worker:
         # Unique to this process: the router tells a restarted worker from the one it replaced.
         self.subject = subjects.experts_subject(me)
         self.announce_subject = subjects.announce_subject(me)
-        self.experts = LocalExperts([], [], info.num_experts, info.moe_layers)
+        self.experts: Experts = LocalExperts([], [], info.num_experts, info.moe_layers)  # or a flash-cache's
         self.loaded = 0  # the version of the last coming placement whose share it holds
         self.active: PlacementRecord | None = None
         self.upcoming: PlacementRecord | None = None  # the newest `next` whose share is loaded
@@ -148,7 +149,7 @@ class Worker:
             worker=self.me, host=socket.gethostname()[:64], subject=self.subject, model=self.info.fingerprint,
             layers=self.info.moe_layers, experts=self.experts.held, capacity=self.capacity, speed=self.speed,
             loaded=self.loaded, draining=self.draining, leaving=leaving, tokens=self.tokens,
-            memory=mlx_memory(), flash=self.flash.stats() if self.flash is not None else {},
+            memory=mlx_memory(), flash=self.experts.stats(), backend="flash" if self.flash is not None else "dram",
         ))
 
     async def on_next(self, rec: PlacementRecord) -> None:
@@ -183,7 +184,7 @@ class Worker:
             await asyncio.to_thread(fetch_experts, self.cfg.model, held)
             await self.mlx.run(self._swap, lambda: load_experts(self.cfg.model, held)[0])
 
-    def _swap(self, make: Callable[[], LocalExperts]) -> None:
+    def _swap(self, make: Callable[[], Experts]) -> None:
         # On the MLX thread: no request computes with half of the swap.
         self.experts = make()
 
@@ -305,7 +306,7 @@ async def serve(cfg: WorkerConfig) -> None:
             kv = cluster.DirectKV(js)  # until the router made the bucket, reads fail and are retried
             if cfg.flash is not None:
                 bundle = open_bundle(cfg.flash.bundle)
-                per_expert, info = bundle.moe_layers * bundle.record_bytes, bundle.info()
+                per_expert, info = bundle.expert_bytes, bundle.info()
             elif cfg.model is None:
                 log.info("no --model: waiting for the router to share its model over NATS (router --share-model)")
                 manifest = await _shared_model(js, stop)
@@ -334,7 +335,7 @@ async def serve(cfg: WorkerConfig) -> None:
                     else "moebus expert worker: the experts the placement gives it, in every MoE layer",
                     metadata={"worker": me, "model": info.name, "capacity": str(capacity)},
                     # `nats micro stats`: a flash-cache's reads, hits and memory next to the endpoint's
-                    stats_handler=(lambda _: worker.flash.stats()) if cfg.flash else None,
+                    stats_handler=(lambda _: worker.experts.stats()) if cfg.flash else None,
                 )
                 await svc.add_endpoint(name="experts", subject=worker.subject, handler=inbox_only(worker.handle))
                 return svc

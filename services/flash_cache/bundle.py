@@ -1,16 +1,23 @@
 """The bundle: a model's experts on SSD for the flash-cache, one contiguous record per
 (MoE layer, expert).
 
-    DIR/experts.bin   records [layer][expert], each at a 4 KiB-aligned offset: gate rows, up rows
-                      (together the (2F, D) gate|up matrix the compute reads), then down (D, F)
+    DIR/experts.bin   each MoE layer's records, one per expert at a 4 KiB-aligned stride: every
+                      tensor of the expert's projections, as mlx-lm holds them
     DIR/gates.bin     each MoE layer's gate (experts, D), float32: the flash-cache's guess of the
                       next layer's experts (prefetch); absent where the model's gate is not a plain Linear
-    DIR/bundle.json   BundleManifest: the model it came from, the record layout, one crc32 per record
+    DIR/bundle.json   BundleManifest: the model it came from, each layer's record layout, one
+                      crc32 per record
 
-One record holds all three projections of an expert, so fetching an expert is one read of one
-chunk (tens of KiB to MBs) instead of three smaller ones; moebus routes whole experts, so there is
-no neuron-level split to bundle within a record. The manifest is written last: a bundle
-interrupted while written has no manifest and is made again.
+A float layer's record is gate|up (2F, D) then down (D, F), in the checkpoint's dtype: the
+(2F, D) gate|up matrix the grouped compute reads. A quantized layer's record holds each
+projection's packed weight, scales and biases (and whatever else mlx-lm's quantized module
+holds) with its bits, group size and mode, so the flash-cache computes with the module mlx-lm
+computes with. Layers may differ (mixed-precision conversions): each has its own layout.
+
+One record holds all of an expert, so fetching it is one read of one chunk (tens of KiB to
+MBs) instead of several smaller ones; moebus routes whole experts, so there is no neuron-level
+split to bundle within a record. The manifest is written last: a bundle interrupted while
+written has no manifest and is made again.
 """
 
 from __future__ import annotations
@@ -22,19 +29,60 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.switch_layers import SwiGLU, SwitchGLU
+from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU, SwitchLinear
 from pydantic import Field
 
+from services.expert_compute import quantized, stack_held
 from shared.errors import ModelError
 from shared.messages import Big, Message
 from shared.model import ExpertSlot, ModelInfo, describe, find_experts, load_lazy
 
 MANIFEST, DATA, GATES = "bundle.json", "experts.bin", "gates.bin"
 ALIGN = 4096
-FORMAT = 2  # 2: gates.bin
-# float32 and float16 are stored as they are and computed in numpy; bfloat16 (which numpy has
-# no type for) is widened to float32.
-DTYPES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "float32"}
+FORMAT = 3  # 3: a layout per layer, quantized experts
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# How each dtype's bytes are held in numpy (which has no bfloat16: its raw 16 bits).
+STORAGE = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "uint32": "<u4", "uint8": "u1"}
+MLX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16, "uint32": mx.uint32,
+              "uint8": mx.uint8}
+_TENSOR = r"^(gate_up|gate_proj|up_proj|down_proj)\.(weight|scales|biases|bias|global_scale)$"
+
+
+class TensorSpec(Message):
+    name: str = Field(pattern=_TENSOR)
+    dtype: str = Field(pattern=r"^(float32|float16|bfloat16|uint32|uint8)$")
+    shape: list[int] = Field(max_length=3)  # one expert's
+    offset: Big  # bytes from the start of the record
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(STORAGE[self.dtype]).itemsize
+
+
+class Quant(Message):
+    bits: int = Field(ge=1, le=8)
+    group_size: int = Field(ge=1, le=1 << 12)
+    mode: str = Field(pattern=r"^[a-z0-9]{1,16}$")
+
+
+class LayerLayout(Message):
+    """One MoE layer's records: the tensors of each, how its projections are quantized
+    (absent: float), and where the layer's records sit in experts.bin."""
+
+    tensors: list[TensorSpec] = Field(min_length=2, max_length=16)
+    quant: dict[str, Quant] = Field(default_factory=dict, max_length=3)
+    offset: Big  # of the layer's first record
+    stride: Big  # bytes between records: the payload rounded up to ALIGN
+
+    @property
+    def record_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def shape(self) -> tuple:
+        """What makes two layers' records interchangeable in one slot: all but where they sit."""
+        return tuple((t.name, t.dtype, tuple(t.shape), t.offset) for t in self.tensors), tuple(
+            sorted((k, q.bits, q.group_size, q.mode) for k, q in self.quant.items()))
 
 
 class BundleManifest(Message):
@@ -48,22 +96,26 @@ class BundleManifest(Message):
     top_k: int = Field(ge=1, le=1 << 16)  # experts each token routes to per layer
     hidden: int = Field(ge=1, le=1 << 20)  # D
     ffn: int = Field(ge=1, le=1 << 20)  # F: an expert's intermediate size
-    dtype: str = Field(pattern=r"^(float32|float16)$")
-    stride: Big  # bytes between records: the payload rounded up to ALIGN
+    layers: list[LayerLayout] = Field(max_length=1 << 12)
     crc32: list[list[Big]]  # [layer][expert]
     gates_crc32: Big | None = None  # GATES written
 
     @property
-    def gate_up_bytes(self) -> int:
-        return 2 * self.ffn * self.hidden * np.dtype(self.dtype).itemsize
+    def record_bytes(self) -> int:
+        """The largest expert record of any layer."""
+        return max(layer.record_bytes for layer in self.layers)
 
     @property
-    def record_bytes(self) -> int:
-        """An expert's payload: gate|up then down."""
-        return 3 * self.ffn * self.hidden * np.dtype(self.dtype).itemsize
+    def expert_bytes(self) -> int:
+        """One expert over every MoE layer."""
+        return sum(layer.record_bytes for layer in self.layers)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(layer.stride * self.num_experts for layer in self.layers)
 
     def offset(self, layer: int, expert: int) -> int:
-        return (layer * self.num_experts + expert) * self.stride
+        return self.layers[layer].offset + expert * self.layers[layer].stride
 
     def info(self) -> ModelInfo:
         return ModelInfo(name=self.name, model_type=self.model_type, fingerprint=self.fingerprint,
@@ -79,25 +131,65 @@ def top_k(config: dict) -> int:
     raise ModelError("config.json names no experts-per-token (num_experts_per_tok)")
 
 
-def _projections(slot: ExpertSlot) -> tuple[mx.array, mx.array, mx.array]:
-    """The (E, F, D), (E, F, D), (E, D, F) weights of one layer's float SwiGLU experts."""
-    from services.expert_worker.experts import _stack_held, groupable  # the worker's own checks and stacking
-    glu = _stack_held(slot, list(range(slot.num_experts))) if isinstance(slot.module, list) else slot.module
-    if not isinstance(glu, SwitchGLU) or not groupable(glu) or not isinstance(glu.activation, SwiGLU):
-        raise ModelError(f"{slot.path}: the flash-cache serves float SwiGLU experts without biases; "
+def _tensors(slot: ExpertSlot) -> tuple[list[tuple[str, mx.array]], dict[str, Quant], SwitchGLU]:
+    """One layer's expert tensors, stacked (E, ...), in record order; how each projection is
+    quantized; the module they come from."""
+    glu = stack_held(slot, list(range(slot.num_experts))) if isinstance(slot.module, list) else slot.module
+    if not isinstance(glu, SwitchGLU) or not isinstance(glu.activation, SwiGLU):
+        raise ModelError(f"{slot.path}: the flash-cache serves mlx-lm's SwitchGLU experts with SwiGLU; "
                          f"this model's ({type(glu).__name__}) are not")
-    return glu.gate_proj.weight, glu.up_proj.weight, glu.down_proj.weight
+    projections = {p: getattr(glu, p) for p in PROJECTIONS}
+    if not quantized(glu) and not any("bias" in m for m in projections.values()):
+        # gate rows then up rows: the (2F, D) gate|up matrix the grouped compute reads
+        return [("gate_proj.weight", glu.gate_proj.weight), ("up_proj.weight", glu.up_proj.weight),
+                ("down_proj.weight", glu.down_proj.weight)], {}, glu
+    tensors, quant = [], {}
+    for name, module in projections.items():
+        if isinstance(module, QuantizedSwitchLinear):
+            quant[name] = Quant(bits=module.bits, group_size=module.group_size, mode=module.mode)
+        elif not isinstance(module, SwitchLinear):
+            raise ModelError(f"{slot.path}.{name}: a {type(module).__name__}, not a (quantized) SwitchLinear")
+        tensors += [(f"{name}.{k}", a) for k, a in tree_flatten(module.parameters())]
+    return tensors, quant, glu
+
+
+def _layout(tensors: list[tuple[str, np.ndarray, str]], quant: dict[str, Quant], offset: int) -> LayerLayout:
+    specs, at = [], 0
+    for name, array, dtype in tensors:
+        specs.append(TensorSpec(name=name, dtype=dtype, shape=list(array.shape[1:]), offset=at))
+        at += array[0].nbytes
+    if specs[0].name == "gate_proj.weight" and not quant:  # float: gate and up are one tensor
+        gate, up, down = specs
+        specs = [TensorSpec(name="gate_up.weight", dtype=gate.dtype, shape=[2 * gate.shape[0], gate.shape[1]],
+                            offset=0), down]
+    return LayerLayout(tensors=specs, quant=quant, offset=offset, stride=-(-at // ALIGN) * ALIGN)
+
+
+def _numpy(a: mx.array) -> tuple[np.ndarray, str]:
+    """The array's bytes as numpy holds them, and its dtype's name."""
+    name = next((k for k, v in MLX_DTYPES.items() if v == a.dtype), None)
+    if name is None:
+        raise ModelError(f"experts of dtype {a.dtype} cannot be bundled")
+    return np.asarray(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a), name
 
 
 def _gate(slot: ExpertSlot) -> np.ndarray | None:
     """The layer's router weights (experts, D) where they are one plain Linear (Mixtral's and
-    Qwen's `gate`, DBRX's `router.layer`)."""
+    Qwen's `gate`, DBRX's `router.layer`), dequantized if quantized: they only guess the next
+    layer's experts for read-ahead."""
     for path in (("gate",), ("router", "layer")):
         module = slot.owner
         for name in path:
             module = getattr(module, name, None)
-        if isinstance(module, nn.Linear) and module.weight.shape[0] == slot.num_experts and "bias" not in module:
-            return np.asarray(module.weight.astype(mx.float32))
+        if isinstance(module, nn.QuantizedLinear) and "bias" not in module:
+            weight = mx.dequantize(module.weight, module.scales, module.get("biases"), module.group_size,
+                                   module.bits, mode=module.mode)
+        elif isinstance(module, nn.Linear) and "bias" not in module:
+            weight = module.weight
+        else:
+            continue
+        if weight.shape[0] == slot.num_experts:
+            return np.asarray(weight.astype(mx.float32))
     return None
 
 
@@ -112,33 +204,29 @@ def write_bundle(model_path: Path, out: Path, progress=None) -> BundleManifest:
     tmp = out / (DATA + ".part")
     crcs: list[list[int]] = []
     gates: list[np.ndarray | None] = []
-    shape = None
+    layouts: list[LayerLayout] = []
+    dims = None
     with open(tmp, "wb") as f:
         for n, slot in enumerate(slots):
-            gate, up, down = _projections(slot)
-            dtype = DTYPES.get(gate.dtype)
-            if dtype is None:
-                raise ModelError(f"{slot.path}: experts of dtype {gate.dtype} cannot be bundled")
-            arrays = [np.asarray(a.astype(getattr(mx, dtype))) for a in (gate, up, down)]
-            layer_shape = (gate.shape[1], gate.shape[2], dtype)
-            if shape not in (None, layer_shape):
-                raise ModelError(f"{slot.path}: experts of shape {layer_shape}, earlier layers {shape}")
-            shape = layer_shape
-            payload = sum(a[0].nbytes for a in arrays)
-            stride = -(-payload // ALIGN) * ALIGN
+            named, quant, glu = _tensors(slot)
+            arrays = [(name, *_numpy(a)) for name, a in named]
+            layout = _layout(arrays, quant, f.tell())
+            dims = dims or (glu.gate_proj.input_dims, glu.gate_proj.output_dims)
+            if glu.gate_proj.input_dims != dims[0]:
+                raise ModelError(f"{slot.path}: experts of hidden size {glu.gate_proj.input_dims}, earlier layers {dims[0]}")
             row = []
             for e in range(slot.num_experts):
-                record = b"".join(a[e].tobytes() for a in arrays)
+                record = b"".join(a[e].tobytes() for _, a, _ in arrays)
                 row.append(zlib.crc32(record))
-                f.write(record + bytes(stride - payload))
+                f.write(record + bytes(layout.stride - len(record)))
             crcs.append(row)
+            layouts.append(layout)
             gates.append(_gate(slot))
-            del arrays, gate, up, down
+            del arrays, named, glu
             if progress:
                 progress(n + 1, len(slots))
         f.flush()
         os.fsync(f.fileno())
-    ffn, hidden, dtype = shape
     gates_crc = None
     if all(g is not None for g in gates):
         blob = np.stack(gates).astype("<f4").tobytes()
@@ -147,8 +235,7 @@ def write_bundle(model_path: Path, out: Path, progress=None) -> BundleManifest:
     manifest = BundleManifest(
         format=FORMAT, name=info.name, model_type=info.model_type, fingerprint=info.fingerprint,
         max_context=info.max_context, num_experts=info.num_experts, moe_layers=info.moe_layers,
-        top_k=top_k(config), hidden=hidden, ffn=ffn, dtype=dtype, stride=stride, crc32=crcs,
-        gates_crc32=gates_crc,
+        top_k=top_k(config), hidden=dims[0], ffn=dims[1], layers=layouts, crc32=crcs, gates_crc32=gates_crc,
     )
     os.replace(tmp, out / DATA)
     (out / MANIFEST).write_text(manifest.model_dump_json())
@@ -167,12 +254,11 @@ def open_bundle(path: Path, fingerprint: str | None = None) -> BundleManifest:
         raise ModelError(f"{path / MANIFEST}: not a bundle manifest ({str(e).splitlines()[0]})") from None
     if len(manifest.crc32) != manifest.moe_layers or any(len(r) != manifest.num_experts for r in manifest.crc32):
         raise ModelError(f"{path / MANIFEST}: crc32 must list {manifest.moe_layers} x {manifest.num_experts} records")
-    if manifest.stride < manifest.record_bytes:
-        raise ModelError(f"{path / MANIFEST}: stride {manifest.stride} is under the record's {manifest.record_bytes} bytes")
+    _check_layout(path, manifest)
     if fingerprint is not None and manifest.fingerprint != fingerprint:
         raise ModelError(f"{path}: a bundle of another model ({manifest.name}, fingerprint {manifest.fingerprint}, "
                          f"not {fingerprint})")
-    want = manifest.moe_layers * manifest.num_experts * manifest.stride
+    want = manifest.data_bytes
     try:
         size = (path / DATA).stat().st_size
     except FileNotFoundError:
@@ -180,6 +266,19 @@ def open_bundle(path: Path, fingerprint: str | None = None) -> BundleManifest:
     if size != want:
         raise ModelError(f"{path / DATA}: truncated or padded: {size} bytes, the manifest says {want}")
     return manifest
+
+
+def _check_layout(path: Path, m: BundleManifest) -> None:
+    """Every layer's records inside the file, one after the other, each tensor inside its record."""
+    if len(m.layers) != m.moe_layers:
+        raise ModelError(f"{path / MANIFEST}: {len(m.layers)} layer layouts for {m.moe_layers} MoE layers")
+    at = 0
+    for n, layer in enumerate(m.layers):
+        ends = [t.offset + t.nbytes for t in layer.tensors]
+        starts = [t.offset for t in layer.tensors]
+        if layer.offset != at or starts != [0, *ends[:-1]] or layer.stride < ends[-1]:
+            raise ModelError(f"{path / MANIFEST}: MoE layer {n}'s record layout is not contiguous in its stride")
+        at += layer.stride * m.num_experts
 
 
 def read_gates(path: Path, m: BundleManifest) -> np.ndarray | None:

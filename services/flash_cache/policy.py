@@ -1,15 +1,19 @@
-"""Which experts a flash-cache layer keeps in DRAM: slot assignment and eviction, pure, no I/O.
+"""Which experts the flash-cache keeps in DRAM: slot assignment and eviction, pure, no I/O.
 
-Each MoE layer has a fixed number of DRAM slots; the experts live on SSD. A request to a layer
-names the distinct experts it needs; `LayerSlots` says which to read into which slot and which
-resident expert gives its slot up. `belady_misses` is the floor any policy could reach on a
-trace, `simulate` what `LayerSlots` reaches, so the two can be compared on recorded routing.
+The flash-cache's DRAM budget is one pool of slots shared by every MoE layer (experts of
+different sizes get a pool each); the experts live on SSD. A request names the distinct experts
+it needs, as keys: (layer, expert) in the flash-cache, any hashable here. `SlotPool` says which to
+read into which slot and which resident expert gives its slot up: a layer whose tokens use few
+distinct experts leaves its share to a layer that uses many. `belady_misses` is the floor any
+policy could reach on a trace, `simulate` what `SlotPool` reaches, so the two can be compared
+on recorded routing.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 POLICIES = ("lru", "lfu")
 # lfu: a use counts half after HALF_LIFE_TURNOVERS * slots ticks (the window may be 0): long enough to
@@ -17,8 +21,12 @@ POLICIES = ("lru", "lfu")
 HALF_LIFE_TURNOVERS = 2
 
 
-class LayerSlots:
-    """One MoE layer's DRAM slots: which expert sits in which slot, and the eviction decision."""
+Key = Any  # hashable and ordered: ties are broken by key
+
+
+class SlotPool:
+    """A fixed number of DRAM slots: which expert sits in which slot, and the eviction decision.
+    The clock ticks once per request; `window` counts ticks."""
 
     def __init__(self, slots: int, window: int, policy: str = "lfu") -> None:
         if slots < 1 or window < 0 or policy not in POLICIES:
@@ -26,19 +34,19 @@ class LayerSlots:
                              f"got {slots}, {window}, {policy!r}")
         self.slots, self.window, self.policy = slots, window, policy
         self.half_life = HALF_LIFE_TURNOVERS * slots
-        self.slot_of: dict[int, int] = {}
+        self.slot_of: dict[Key, int] = {}
         self._free = list(range(slots - 1, -1, -1))  # a stack: slot 0 is handed out first
         self.now = 0
         # Kept past eviction (bounded by the layer's expert count), so a popular expert that was
         # pushed out once comes back with its count instead of as a newcomer.
-        self._last: dict[int, int] = {}
-        self._count: dict[int, tuple[float, int]] = {}  # expert -> (decayed uses, as of tick)
+        self._last: dict[Key, int] = {}
+        self._count: dict[Key, tuple[float, int]] = {}  # expert -> (decayed uses, as of tick)
         self.hits = self.misses = self.evictions = 0
 
-    def resident(self) -> list[int]:
+    def resident(self) -> list[Key]:
         return list(self.slot_of)
 
-    def passes(self, needed: Sequence[int]) -> list[list[int]]:
+    def passes(self, needed: Sequence[Key]) -> list[list[Key]]:
         """Split a request's distinct experts into passes of at most `slots` experts each,
         resident ones first (so hits are computed before anything is evicted), preserving the
         given order otherwise. Each pass is then admitted and computed before the next."""
@@ -46,7 +54,7 @@ class LayerSlots:
         order = [e for e in needed if e in self.slot_of] + [e for e in needed if e not in self.slot_of]
         return [order[i:i + self.slots] for i in range(0, len(order), self.slots)]
 
-    def admit(self, needed: Sequence[int]) -> list[tuple[int, int]]:
+    def admit(self, needed: Sequence[Key]) -> list[tuple[Key, int]]:
         """Make every expert of `needed` resident; returns the (expert, slot) pairs to read from
         disk into that slot (the misses), in `needed` order. Counts one use of each at the current
         tick and never evicts an expert in `needed`."""
@@ -54,7 +62,7 @@ class LayerSlots:
         if len(needed) > self.slots:
             raise ValueError(f"{len(needed)} experts needed at once, only {self.slots} slots")
         wanted = set(needed)
-        reads: list[tuple[int, int]] = []
+        reads: list[tuple[Key, int]] = []
         for e in needed:
             self._use(e)
             if e in self.slot_of:
@@ -71,12 +79,12 @@ class LayerSlots:
             reads.append((e, slot))
         return reads
 
-    def prefetch(self, guess: Sequence[int]) -> list[tuple[int, int]]:
+    def prefetch(self, guess: Sequence[Key]) -> list[tuple[Key, int]]:
         """Read ahead experts a coming request will likely need: the (expert, slot) pairs to
         read, as `admit` returns them, for those of `guess` not resident. A guess counts no use
         and takes only free slots or those of experts outside the window, so it never pushes out
         what the last tokens used; it stops where none is left."""
-        reads: list[tuple[int, int]] = []
+        reads: list[tuple[Key, int]] = []
         for e in guess:
             if e in self.slot_of:
                 continue
@@ -99,7 +107,7 @@ class LayerSlots:
         concurrency 1)."""
         self.now += 1
 
-    def drop(self, experts: Iterable[int]) -> None:
+    def drop(self, experts: Iterable[Key]) -> None:
         """Forget these experts (no longer placed here): their slots become free."""
         for e in experts:
             slot = self.slot_of.pop(e, None)
@@ -108,34 +116,34 @@ class LayerSlots:
             self._last.pop(e, None)
             self._count.pop(e, None)
 
-    def _use(self, e: int) -> None:
+    def _use(self, e: Key) -> None:
         self._last[e] = self.now
         self._count[e] = (self._decayed(e) + 1.0, self.now)
 
-    def _decayed(self, e: int) -> float:
+    def _decayed(self, e: Key) -> float:
         count, at = self._count.get(e, (0.0, self.now))
         return count * 0.5 ** ((self.now - at) / self.half_life)
 
-    def _victim(self, wanted: set[int]) -> int:
+    def _victim(self, wanted: set[Key]) -> Key:
         """The resident expert outside `wanted` to evict: one outside the window if any (the
         slot budget is hard, so inside it otherwise), then by policy, then smallest id."""
         candidates = [e for e in self.slot_of if e not in wanted]
         old = [e for e in candidates if self._last[e] <= self.now - self.window]
         return self._rank(old or candidates)
 
-    def _rank(self, candidates: list[int]) -> int:
+    def _rank(self, candidates: list[Key]) -> Key:
         """The one to evict by policy, then smallest id."""
         if self.policy == "lru":
             return min(candidates, key=lambda e: (self._last[e], e))
         return min(candidates, key=lambda e: (self._decayed(e), self._last[e], e))
 
 
-def _check_distinct(needed: Sequence[int]) -> None:
+def _check_distinct(needed: Sequence[Key]) -> None:
     if len(set(needed)) != len(needed):
         raise ValueError(f"experts needed more than once in {list(needed)}")
 
 
-def belady_misses(trace: Sequence[Sequence[int]], slots: int) -> int:
+def belady_misses(trace: Sequence[Sequence[Key]], slots: int) -> int:
     """Loads an optimal (Belady's MIN) cache of `slots` entries makes on one layer's trace
     (each step: the distinct experts a request needed).
 
@@ -149,12 +157,12 @@ def belady_misses(trace: Sequence[Sequence[int]], slots: int) -> int:
     if slots < 1:
         raise ValueError(f"need slots >= 1, got {slots}")
     never = len(trace)
-    next_use: list[dict[int, int]] = [{} for _ in trace]  # step -> expert -> next step needing it
-    seen: dict[int, int] = {}
+    next_use: list[dict[Key, int]] = [{} for _ in trace]  # step -> expert -> next step needing it
+    seen: dict[Key, int] = {}
     for t in range(len(trace) - 1, -1, -1):
         next_use[t] = {e: seen.get(e, never) for e in trace[t]}
         seen.update(dict.fromkeys(trace[t], t))
-    resident: dict[int, int] = {}  # expert -> next step needing it
+    resident: dict[Key, int] = {}  # expert -> next step needing it
     misses = 0
     for t, step in enumerate(trace):
         if len(step) > slots:
@@ -172,10 +180,10 @@ def belady_misses(trace: Sequence[Sequence[int]], slots: int) -> int:
     return misses
 
 
-def simulate(trace: Sequence[Sequence[int]], slots: int, window: int, policy: str) -> int:
-    """Misses (records read) `LayerSlots` makes on the trace: each step's passes admitted in
+def simulate(trace: Sequence[Sequence[Key]], slots: int, window: int, policy: str) -> int:
+    """Misses (records read) `SlotPool` makes on the trace: each step's passes admitted in
     turn, then one tick."""
-    cache = LayerSlots(slots, window, policy)
+    cache = SlotPool(slots, window, policy)
     for step in trace:
         for chunk in cache.passes(step):
             cache.admit(chunk)
@@ -183,10 +191,10 @@ def simulate(trace: Sequence[Sequence[int]], slots: int, window: int, policy: st
     return cache.misses
 
 
-def reuse_within(trace: Sequence[Sequence[int]], k: int) -> float:
+def reuse_within(trace: Sequence[Sequence[Key]], k: int) -> float:
     """Fraction of needed experts (over all steps) also needed in one of the previous `k`
     steps: the trace's temporal locality."""
-    last: dict[int, int] = {}
+    last: dict[Key, int] = {}
     reused = total = 0
     for t, step in enumerate(trace):
         for e in step:

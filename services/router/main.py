@@ -117,7 +117,7 @@ class Router:
         ages = reg.heartbeats(now)
         workers = [WorkerStatus(worker=w, host=a.host, capacity=a.capacity, experts=a.experts, tokens=a.tokens,
                                 last_heartbeat_s=round(ages[w], 2), loaded=a.loaded, draining=a.draining,
-                                speed=a.speed)
+                                speed=a.speed, backend=a.backend)
                    for w in reg.workers if (a := reg.get(w)) is not None]
         stats = self.client.stats
         return ClusterStatus(

@@ -4,6 +4,10 @@ coming placement in the cluster bucket, waits for the workers to load it, then s
 Only the router holding the bucket's leader lease writes. A placement becomes `active` only
 once every worker it gives experts to has loaded them, and the router's hot path adopts it
 between decode steps (`ExpertClient.adopt`), so no step mixes two placements.
+
+Load alone moves experts only in a tiered cluster (DRAM workers beside a flash-cache): every
+LOAD_CHECK_S the recent load is weighed (`shared.placement.place_tiered`), and the hottest
+experts move into DRAM when that pays by the placement's margin.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from services.router.registry import Table, WorkerRegistry, table
 from shared import cluster
 from shared.cluster import PlacementRecord
 from shared.logs import get_logger
-from shared.placement import place
+from shared.placement import place, place_tiered
 
 log = get_logger("placer")
+LOAD_CHECK_S = 5.0  # a tiered cluster weighs its load this often
+LOAD_DECAY = 0.5 ** (LOAD_CHECK_S / 30.0)  # the recent load: tokens of the last half minute count half
 
 
 class Placer:
@@ -46,6 +52,9 @@ class Placer:
         self._next_since = 0.0
         self._slow: set[str] = set()  # workers that did not load their share in time
         self._settled_at = 0.0  # no plan before the workers have had a heartbeat to announce
+        self._load_check_at = 0.0
+        self._seen_load: np.ndarray | None = None  # the router's running totals at the last check
+        self._recent: np.ndarray | None = None  # decayed tokens per expert since
 
     async def start(self) -> None:
         """Carry on from the placement in the bucket (a restarted router finds its workers still
@@ -103,8 +112,11 @@ class Placer:
             self.next = None
         if self.next is None:
             basis = {w: 0 if w in self._slow else c for w, c in self.registry.capacities().items()}
-            if basis == self._basis and self.active is not None and not self.unowned():
-                return  # same workers, same capacities: load alone never moves experts (no churn)
+            weigh = bool(self.registry.flash()) and now >= self._load_check_at
+            if basis == self._basis and self.active is not None and not self.unowned() and not weigh:
+                return  # same workers, same capacities: load alone moves experts only between tiers
+            if weigh:
+                self._load_check_at = now + LOAD_CHECK_S
             owners = self._plan(basis)
             self._basis = basis
             self.unplaceable(frozenset(e for e, row in enumerate(owners) if not row))
@@ -127,10 +139,27 @@ class Placer:
             log.info("placement active", version=self.active.version, unowned=self.active.unowned())
 
     def _plan(self, capacities: dict[str, int]) -> list[list[str]]:
-        load = self.load()
-        return place(capacities, self.registry.num_experts,
-                     self.active.owners if self.active else None,
-                     None if load is None else load.tolist(), self.replicas)
+        load = self._recent_load()
+        current = self.active.owners if self.active else None
+        flash = self.registry.flash()
+        if flash:
+            return place_tiered(capacities, flash, self.registry.num_experts, current,
+                                None if load is None else load.tolist())
+        return place(capacities, self.registry.num_experts, current, None if load is None else load.tolist(),
+                     self.replicas)
+
+    def _recent_load(self) -> np.ndarray | None:
+        """Tokens per expert, the older ones decayed: what the experts carry now."""
+        total = self.load()
+        if total is None:
+            return None
+        total = np.asarray(total, np.float64)
+        if self._seen_load is None or self._seen_load.shape != total.shape:
+            self._recent = total.copy()
+        else:
+            self._recent = self._recent * LOAD_DECAY + np.maximum(total - self._seen_load, 0)
+        self._seen_load = total
+        return self._recent
 
     def unowned(self) -> list[int]:
         """Experts with no live owner in the active placement."""

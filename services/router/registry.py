@@ -136,6 +136,10 @@ class WorkerRegistry:
         """What each worker that is staying may hold (a draining one: nothing)."""
         return {w: 0 if a.draining else a.capacity for w, (a, _) in self._seen.items()}
 
+    def flash(self) -> set[str]:
+        """The live flash-caches."""
+        return {w for w, (a, _) in self._seen.items() if a.backend == "flash"}
+
     def loaded(self, worker: str) -> int:
         a = self.get(worker)
         return a.loaded if a else -1

@@ -63,7 +63,7 @@ def test_quick_flash_benchmark_writes_results(tmp_path: Path):
                     "--models-dir", str(tmp_path / "models")], cwd=ROOT, check=True, capture_output=True, timeout=600)
     r = json.loads(out.read_text())["locality"]
     runs = {x["mode"]: x for x in r["runs"]}
-    assert set(runs) == {"dram", "naive", "on-demand", "cache-k1-prefetch"}
+    assert set(runs) == {"dram", "naive", "on-demand", "cache-k1-prefetch", "tiered-k1"}
     assert all({"tok_s", "bytes_read_per_token", "hit_rate", "peak_rss_bytes"} <= set(x) for x in runs.values())
     assert all(x["tok_s"] > 0 and x["peak_rss_bytes"] > 0 for x in runs.values())
     # naive reads every expert, on-demand the routed ones, the cache fewer; DRAM reads nothing
@@ -72,4 +72,8 @@ def test_quick_flash_benchmark_writes_results(tmp_path: Path):
     assert runs["cache-k1-prefetch"]["prefetch_accuracy"] is not None
     assert 0 < r["belady_bytes_per_token"] <= runs["cache-k1-prefetch"]["bytes_read_per_token"]
     assert set(r["trace_reuse"]) == {"k1", "k5", "k10"}
-    assert {"speedup_vs_naive", "speedup_vs_on_demand", "bytes_vs_belady", "vs_dram"} <= set(r["ratios"])
+    assert {"speedup_vs_naive", "speedup_vs_on_demand", "bytes_vs_belady", "vs_dram", "tiered_vs_flash_alone",
+            "tiered_dram_pair_share"} <= set(r["ratios"])
+    # the DRAM worker beside the flash-cache answered some pairs, the flash-cache alone none
+    assert 0 < runs["tiered-k1"]["dram_pair_share"] < 1 and runs["cache-k1-prefetch"]["dram_pair_share"] == 0
+    assert json.loads(out.read_text())["settings"]["bits"] == 4  # a quantized model, as people run

@@ -104,7 +104,7 @@ def test_grouped_compute_equals_switchglu_for_single_rows_and_groups(activation:
     import mlx.nn as nn
     from mlx_lm.models.switch_layers import SwitchGLU
 
-    from services.expert_worker.experts import GEMV_ROWS, GroupedExperts
+    from services.expert_compute import GEMV_ROWS, GroupedExperts
     from shared.wire import DTYPE_CODES
 
     class GeluGLU(nn.Module):
@@ -119,6 +119,6 @@ def test_grouped_compute_equals_switchglu_for_single_rows_and_groups(activation:
     local = np.array([0] + [1] * GEMV_ROWS + [2] * (GEMV_ROWS + 1) + [5] * 8, np.int32)
     rows = np.array(list(range(len(local) - 8)) + list(range(8)), np.int32) % 8
     want = np.array(glu(x[mx.array(rows)], mx.array(local)[:, None])).reshape(len(local), -1)
-    grouped = GroupedExperts(glu)
+    grouped = GroupedExperts.of(glu)
     got = grouped(np.array(x), DTYPE_CODES["float32"], rows, local)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

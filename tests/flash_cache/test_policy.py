@@ -5,10 +5,10 @@ import random
 
 import pytest
 
-from services.flash_cache.policy import POLICIES, LayerSlots, belady_misses, reuse_within, simulate
+from services.flash_cache.policy import POLICIES, SlotPool, belady_misses, reuse_within, simulate
 
 
-def _run(cache: LayerSlots, trace: list[list[int]]) -> list[list[tuple[int, int]]]:
+def _run(cache: SlotPool, trace: list[list[int]]) -> list[list[tuple[int, int]]]:
     """The reads of each step, every pass admitted, one tick per step (as `simulate` does)."""
     reads = []
     for step in trace:
@@ -50,7 +50,7 @@ def _zipf_trace(rng: random.Random, experts: int, top_k: int, steps: int) -> lis
 
 def test_free_slots_are_filled_first_and_hits_read_nothing():
     # breaks if free slots are not handed out (an eviction or a second read for a resident expert)
-    cache = LayerSlots(3, 0, "lru")
+    cache = SlotPool(3, 0, "lru")
     assert cache.admit([5, 7]) == [(5, 0), (7, 1)]
     cache.tick()
     assert cache.admit([7, 9]) == [(9, 2)]
@@ -60,14 +60,14 @@ def test_free_slots_are_filled_first_and_hits_read_nothing():
 
 def test_lru_evicts_the_least_recently_used_into_its_own_slot():
     # breaks if an eviction compacts slots or hands the newcomer a slot other than the victim's
-    cache = LayerSlots(2, 0, "lru")
+    cache = SlotPool(2, 0, "lru")
     assert _run(cache, [[1], [2], [1], [3]]) == [[(1, 0)], [(2, 1)], [], [(3, 1)]]
     assert cache.slot_of == {1: 0, 3: 1} and cache.evictions == 1
 
 
 def test_admit_never_evicts_an_expert_it_was_asked_for():
     # breaks if the victim is chosen among all residents: 2 is the least recent when 3 is placed
-    cache = LayerSlots(2, 0, "lru")
+    cache = SlotPool(2, 0, "lru")
     _run(cache, [[2], [1]])
     assert cache.admit([3, 2]) == [(3, 1)]
     assert cache.slot_of == {2: 0, 3: 1}
@@ -75,7 +75,7 @@ def test_admit_never_evicts_an_expert_it_was_asked_for():
 
 def test_ties_go_to_the_smallest_expert_id():
     # breaks if ties fall to dict order: 5 and 4 were used together, 4 must go first
-    cache = LayerSlots(3, 0, "lfu")
+    cache = SlotPool(3, 0, "lfu")
     _run(cache, [[5, 4], [9]])
     assert cache.admit([7]) == [(7, 1)]
     assert sorted(cache.resident()) == [5, 7, 9]
@@ -83,21 +83,21 @@ def test_ties_go_to_the_smallest_expert_id():
 
 def test_lfu_keeps_the_frequent_expert_over_the_recent_one():
     # breaks if lfu ranks by recency: at tick 4 expert 1 counts ~1.8 (three uses), expert 2 ~0.84
-    cache = LayerSlots(2, 0, "lfu")
+    cache = SlotPool(2, 0, "lfu")
     _run(cache, [[1], [1], [1], [2], [3]])
     assert sorted(cache.resident()) == [1, 3]
 
 
 def test_lfu_counts_decay():
     # breaks without decay: at tick 13 the three old uses of 1 count ~0.38, the one of 2 ~0.84
-    cache = LayerSlots(2, 0, "lfu")
+    cache = SlotPool(2, 0, "lfu")
     _run(cache, [[1], [1], [1]] + [[]] * 9 + [[2], [3]])
     assert sorted(cache.resident()) == [2, 3]
 
 
 def test_lfu_remembers_counts_across_an_eviction():
     # breaks if an evicted expert's count is forgotten: 1 would count ~0.71 against 3's ~1.44
-    cache = LayerSlots(2, 0, "lfu")
+    cache = SlotPool(2, 0, "lfu")
     _run(cache, [[1], [1], [1], [1], [2, 3], [1], [3]])  # [2, 3] evicts 1, then 1 evicts 2
     assert sorted(cache.resident()) == [1, 3]
     _run(cache, [[4]])
@@ -107,7 +107,7 @@ def test_lfu_remembers_counts_across_an_eviction():
 def test_the_window_protects_a_recent_expert_over_a_frequent_older_one():
     # breaks if lfu ignores the window: at tick 6, 1 counts ~1.27 and 2 ~0.84, as window 0 shows
     trace = [[1], [1], [1], [], [], [2], [3]]  # at tick 6, 1 (last used at 2) is outside window 3
-    protected, unprotected = LayerSlots(2, 3, "lfu"), LayerSlots(2, 0, "lfu")
+    protected, unprotected = SlotPool(2, 3, "lfu"), SlotPool(2, 0, "lfu")
     _run(protected, trace)
     _run(unprotected, trace)
     assert sorted(protected.resident()) == [2, 3]
@@ -116,14 +116,14 @@ def test_the_window_protects_a_recent_expert_over_a_frequent_older_one():
 
 def test_the_window_yields_when_every_candidate_is_in_it():
     # breaks if protection is a hard rule: the slot budget would be exceeded or admit would fail
-    cache = LayerSlots(1, 10, "lfu")
+    cache = SlotPool(1, 10, "lfu")
     assert _run(cache, [[1], [2]]) == [[(1, 0)], [(2, 0)]]
     assert cache.resident() == [2] and cache.evictions == 1
 
 
 def test_a_request_bigger_than_the_slots_runs_in_passes_hits_first():
     # breaks if residents are not put first: pass [5, 2] would evict 1 before it is used
-    cache = LayerSlots(2, 0, "lru")
+    cache = SlotPool(2, 0, "lru")
     _run(cache, [[1, 2]])
     passes = cache.passes([5, 2, 6, 1, 7])
     assert passes == [[2, 1], [5, 6], [7]]
@@ -136,7 +136,7 @@ def test_a_request_bigger_than_the_slots_runs_in_passes_hits_first():
 
 def test_dropped_slots_are_reused_before_anything_is_evicted():
     # breaks if drop does not return the slot to the free list (4 would evict 1 or 3)
-    cache = LayerSlots(3, 0, "lru")
+    cache = SlotPool(3, 0, "lru")
     cache.admit([1, 2, 3])
     cache.drop([2, 8])  # 8 was never here: nothing to do
     assert cache.admit([4]) == [(4, 1)]
@@ -147,8 +147,8 @@ def test_bad_arguments_raise():
     # breaks if any of these is accepted silently
     for args in ((0, 0, "lru"), (2, -1, "lru"), (2, 0, "fifo")):
         with pytest.raises(ValueError):
-            LayerSlots(*args)
-    cache = LayerSlots(2, 0)
+            SlotPool(*args)
+    cache = SlotPool(2, 0)
     for bad in ([1, 1], [1, 2, 3]):
         with pytest.raises(ValueError):
             cache.admit(bad)
@@ -204,7 +204,7 @@ def test_simulate_ticks_once_per_step_not_per_pass():
     # breaks if simulate ticks per pass: 1 (step 0's second pass) would look more recent than 4
     # and survive step 1, saving the last read
     trace = [[3, 4, 1], [5], [1]]  # slots 2: 1 evicts 3 (tied with 4), then 5 evicts 1 (tied)
-    cache = LayerSlots(2, 0, "lru")
+    cache = SlotPool(2, 0, "lru")
     assert _run(cache, trace) == [[(3, 0), (4, 1), (1, 0)], [(5, 0)], [(1, 1)]]
     assert simulate(trace, 2, 0, "lru") == cache.misses == 5
 
@@ -220,7 +220,7 @@ def test_reuse_within_counts_experts_seen_in_the_last_k_steps():
 
 def test_prefetch_counts_no_use_and_spares_the_window():
     # catches: a guess evicting what the last tokens used, or a guess counted as a use/hit
-    s = LayerSlots(slots=3, window=2, policy="lfu")
+    s = SlotPool(slots=3, window=2, policy="lfu")
     s.admit([0, 1])
     s.tick()
     s.admit([2])
@@ -228,3 +228,21 @@ def test_prefetch_counts_no_use_and_spares_the_window():
     assert s.prefetch([5, 6, 7]) == [(5, s.slot_of[5]), (6, s.slot_of[6])]  # no third victim outside the window
     assert 2 in s.slot_of and (s.hits, s.misses) == (0, 3)
     assert s.admit([5]) == [] and s.hits == 1  # a read-ahead expert is a hit once used
+
+
+def test_one_pool_gives_a_busy_layer_what_a_quiet_one_does_not_use():
+    # catches: a pool that still splits its slots evenly per layer, or keys that mix layers up
+    # Each token: layer 0 needs the next of 4 experts in turn, layer 1 always its expert 0.
+    tokens = 10
+    trace = [step for t in range(tokens) for step in ([(0, t % 4)], [(1, 0)])]
+    # 5 slots in one pool: layer 0's 4 experts and layer 1's one are read once each, then stay.
+    assert simulate(trace, 5, window=2, policy="lfu") == 5
+    assert belady_misses(trace, 5) == 5
+    # The same 5 slots split per layer (2 each, the fifth unused): layer 0 cycles through 4
+    # experts in 2 slots and reads every one of its 10 steps; layer 1 reads once.
+    per_layer = sum(simulate([[e for _, e in step] for step in trace if step[0][0] == layer], 2, 1, "lfu")
+                    for layer in (0, 1))
+    assert per_layer == 11
+    # Belady on the interleaved pool trace with fewer slots stays a floor for the pool's policy.
+    for slots in (2, 3, 4):
+        assert belady_misses(trace, slots) <= simulate(trace, slots, 2, "lfu")

@@ -77,7 +77,7 @@ async def test_a_corrupt_record_is_an_error_naming_it_and_the_rest_still_serves(
         # gives the checkpoint's numbers: the same arithmetic as a worker's DRAM experts, bit for bit.
         dram, _ = load_experts(model, list(range(m.num_experts)))
         sound = [(layer, e) for layer in range(m.moe_layers) for e in range(m.num_experts) if (layer, e) != (1, 3)]
-        for layer, e in [(1, 4), (1, 5), *sound]:  # 2 slots a layer: the records are read again and again
+        for layer, e in [(1, 4), (1, 5), *sound]:  # 2 slots a layer's worth: records are read again and again
             got = await nc.request(me.subject, _request(layer, [e]), timeout=10)
             assert not got.headers, (layer, e, got.headers)
             want = decode_reply(dram.compute(decode_request(_request(layer, [e])))).y
@@ -104,8 +104,8 @@ def _refused(*args: str) -> str:
 
 def test_what_it_could_never_serve_is_refused_at_start(checkpoints: dict[str, Path], tmp_path: Path):
     m = write_bundle(checkpoints["mixtral"], tmp_path / "mixtral")
-    # under the 2 experts one token routes to in each layer
-    err = _refused("--bundle", str(tmp_path / "mixtral"), "--memory-budget", str(m.moe_layers * m.record_bytes))
+    # under the 2 experts one token routes to (the pool is shared by the layers)
+    err = _refused("--bundle", str(tmp_path / "mixtral"), "--memory-budget", str(2 * m.record_bytes - 1))
     assert "under the 2 experts a token routes to" in err
     err = _refused("--model", str(checkpoints["qwen3_moe"]), "--bundle", str(tmp_path / "mixtral"))
     assert "a bundle of another model" in err

@@ -88,15 +88,16 @@ def _metric(text: str, name: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
-async def test_flash_cache_keeps_the_greedy_tokens_while_evicting(family, checkpoints, references, tmp_path):
-    """`moebus up --memory-budget` under the experts' size serves them from SSD: 2 slots per
-    layer, so experts are evicted and read again during the run, alone and 12 at once."""
+@pytest.mark.parametrize(("family", "dram"), [(f, 0) for f in FAMILIES] + [("qwen3_moe", 1)])
+async def test_flash_cache_keeps_the_greedy_tokens_while_evicting(family, dram, checkpoints, references, tmp_path):
+    """`moebus up --memory-budget` under the experts' size serves them from SSD: 4 slots for
+    2 layers, so experts are evicted and read again during the run, alone and 12 at once; with
+    `--workers 1`, a DRAM worker beside it holds the hottest experts (a tiered cluster)."""
     from services.flash_cache.bundle import open_bundle
     words = {w: i for i, w in enumerate(vocab())}
     home = tmp_path / "home"
-    budget = 2 * 2 * 3 * 64 * 128 * 4  # 2 slots x 2 MoE layers x one fp32 expert (gate, up, down)
-    with Up(checkpoints[family], 1, tmp_path, extra=("--memory-budget", str(budget), "--window", "1"),
+    budget = 2 * 2 * 3 * 64 * 128 * 4  # 4 fp32 expert records (gate, up, down) of one layer
+    with Up(checkpoints[family], dram, tmp_path, extra=("--memory-budget", str(budget), "--window", "1"),
             env={"MOEBUS_HOME": str(home)}) as up:
         async with AsyncOpenAI(base_url=f"{up.url}/v1", api_key="-", max_retries=0) as client:
             async def one(prompt: list[int]) -> list[int]:
@@ -111,10 +112,14 @@ async def test_flash_cache_keeps_the_greedy_tokens_while_evicting(family, checkp
         # come with the flash-cache's next heartbeat.
         deadline = time.monotonic() + 10
         while (read := _metric(text := httpx.get(f"{up.url}/metrics").text, "moebus_flash_records_read_total")
-               ) <= m.moe_layers * m.num_experts:
+               ) <= (m.moe_layers * m.num_experts if not dram else 0):
             assert time.monotonic() < deadline, f"{read:g} records read, of {m.moe_layers * m.num_experts}"
             await asyncio.sleep(0.1)
     assert alone == references[family][:2]
     assert together == references[family][:2] * 6
     assert _metric(text, "moebus_flash_slot_bytes") <= budget
     assert "flash-cache" in up.log.read_text()
+    # the DRAM worker and the flash-cache each answered pairs (the flash-cache alone: one)
+    served = [line for line in text.splitlines() if line.startswith("moebus_worker_tokens_total{")
+              and float(line.split()[-1]) > 0]
+    assert len(served) == 1 + dram, served

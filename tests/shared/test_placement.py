@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from shared.placement import place
+from shared.placement import MOVE_MARGIN, hot_set, place, place_tiered
 
 
 def _moved(before: list[list[str]], after: list[list[str]]) -> int:
@@ -57,3 +57,45 @@ def test_hot_experts_get_extra_replicas_from_spare_capacity():
     assert len(p[0]) == 2 and len(p[4]) == 2  # over twice the mean: one more owner each
     assert all(len(o) == 1 for e, o in enumerate(p) if e not in (0, 4))
     assert place({"a": 6, "b": 6}, 8, load=[1.0] * 8) == place({"a": 6, "b": 6}, 8)  # even load: none is hot
+
+
+# Tiered: DRAM workers beside a flash-cache that can serve every expert from SSD.
+FLASH = {"flash"}
+
+
+def _kinds(owners: list[list[str]]) -> list[str]:
+    return ["flash" if row == ["flash"] else "dram" if row and "flash" not in row else "?" for row in owners]
+
+
+def test_dram_workers_hold_the_hottest_experts_and_the_flash_cache_the_rest():
+    # catches: the flash-cache sharing hot experts (its reads would serve their tokens), experts
+    # with no owner, DRAM holding more than its capacity
+    load = [1, 1, 9, 1, 7, 1, 1, 1]
+    owners = place_tiered({"flash": 8, "w1": 2}, FLASH, 8, None, load)
+    assert owners == [["flash"], ["flash"], ["w1"], ["flash"], ["w1"], ["flash"], ["flash"], ["flash"]]
+    # a second DRAM worker takes the next hottest, the first keeps its own
+    load2 = [1, 1, 9, 1, 7, 6, 1, 1]
+    owners2 = place_tiered({"flash": 8, "w1": 2, "w2": 2}, FLASH, 8, owners, load2)
+    assert {e for e, row in enumerate(owners2) if "w1" in row} == {2, 4}
+    assert {e for e, row in enumerate(owners2) if "w2" in row} == {0, 5}  # 6, then the lowest id of the rest
+    assert "?" not in _kinds(owners2) and sum(row != ["flash"] for row in owners2) == 4
+
+
+def test_load_moves_experts_into_dram_only_when_it_pays_by_the_margin():
+    # catches: churn on every small shift of load, or never following a change of topic
+    current = [["w1"], ["w1"], ["flash"], ["flash"]]
+    total = 100.0
+    small = [24, 24, 26, 26]  # the other two carry 4% more: not worth a reload
+    assert 26 + 26 - 48 < MOVE_MARGIN * total
+    assert place_tiered({"flash": 4, "w1": 2}, FLASH, 4, current, small) == current
+    big = [10, 10, 40, 40]  # 60% more: the topic changed
+    assert place_tiered({"flash": 4, "w1": 2}, FLASH, 4, current, big) == [["flash"], ["flash"], ["w1"], ["w1"]]
+    assert hot_set(big, 2, [0, 1], 4, margin=0.7) == [0, 1]  # a margin above the gain keeps them
+
+
+def test_a_dram_worker_gone_leaves_every_expert_to_the_flash_cache():
+    # catches: experts left unowned when the DRAM worker holding them dies (kill -9)
+    current = [["w1"], ["w1"], ["flash"], ["flash"]]
+    assert place_tiered({"flash": 4}, FLASH, 4, current, [5, 5, 1, 1]) == [["flash"]] * 4
+    # no flash-cache: the plain placement, which cannot hold what capacity does not allow
+    assert place_tiered({"w1": 2, "w2": 2}, set(), 4, None, None) == place({"w1": 2, "w2": 2}, 4)
