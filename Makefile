@@ -30,8 +30,12 @@ install-test: $(VENV)/.installed-test
 run: $(VENV)/.installed
 	$(BIN)/moebus up $(ARGS)
 
+# Two processes: most of the suite's time is clusters starting and waiting, and each test file's
+# tests stay together (--dist loadscope: a module's shared cluster is started once).
+TEST_PROCESSES ?= 2
+
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadscope $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,6 +12,13 @@ import pytest
 
 from shared.natsd import free_port, start_nats
 from tests.checkpoints import FAMILIES, build_checkpoint
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each test process a MOEBUS_HOME of its own: never the user's, and never another test
+    process's (a cluster's credentials and the record `moebus status` reads live there)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    os.environ["MOEBUS_HOME"] = tempfile.mkdtemp(prefix=f"moebus-home-{worker}-")
 
 
 @contextmanager
