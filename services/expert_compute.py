@@ -95,8 +95,9 @@ class GroupedExperts:
     the pairs reads them once per expert, which is most of the time at batch 16. The weights
     stay stacked, gate|up as one (E, 2F, D) array and down as (E, D, F), in the checkpoint's
     (out, in) layout: `x @ take(w, e).T` read them from DRAM as fast as separate per-expert
-    arrays and faster than a sliced `w[e]` (which copies) or an (in, out) layout. An expert
-    with at most GEMV_ROWS rows is read by numpy's gemv through a view of the same arrays.
+    arrays and faster than a sliced `w[e]` (which copies) or an (in, out) layout. float32
+    SwiGLU experts are computed in numpy through views of the same arrays: gemv for at most
+    GEMV_ROWS rows, one matrix product above.
     """
 
     def __init__(self, gate_up: mx.array, down: mx.array, activation: nn.Module) -> None:
@@ -134,7 +135,13 @@ class GroupedExperts:
         out = np.empty((len(local), x.shape[1]), x.dtype)
         few = [g for g in slices if g[2] - g[1] <= GEMV_ROWS] if self._np is not None else []
         many = [g for g in slices if g[2] - g[1] > GEMV_ROWS] if few else slices
-        if many:
+        if many and self._np is not None and self._np_act is not None:
+            # float32 SwiGLU: numpy's matmul through views of the same arrays, about twice as
+            # fast as MLX's here at 4-64 rows for one expert (bench.flash_compute)
+            gate_up, down = self._np
+            for j, lo, hi in many:
+                out[order[lo:hi]] = self._np_act(xs[lo:hi] @ gate_up[j].T) @ down[j].T
+        elif many:
             xm = to_mlx(xs, code)
             ys = [self._act(xm[lo:hi] @ mx.take(self.gate_up, j, axis=0).T) @ mx.take(self.down, j, axis=0).T
                   for j, lo, hi in many]

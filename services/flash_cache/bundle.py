@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import zlib
 from pathlib import Path
+from typing import Annotated
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -52,7 +53,7 @@ _TENSOR = r"^(gate_up|gate_proj|up_proj|down_proj)\.(weight|scales|biases|bias|g
 class TensorSpec(Message):
     name: str = Field(pattern=_TENSOR)
     dtype: str = Field(pattern=r"^(float32|float16|bfloat16|uint32|uint8)$")
-    shape: list[int] = Field(max_length=3)  # one expert's
+    shape: list[Annotated[int, Field(ge=1, le=1 << 24)]] = Field(max_length=3)  # one expert's
     offset: Big  # bytes from the start of the record
 
     @property

@@ -245,3 +245,19 @@ def test_read_ahead_fetches_what_the_next_layers_gate_picks(model_dir: Path, bun
     np.testing.assert_allclose(got, decode_reply(dram.compute(decode_request(request(1, [guess], seed=6)))).y,
                                rtol=1e-5, atol=1e-5)
     fc.close()
+
+
+def test_a_forged_manifest_is_refused_by_name(bundle: Path, tmp_path: Path):
+    # catches: a manifest whose tensors overlap, leave gaps, or have impossible shapes being served
+    import json
+    for forge in (lambda m: m["layers"][1]["tensors"][1].update(offset=8),  # overlapping the first tensor
+                  lambda m: m["layers"][0]["tensors"][0].update(shape=[-3, 64]),
+                  lambda m: m["layers"][2].update(offset=0)):  # a layer over another's records
+        bad = tmp_path / f"forged-{id(forge)}"
+        bad.mkdir()
+        manifest = json.loads((bundle / MANIFEST).read_text())
+        forge(manifest)
+        (bad / MANIFEST).write_text(json.dumps(manifest))
+        (bad / DATA).symlink_to(bundle / DATA)
+        with pytest.raises(ModelError, match="bundle.json"):
+            open_bundle(bad)
