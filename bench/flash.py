@@ -2,8 +2,8 @@
 
     python -m bench.flash [--tokens 24] [--bits 4] [--quick]
 
-On the `flash` model, quantized to 4 bits as mlx-lm's convert does (`--bits 0`: float; experts 4x
-the memory budget), twice: with routing that varies token by token (uniform), and with its gates
+On the `flash-wide` model quantized to 4 bits as mlx-lm's convert does (`--bits 0`: the `flash`
+model in float32; experts 4x the memory budget either way), twice: with routing that varies token by token (uniform), and with its gates
 shaped for locality (`shape_routing`). One stream each; the bundle's pages are dropped from the
 OS cache before every mode. Each cache run records its routing trace, on which the bytes an
 optimal (Belady) cache of the same slots would read, and the same slots split per layer, are
@@ -240,7 +240,7 @@ def main() -> None:
     a = ap.parse_args()
     os.environ.setdefault("MOEBUS_HOME", str(a.models_dir / "home"))  # the bundles live with the models
     started = time.perf_counter()
-    base = models.build("tiny" if a.quick else "flash", a.models_dir)
+    base = models.build("tiny" if a.quick else "flash-wide" if a.bits else "flash", a.models_dir)
     log = a.out.with_suffix(".log")
     report: dict = {"machine": {"cores": os.cpu_count(), "os": platform.platform(),
                                 "disk": "the bundle's filesystem, OS page cache dropped before each mode"},

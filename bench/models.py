@@ -22,6 +22,10 @@ SPECS: dict[str, dict] = {
     # experts 4x the flash benchmark's budget: 8 layers x 16 experts x 6 MiB records (768 MiB)
     "flash": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=4, num_local_experts=16, num_experts_per_tok=2, vocab_size=4000),
+    # the same at 4 bits would read fast enough to be compute-bound here: the 4-bit benchmark's
+    # model has wider experts, 8 x 16 records of 2.8 MiB at 4 bits (360 MiB; 2.3 GiB as float)
+    "flash-wide": dict(hidden_size=1024, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                       num_key_value_heads=4, num_local_experts=16, num_experts_per_tok=2, vocab_size=4000),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=300),
 }
