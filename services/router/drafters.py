@@ -78,13 +78,13 @@ class Replay:
         self.rates = rates or {}  # a prompt's own acceptance rate, where it has one
 
     @classmethod
-    def from_file(cls, path: Path) -> Replay:
+    def from_file(cls, path: Path, vocab: int = 1 << 16) -> Replay:
         """{"accept": a, "seed": s, "runs": [{"prompt": [ids], "continuation": [ids], "accept"?: a}, ...]}"""
         try:
             spec = json.loads(path.read_text())
             runs = {tuple(r["prompt"]): list(r["continuation"]) for r in spec["runs"]}
             rates = {tuple(r["prompt"]): float(r["accept"]) for r in spec["runs"] if "accept" in r}
-            return cls(runs, float(spec["accept"]), int(spec.get("seed", 0)), rates=rates)
+            return cls(runs, float(spec["accept"]), int(spec.get("seed", 0)), vocab=vocab, rates=rates)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"--draft-replay {path}: not a replay file ({e})") from e
 
@@ -143,7 +143,7 @@ def make_drafter(speculate: str, draft_model: Path | None, replay: Path | None, 
     """The router's drafter from its flags: a replay file (measurement), a draft model, prompt
     lookup, or none. Runs on the MLX thread: a draft model is loaded there."""
     if replay is not None:
-        return Replay.from_file(replay)
+        return Replay.from_file(replay, vocab=len(tokenizer.get_vocab()))  # its wrong tokens are still tokens
     if draft_model is not None:
         from mlx_lm import load
         model, theirs = load(str(draft_model))

@@ -97,13 +97,14 @@ class Speculation:
             return None
         mx.eval(batch._next_tokens)
         pending = batch._next_tokens.tolist()
+        vocab = batch._next_logprobs[0].shape[-1]  # the model's: an id past it has no embedding
         drafts = []
         for i, (uid, k) in enumerate(zip(batch.uids, ks)):
             if not k:
                 drafts.append([])
                 continue
             state, started = self.states[uid], time.perf_counter()
-            drafts.append(self.drafter.propose(state.draft, [*batch.tokens[i], pending[i]], k)[:k])
+            drafts.append(_valid(self.drafter.propose(state.draft, [*batch.tokens[i], pending[i]], k)[:k], vocab))
             self.stats.draft_seconds += time.perf_counter() - started
             state.proposed(drafts[-1])
         return (pending, drafts) if any(drafts) else None
@@ -113,6 +114,15 @@ class Speculation:
             self.states[uid].record(drafted, kept)
             self.stats.drafted += drafted
             self.stats.accepted += kept
+
+
+def _valid(drafts: list[int], vocab: int) -> list[int]:
+    """The drafts up to the first id outside the vocabulary: the embedding lookup of one would
+    read past the table (whatever memory lies there), and no model's token can equal it."""
+    for n, t in enumerate(drafts):
+        if not 0 <= t < vocab:
+            return drafts[:n]
+    return drafts
 
 
 def supported(model: Any) -> bool:

@@ -282,3 +282,41 @@ def test_a_draft_model_of_another_tokenizer_is_refused(checkpoints: dict[str, Pa
     _, tokenizer = load(str(checkpoints["mixtral"]))
     with pytest.raises(ConfigError, match="its tokenizer is not the served model's"):
         make_drafter("lookup", tool_checkpoints["json_tools"], None, tokenizer)
+
+
+class _PastTheVocabulary:
+    """A drafter proposing ids the model has no embedding for (a draft model with a larger table,
+    a corrupt replay file): never trusted, so never fed to the model."""
+
+    name = "wild"
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+
+    def start(self, prompt: list[int]) -> None:
+        return None
+
+    def propose(self, state: None, context: list[int], k: int) -> list[int]:
+        return [context[-1], self.vocab, self.vocab + 1][:k]  # one in range, then past the table
+
+
+def test_drafts_past_the_vocabulary_are_cut_before_the_model_sees_them(checkpoints: dict[str, Path],
+                                                                       monkeypatch: pytest.MonkeyPatch):
+    # catches: an id past the embedding table looked up anyway. It reads whatever memory follows
+    # the table: NaN there (memory MLX hands out again) poisons the verify step's attention, even
+    # at positions the mask hides, and the rest of the text (seen once in a suite run)
+    model, tokenizer = load(str(checkpoints["dbrx"]))
+    plain = _run(_engine(model, tokenizer), PROMPTS, 12)
+    vocab = model.args.vocab_size
+    fed: list[int] = []
+    forward = type(model).__call__
+
+    def spy(self, inputs, *args, **kwargs):
+        fed.append(int(inputs.max().item()))
+        return forward(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "__call__", spy)
+    engine = _engine(model, tokenizer, _PastTheVocabulary(vocab))
+    assert {rid: _run(engine, {rid: p}, 12)[rid] for rid, p in PROMPTS.items()} == plain
+    assert engine.spec_stats.drafted > 0 and engine.spec_stats.steps > 0  # the one in range was verified
+    assert max(fed) < vocab
