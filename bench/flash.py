@@ -215,8 +215,8 @@ def bench_model(model: Path, label: str, tokens: int, quick: bool, log: Path, tr
     by = {r["mode"]: r for r in runs}
     best = max((r for r in runs if r["mode"].startswith("cache")), key=lambda r: r["tok_s"])
     tiered = next(r for r in runs if r["mode"].startswith("tiered"))
-    alone = by["cache-" + tiered["mode"].split("-", 1)[1]] if "cache-" + tiered["mode"].split("-", 1)[1] in by else by[
-        "cache-k1-prefetch"]
+    # the flash-cache alone at the tiered run's window (the quick run has only the prefetching one)
+    alone = by.get(tiered["mode"].replace("tiered", "cache"), by.get("cache-k1-prefetch"))
     first = traces[next(iter(traces))] if traces else {}
     return {"model": models.describe(model), "experts_bytes": experts, "budget_bytes": budget,
             "pool_slots": slots, "record_bytes": m.record_bytes, "runs": runs, "offline": traces,

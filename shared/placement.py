@@ -94,7 +94,8 @@ def hot_set(load: Sequence[float] | None, room: int, held: Sequence[int], num_ex
     load = list(load) if load is not None and sum(load) > 0 else [0.0] * num_experts
     by_heat = sorted(range(num_experts), key=lambda e: (-load[e], e))
     kept = sorted(held, key=lambda e: (-load[e], e))[:room]
-    kept += [e for e in by_heat if e not in kept][: room - len(kept)]
+    taken = set(kept)
+    kept += [e for e in by_heat if e not in taken][: room - len(kept)]
     best = by_heat[:room]
     total = sum(load)
     if total > 0 and sum(load[e] for e in best) - sum(load[e] for e in kept) > margin * total:
@@ -115,7 +116,8 @@ def place_tiered(capacity: Mapping[str, int], flash: set[str], num_experts: int,
     dram = {w: c for w, c in capacity.items() if c > 0 and w not in flash}
     held = [e for e in range(num_experts) if current and e < len(current) and any(w in dram for w in current[e])]
     hot = hot_set(load, min(num_experts, sum(dram.values())), held, num_experts, margin)
-    cold = [e for e in range(num_experts) if e not in set(hot)]
+    hot_ids = set(hot)
+    cold = [e for e in range(num_experts) if e not in hot_ids]
     owners: Placement = [[] for _ in range(num_experts)]
     for group, workers in ((hot, dram), (cold, {w: len(cold) for w in caches})):
         if not group:

@@ -159,7 +159,8 @@ def _layout(tensors: list[tuple[str, np.ndarray, str]], quant: dict[str, Quant],
     for name, array, dtype in tensors:
         specs.append(TensorSpec(name=name, dtype=dtype, shape=list(array.shape[1:]), offset=at))
         at += array[0].nbytes
-    if specs[0].name == "gate_proj.weight" and not quant:  # float: gate and up are one tensor
+    if [t.name for t in specs] == ["gate_proj.weight", "up_proj.weight", "down_proj.weight"]:
+        # float without biases: gate and up are one tensor
         gate, up, down = specs
         specs = [TensorSpec(name="gate_up.weight", dtype=gate.dtype, shape=[2 * gate.shape[0], gate.shape[1]],
                             offset=0), down]
