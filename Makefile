@@ -30,12 +30,13 @@ install-test: $(VENV)/.installed-test
 run: $(VENV)/.installed
 	$(BIN)/moebus up $(ARGS)
 
-# Two processes: most of the suite's time is clusters starting and waiting, and each test file's
-# tests stay together (--dist loadscope: a module's shared cluster is started once).
-TEST_PROCESSES ?= 2
+# TEST_PROCESSES=2 runs the suite in two processes (~12 instead of ~17 min on 2 cores; each test
+# file's tests stay together, --dist loadscope). One by default: in one of five two-process runs
+# a TLS reconnect test met a uvloop handshake race under the other process's load.
+TEST_PROCESSES ?= 1
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadscope $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(if $(filter-out 1,$(TEST_PROCESSES)),-n $(TEST_PROCESSES) --dist loadscope) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
