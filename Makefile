@@ -30,10 +30,9 @@ install-test: $(VENV)/.installed-test
 run: $(VENV)/.installed
 	$(BIN)/moebus up $(ARGS)
 
-# TEST_PROCESSES=2 runs the suite in two processes (~12 instead of ~17 min on 2 cores; each test
-# file's tests stay together, --dist loadscope). One by default: in one of five two-process runs
-# a TLS reconnect test met a uvloop handshake race under the other process's load.
-TEST_PROCESSES ?= 1
+# The suite runs in two processes (~12 instead of ~18 min on 2 cores; each test file's tests stay
+# together, --dist loadscope); TEST_PROCESSES=1 runs it in one.
+TEST_PROCESSES ?= 2
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q $(if $(filter-out 1,$(TEST_PROCESSES)),-n $(TEST_PROCESSES) --dist loadscope) $(PYTEST_ARGS)

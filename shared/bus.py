@@ -48,9 +48,25 @@ def new_loop() -> asyncio.AbstractEventLoop:
     """An event loop for a service's thread: uvloop's where installed."""
     try:
         import uvloop  # ~1.5x faster bus round trips than the default loop
-        return uvloop.new_event_loop()
+        loop = uvloop.new_event_loop()
     except ImportError:
-        return asyncio.new_event_loop()
+        loop = asyncio.new_event_loop()
+    loop.set_exception_handler(_quiet_closed_writes)
+    return loop
+
+
+def _quiet_closed_writes(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The loop's last word on an error no task awaited. uvloop's TLS layer can finish a
+    handshake on a socket that closed meanwhile (the bus restarting under a reconnect) and its
+    write then fails with "unable to perform operation on <... closed=True ...>"; nats-py has
+    already seen the connection drop and reconnects, so that one is not an operator's concern.
+    Everything else goes to the default handler, traceback and all."""
+    error = context.get("exception")
+    if isinstance(error, RuntimeError) and str(error).startswith("unable to perform operation on") \
+            and "closed=True" in str(error):
+        log.debug("a write on a closed connection dropped", error=str(error))
+        return
+    loop.default_exception_handler(context)
 
 
 async def connect(url: str, name: str, on_disconnect: Callable[[], None] | None = None,

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 from pathlib import Path
 
-from shared.bus import close, connect
+from shared.bus import close, connect, new_loop
 from tests.conftest import nats_server
 
 
@@ -32,3 +33,22 @@ async def test_a_drain_that_outlasts_its_bound_leaves_no_unretrieved_gather(tmp_
     finally:
         loop.set_exception_handler(previous)
     assert not [c for c in complaints if "never retrieved" in c], complaints
+
+
+def test_a_service_loop_keeps_quiet_about_a_write_on_a_closed_tls_socket_only(caplog):
+    """uvloop's TLS handshake finishing on a socket the restarting bus closed reaches the loop's
+    handler as this RuntimeError (nats-py reconnects by itself): no traceback for the operator.
+    Any other unhandled error still gets one."""
+    loop = new_loop()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="asyncio"):
+            race = RuntimeError("unable to perform operation on <TCPTransport closed=True reading=False "
+                                "0x55d0>; the handler is closed")
+            loop.call_exception_handler({"message": "Exception in callback SSLProtocol.connection_made",
+                                         "exception": race})
+            assert not [r for r in caplog.records if r.name == "asyncio"]
+            loop.call_exception_handler({"message": "Exception in callback Other", "exception": RuntimeError("boom")})
+            (reported,) = [r for r in caplog.records if r.name == "asyncio"]
+            assert "Exception in callback Other" in reported.getMessage() and reported.exc_info[1].args == ("boom",)
+    finally:
+        loop.close()
