@@ -156,9 +156,10 @@ def _worker(text: str) -> str:
 
 def offline(trace_file: Path, slots: int, record: int, tokens: int) -> dict:
     """On the recorded trace, with the pool's `slots`: Belady's bytes, what each policy and
-    window would read, the same slots split evenly per layer (the flash-cache before the pool),
-    and the trace's reuse within K steps of a layer."""
-    from services.flash_cache.policy import belady_misses, reuse_within, simulate
+    window would read, the best static choice in hindsight (what knowing the popularities
+    would give), the same slots split evenly per layer (the flash-cache before the pool), and
+    the trace's reuse within K steps of a layer."""
+    from services.flash_cache.policy import belady_misses, reuse_within, simulate, static_misses
 
     t = json.loads(trace_file.read_text())
     layers = t["layers"]
@@ -172,12 +173,13 @@ def offline(trace_file: Path, slots: int, record: int, tokens: int) -> dict:
                                           / max(1, sum(len(s) for s in per_layer)), 3) for k in (1, 5, 10)},
            "simulated_records": {}}
     for policy in ("lru", "lfu"):
-        for k in (1, 5, 10):
+        for k in (0, 1, 5, 10):
             out["simulated_records"][f"{policy}_k{k}"] = simulate(pool, slots, k * layers, policy)
     split = slots // layers
     if split >= 1:
         out["simulated_records"]["per_layer_lfu_k5"] = sum(simulate(s, split, 5, "lfu") for s in per_layer)
         out["simulated_records"]["per_layer_belady"] = sum(belady_misses(s, split) for s in per_layer)
+    out["simulated_records"]["static_best"] = static_misses(pool, slots)
     out["simulated_records"]["belady"] = belady
     return out
 
