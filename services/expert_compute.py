@@ -26,18 +26,31 @@ class NotHeld(WireError):
     """A request for experts this backend does not hold (any more): the router re-plans it."""
 
 
+Pairs = list[list[int]]  # per MoE layer, the experts held there
+
+
+def as_pairs(held: list[int] | Pairs, moe_layers: int) -> Pairs:
+    """Per MoE layer, the experts of `held`: given per layer, or one list for every layer."""
+    if held and isinstance(held[0], list):
+        if len(held) != moe_layers:
+            raise ValueError(f"experts given for {len(held)} MoE layers, the model has {moe_layers}")
+        return [sorted(set(row)) for row in held]  # type: ignore[arg-type]
+    return [sorted(set(held))] * moe_layers  # type: ignore[arg-type]
+
+
 class Experts(Protocol):
     """A worker's experts, whatever holds them. Every method runs on the service's MLX thread."""
 
-    held: list[int]  # the experts it answers for, in every MoE layer
+    held: list[int]  # the experts it answers for, in some MoE layer
+    pairs: Pairs  # per MoE layer, those it answers for there
     num_experts: int
     moe_layers: int
 
     def compute(self, req: ExpertRequest) -> bytes:
         """The reply to `req`: expert(x[row]) for each pair. WireError (NotHeld) when it cannot."""
 
-    def keep(self, held: list[int]) -> None:
-        """Let go of every expert but `held` (a subset of those held)."""
+    def keep(self, held: list[int] | Pairs) -> None:
+        """Let go of every expert but `held` (a subset of those held; see `as_pairs`)."""
 
     def stats(self) -> dict[str, int]:
         """Counters for `nats micro stats` and the worker's status (empty: none)."""

@@ -45,6 +45,11 @@ def render(s: ClusterStatus) -> str:
                      f"{w.last_heartbeat_s:>8.1f}s  {_ranges(w.experts)}{flag}")
     if not s.workers:
         lines.append("(no workers)")
+    if s.layers:  # a tiered cluster places (layer, expert) pairs: the ids above are held in some layer
+        total = sum(len(row) for row in s.layers)
+        for w in s.workers:
+            held = sum(w.worker in owners for row in s.layers for owners in row)
+            lines.append(f"{w.worker}: {held} of the {total} (layer, expert) pairs")
     lines.append(f"unowned experts: {_ranges(s.unowned_experts) or 'none'}")
     if s.kv_budget_bytes:
         lines.append(f"KV cache: {_size(s.kv_bytes_in_use)} in use of a {_size(s.kv_budget_bytes)} budget; "

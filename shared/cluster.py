@@ -27,15 +27,30 @@ LEADER_LEASE_S = 5.0  # a leader that stops renewing is replaced after this long
 
 
 class PlacementRecord(Message):
-    """Expert -> owners (the same in every MoE layer), and where each owner answers."""
+    """Expert -> owners, and where each owner answers. The same in every MoE layer, unless
+    `layers` gives each layer's own (a tiered cluster places (layer, expert) pairs: the hottest
+    experts differ from layer to layer); `owners` is then every owner of the expert in any layer."""
 
     version: Big
     owners: list[list[Name]] = Field(max_length=1 << 16)
     subjects: dict[Name, Subject]
     replicas: int = Field(default=1, ge=1, le=16)
+    layers: list[list[list[Name]]] | None = Field(default=None, max_length=1 << 12)
 
     def held_by(self, worker: str) -> list[int]:
+        """The experts `worker` holds in some layer."""
         return [e for e, owners in enumerate(self.owners) if worker in owners]
+
+    def pairs_of(self, worker: str, moe_layers: int) -> list[list[int]]:
+        """Per MoE layer, the experts `worker` holds there."""
+        if self.layers is None:
+            return [self.held_by(worker)] * moe_layers
+        return [[e for e, owners in enumerate(row) if worker in owners] for row in self.layers]
+
+    def fits(self, num_experts: int, moe_layers: int) -> bool:
+        """Whether this record is for a model of this shape (another model's, or a forged one, is not)."""
+        return len(self.owners) == num_experts and (self.layers is None or (
+            len(self.layers) == moe_layers and all(len(row) == num_experts for row in self.layers)))
 
     def unowned(self) -> list[int]:
         return [e for e, owners in enumerate(self.owners) if not owners]

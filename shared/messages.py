@@ -230,7 +230,9 @@ class ClusterStatus(Message):
     workers: list[WorkerStatus]
     unowned_experts: list[int]
     expert_load: list[int]  # tokens routed to each expert so far
-    owners: list[list[str]]  # the active placement: expert -> workers
+    owners: list[list[str]]  # the active placement: expert -> workers (in any layer)
+    pair_load: list[list[int]] = Field(default_factory=list)  # per MoE layer, tokens routed to each expert
+    layers: list[list[list[str]]] | None = None  # a tiered cluster's placement: per MoE layer, expert -> workers
     kv_bytes_in_use: int = 0  # as in RouterStatus
     kv_budget_bytes: int = 0
     prompt_cache_bytes: int = 0

@@ -27,15 +27,23 @@ def place(capacity: Mapping[str, int], num_experts: int, current: Placement | No
     for w in live:  # over its share: shed the most replicated experts first
         for e in sorted(held[w], key=lambda e: (-len(owners[e]), e))[: max(0, len(held[w]) - target[w])]:
             owners[e].remove(w)
+    count = {w: 0 for w in live}  # experts each holds, kept up to date as owners are given
+    for o in owners:
+        for w in o:
+            count[w] += 1
     for rank in range(max(1, replicas)):  # every expert's first owner, then its second, ...
         for e in range(num_experts):
             if len(owners[e]) <= rank:
-                _give(owners, e, live, capacity, target)
+                _give(owners, e, live, capacity, target, count)
     if load is not None and sum(load) > 0:  # hot experts: one more owner each, from what is left
         hot_at = HOT * sum(load) / num_experts
+        carried = {w: 0.0 for w in live}  # each worker's share of the load, kept up to date
+        for x, row in enumerate(owners):
+            for w in row:
+                carried[w] += load[x] / len(row)
         for e in sorted(range(num_experts), key=lambda e: (-load[e], e)):
             if load[e] > hot_at:
-                _give_least_loaded(owners, e, live, capacity, load)
+                _give_least_loaded(owners, e, live, capacity, load, count, carried)
     return [sorted(o) for o in owners]
 
 
@@ -55,29 +63,31 @@ def _shares(need: int, capacity: Mapping[str, int]) -> dict[str, int]:
 
 
 def _give_least_loaded(owners: Placement, e: int, live: list[str], capacity: Mapping[str, int],
-                       load: Sequence[float]) -> None:
+                       load: Sequence[float], count: dict[str, int], carried: dict[str, float]) -> None:
     """One more owner for hot expert `e`: the worker with room that carries the least load
-    (a replicated expert's tokens are spread evenly over its owners)."""
-    carried = {w: 0.0 for w in live}
-    count = {w: 0 for w in live}
-    for x, row in enumerate(owners):
-        for w in row:
-            carried[w] += load[x] / len(row)
-            count[w] += 1
+    (a replicated expert's tokens are spread evenly over its owners). `count` and `carried`
+    are updated."""
     room = [w for w in live if w not in owners[e] and count[w] < capacity[w]]
-    if room:
-        owners[e].append(min(room, key=lambda w: (carried[w], w)))
+    if not room:
+        return
+    w = min(room, key=lambda w: (carried[w], w))
+    before = len(owners[e])
+    for o in owners[e]:
+        carried[o] -= load[e] / before - load[e] / (before + 1)
+    owners[e].append(w)
+    carried[w] += load[e] / (before + 1)
+    count[w] += 1
 
 
-def _give(owners: Placement, e: int, live: list[str], capacity: Mapping[str, int], target: Mapping[str, int]) -> None:
-    """One more owner for expert `e`: the worker furthest below its target with room."""
-    count = {w: 0 for w in live}
-    for o in owners:
-        for w in o:
-            count[w] += 1
+def _give(owners: Placement, e: int, live: list[str], capacity: Mapping[str, int], target: Mapping[str, int],
+          count: dict[str, int]) -> None:
+    """One more owner for expert `e`: the worker furthest below its target with room (`count`:
+    what each holds now, updated)."""
     room = [w for w in live if w not in owners[e] and count[w] < capacity[w]]
     if room:
-        owners[e].append(min(room, key=lambda w: (count[w] - target.get(w, 0), count[w] / capacity[w], w)))
+        w = min(room, key=lambda w: (count[w] - target.get(w, 0), count[w] / capacity[w], w))
+        owners[e].append(w)
+        count[w] += 1
 
 
 # A tiered cluster moves experts into DRAM for load only when the experts it would bring in carry
@@ -126,3 +136,23 @@ def place_tiered(capacity: Mapping[str, int], flash: set[str], num_experts: int,
         for e, row in zip(group, place(workers, len(group), mine, None if load is None else [load[e] for e in group])):
             owners[e] = row
     return owners
+
+
+def place_tiered_pairs(capacity: Mapping[str, int], flash: set[str], num_experts: int, moe_layers: int,
+                       current: list[Placement] | None = None, load: Sequence[float] | None = None,
+                       margin: float = MOVE_MARGIN) -> list[Placement]:
+    """`place_tiered` over (layer, expert) pairs: per MoE layer, the owners of each expert.
+    A DRAM worker that may hold c experts holds c * moe_layers pairs, the hottest wherever they
+    are (a trained router's popular experts differ from layer to layer, so holding the same ids
+    in every layer would leave much of its memory to cold pairs). `load`: tokens per pair,
+    layer after layer."""
+    units = num_experts * moe_layers
+    per_pair = {w: c if w in flash else c * moe_layers for w, c in capacity.items()}
+    flat = None if current is None else [row for layer in current for row in layer]
+    owners = place_tiered(per_pair, flash, units, flat, load, margin)
+    return [owners[layer * num_experts:(layer + 1) * num_experts] for layer in range(moe_layers)]
+
+
+def union(layers: list[Placement]) -> Placement:
+    """Every owner of each expert in any layer."""
+    return [sorted({w for layer in layers for w in layer[e]}) for e in range(len(layers[0]) if layers else 0)]

@@ -25,6 +25,18 @@ def test_status_names_workers_ranges_and_unowned_experts():
     assert "unowned experts: 3-4,6" in text and "busiest experts: 6 (75%)" in text
 
 
+def test_status_counts_each_workers_pairs_in_a_tiered_placement():
+    dram = WorkerStatus(worker="mac-2-d", host="mac-2", capacity=1, experts=[1, 3], tokens=9, last_heartbeat_s=0.1,
+                        loaded=2, draining=False, speed=1.0)
+    flash = WorkerStatus(worker="mac-1-f", host="mac-1", capacity=4, experts=[0, 1, 2, 3], tokens=9,
+                         last_heartbeat_s=0.1, loaded=2, draining=False, speed=1.0, backend="flash")
+    layers = [[["mac-1-f"], ["mac-2-d"], ["mac-1-f"], ["mac-1-f"]], [["mac-1-f"]] * 3 + [["mac-2-d"]]]
+    text = render(ClusterStatus(model="m", ready=True, placement_version=2, pending_version=None, replicas=1,
+                                workers=[dram, flash], unowned_experts=[], expert_load=[], owners=[],
+                                layers=layers))
+    assert "mac-2-d: 2 of the 8 (layer, expert) pairs" in text and "mac-1-f: 6 of the 8" in text
+
+
 @pytest.mark.parametrize("text, size", [("512", 512), ("2K", 2048), ("1.5G", 3 << 29), ("8GB", 8 << 30),
                                         ("4GiB", 4 << 30), ("16m", 16 << 20), ("512KiB", 512 << 10),
                                         ("300MB", 300 << 20)])

@@ -14,7 +14,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, load_model, maybe_set_recommended_wired_limit
 
-from services.expert_compute import NotHeld, check_request, compute_layer, stack_held
+from services.expert_compute import NotHeld, Pairs, as_pairs, check_request, compute_layer, stack_held
 from shared.errors import ModelError
 from shared.model import ModelInfo, describe, find_experts, load_lazy
 from shared.modelstore import ModelManifest, expert_file
@@ -23,29 +23,33 @@ from shared.wire import ExpertRequest, encode_reply
 
 
 class LocalExperts:
-    def __init__(self, layers: list, held: list[int], num_experts: int, moe_layers: int) -> None:
-        self.layers = layers  # empty while nothing is held
+    def __init__(self, layers: list, held: list[int] | Pairs, num_experts: int, moe_layers: int) -> None:
+        self.layers = layers  # per MoE layer its stacked experts, None where it holds none
         self.num_experts = num_experts
         self.moe_layers = moe_layers
-        self._index(held)
+        self._index(as_pairs(held, moe_layers))
 
-    def _index(self, held: list[int]) -> None:
-        self.held = held
-        # Global expert id -> index in this worker's stacked arrays; -1 where not held.
-        self.local = np.full(self.num_experts, -1, np.int32)
-        self.local[held] = np.arange(len(held), dtype=np.int32)
+    def _index(self, pairs: Pairs) -> None:
+        self.pairs = pairs
+        self.held = sorted({e for row in pairs for e in row})
+        # Per layer, global expert id -> index in this worker's stacked arrays; -1 where not held.
+        self.local = np.full((self.moe_layers, self.num_experts), -1, np.int32)
+        for layer, row in enumerate(pairs):
+            self.local[layer, row] = np.arange(len(row), dtype=np.int32)
 
-    def keep(self, held: list[int]) -> None:
+    def keep(self, held: list[int] | Pairs) -> None:
         """Let go of every expert but `held` (a subset of those held), in memory: nothing is
         read again. Runs on the MLX thread, between requests."""
-        held = sorted(set(held) & set(self.held))
-        if not held:
+        pairs = [sorted(set(want) & set(have)) for want, have in zip(as_pairs(held, self.moe_layers), self.pairs)]
+        if not any(pairs):
             self.layers = []
         else:
-            idx = mx.array(self.local[held], dtype=mx.int32)
-            for layer in self.layers:
-                layer.keep(idx)
-        self._index(held)
+            for layer, row in enumerate(pairs):
+                if not row:
+                    self.layers[layer] = None
+                elif self.layers[layer] is not None:
+                    self.layers[layer].keep(mx.array(self.local[layer, row], dtype=mx.int32))
+        self._index(pairs)
         gc.collect()
         mx.clear_cache()
 
@@ -53,10 +57,10 @@ class LocalExperts:
         """The request's experts as indices into the held ones; WireError (NotHeld) if it
         cannot be served here."""
         check_request(req, self.moe_layers, self.num_experts)
-        local = self.local[req.experts]
+        local = self.local[req.layer, req.experts]
         if (local < 0).any():
             missing = sorted(set(req.experts[local < 0].tolist()))
-            raise NotHeld(f"experts {missing} are not held by this worker")
+            raise NotHeld(f"experts {missing} of layer {req.layer} are not held by this worker")
         return local
 
     def compute(self, req: ExpertRequest) -> bytes:
@@ -75,39 +79,44 @@ class LocalExperts:
         pass
 
 
-def load_experts(path: Path, held: list[int]) -> tuple[LocalExperts, ModelInfo]:
-    """Load only the experts `held`, from every MoE layer; a worker's snapshot of the Hugging
-    Face cache first fetches the shards holding them (nothing when they are here)."""
-    held = sorted(set(held))
-    fetch_experts(path, held)
+def load_experts(path: Path, held: list[int] | Pairs) -> tuple[LocalExperts, ModelInfo]:
+    """Load only the experts `held` (per MoE layer, or the same in every layer); a worker's
+    snapshot of the Hugging Face cache first fetches the shards holding them (nothing when they
+    are here)."""
+    ids = sorted({e for row in held for e in row}) if held and isinstance(held[0], list) else sorted(set(held))
+    fetch_experts(path, ids)  # type: ignore[arg-type]
     model, config = load_lazy(path)
     slots = find_experts(model)
     info = describe(path, config, slots)
-    modules = [stack_held(slot, held) for slot in slots] if held else []
+    pairs = as_pairs(held, info.moe_layers)
+    modules = [stack_held(slot, row) if row else None for slot, row in zip(slots, pairs)]
     if missing(path):
-        check_fetched(path, modules)
-    layers = _evaluate(modules)
+        check_fetched(path, [m for m in modules if m is not None])
+    layers = _evaluate(modules) if ids else []
     del model, slots
-    return _settle(layers, held, info.num_experts, info.moe_layers), info
+    return _settle(layers, pairs, info.num_experts, info.moe_layers), info
 
 
-def load_fetched(dest: Path, manifest: ModelManifest, held: list[int]) -> LocalExperts:
-    """The experts `held` from the directory `modelstore.fetch` filled: the same LocalExperts
-    load_experts(checkpoint, held) builds. Runs on the MLX thread.
+def load_fetched(dest: Path, manifest: ModelManifest, held: list[int] | Pairs) -> LocalExperts:
+    """The experts `held` (per MoE layer, or the same in every layer) from the directory
+    `modelstore.fetch` filled: the same LocalExperts load_experts(checkpoint, held) builds.
+    Runs on the MLX thread.
 
     mlx-lm builds the model from config.json and a partial checkpoint of only these experts,
     written in the model's own parameter names, so its quantization applies as it would to the
     checkpoint; the rest of the model stays unevaluated random init and is never read.
     """
-    held = sorted(set(held))
-    if not held:
-        return LocalExperts([], [], manifest.num_experts, manifest.moe_layers)
+    pairs = as_pairs(held, manifest.moe_layers)
+    if not any(pairs):
+        return LocalExperts([], pairs, manifest.num_experts, manifest.moe_layers)
     with tempfile.TemporaryDirectory(prefix="partial-", dir=dest) as tmp:
         partial = Path(tmp)
         for name in manifest.files:
             shutil.copyfile(dest / name, partial / name)
-        for layer, path in enumerate(manifest.slots):
-            weights = _fetched_layer(dest, layer, path, held, manifest.stacked)
+        for layer, (path, row) in enumerate(zip(manifest.slots, pairs)):
+            if not row:
+                continue  # nothing of this layer: its experts stay random init, never evaluated
+            weights = _fetched_layer(dest, layer, path, row, manifest.stacked)
             mx.save_safetensors(str(partial / f"model-{layer:05d}.safetensors"), weights)
             del weights  # one layer in memory at a time
         # The published quantization settings: a legacy format (AWQ...) was converted at publish.
@@ -121,10 +130,12 @@ def load_fetched(dest: Path, manifest: ModelManifest, held: list[int]) -> LocalE
         if [s.path for s in slots] != manifest.slots:
             raise ModelError(f"{manifest.name}: mlx-lm's model has experts modules {[s.path for s in slots]}, "
                              f"the manifest {manifest.slots}")
-        # Stacked arrays already hold `held` in order; a list of expert modules is indexed globally.
-        layers = _evaluate([s.module if manifest.stacked else stack_held(s, held) for s in slots])
+        # Stacked arrays already hold the layer's experts in order; a list of expert modules is
+        # indexed globally.
+        layers = _evaluate([None if not row else s.module if manifest.stacked else stack_held(s, row)
+                            for s, row in zip(slots, pairs)])
         del model, slots
-    return _settle(layers, held, manifest.num_experts, manifest.moe_layers)
+    return _settle(layers, pairs, manifest.num_experts, manifest.moe_layers)
 
 
 def _fetched_layer(dest: Path, layer: int, path: str, held: list[int], stacked: bool) -> dict[str, mx.array]:
@@ -150,16 +161,19 @@ def _presanitized(config: dict) -> tuple[type, type]:
     return type(model_class.__name__, (model_class,), {"sanitize": lambda self, weights: weights}), args_class
 
 
-def _evaluate(modules: list[nn.Module]) -> list:
+def _evaluate(modules: list[nn.Module | None]) -> list:
     layers = []
     for module in modules:
+        if module is None:  # no expert of this layer held
+            layers.append(None)
+            continue
         layer = compute_layer(module)
         mx.eval(module.parameters())  # reads this layer's held experts, nothing else
         layers.append(layer)
     return layers
 
 
-def _settle(layers: list, held: list[int], num_experts: int, moe_layers: int) -> LocalExperts:
+def _settle(layers: list, held: Pairs, num_experts: int, moe_layers: int) -> LocalExperts:
     gc.collect()
     mx.clear_cache()
     # Metal: wire up to the recommended working set so the stacked expert arrays stay

@@ -24,7 +24,7 @@ from nats.js import JetStreamContext
 from nats.micro import add_service
 from nats.micro.request import Request, ServiceError
 
-from services.expert_compute import Experts, NotHeld
+from services.expert_compute import Experts, NotHeld, Pairs
 from services.expert_worker.experts import LocalExperts, expert_bytes, load_experts, load_fetched
 from services.expert_worker.identity import Holder, claim, claim_of
 from services.flash_cache.bundle import open_bundle
@@ -155,17 +155,21 @@ class Worker:
     async def on_next(self, rec: PlacementRecord) -> None:
         """Load this worker's share of a coming placement, keeping what it holds now."""
         # Any record it has not applied, not only a higher version: a bucket made anew starts at 1.
-        if rec == self.upcoming or len(rec.owners) != self.info.num_experts:
+        if rec == self.upcoming or not rec.fits(self.info.num_experts, self.info.moe_layers):
             return
         async with self._loading:
-            want = set(rec.held_by(self.me))
-            if len(want) > self.capacity:  # not the router's doing: a forged record
-                log.warning("placement ignored: over this worker's capacity", version=rec.version, experts=len(want))
+            want = rec.pairs_of(self.me, self.info.moe_layers)
+            have = self.experts.pairs
+            if sum(map(len, want)) > self.capacity * self.info.moe_layers:  # not the router's doing: forged
+                log.warning("placement ignored: over this worker's capacity", version=rec.version,
+                            pairs=sum(map(len, want)))
                 return
-            if not want <= set(self.experts.held):
-                log.info("loading experts", version=rec.version, experts=sorted(want - set(self.experts.held)))
+            new = [sorted(set(w) - set(h)) for w, h in zip(want, have)]
+            if any(new):
+                log.info("loading experts", version=rec.version, experts=sorted({e for row in new for e in row}),
+                         pairs=sum(map(len, new)))
                 try:
-                    await self.load(sorted(want | set(self.experts.held)))
+                    await self.load([sorted(set(w) | set(h)) for w, h in zip(want, have)])
                 except ModelError as e:  # a bad object in the model store: say so; the next read retries
                     self._refused.warning("experts not loaded", version=rec.version, error=str(e))
                     return
@@ -173,15 +177,17 @@ class Worker:
             self.upcoming = rec
         self.changed.set()
 
-    async def load(self, held: list[int]) -> None:
+    async def load(self, held: Pairs) -> None:
+        """Hold `held` (per MoE layer) from now on: read what it does not hold yet."""
+        ids = sorted({e for row in held for e in row})
         if self.flash is not None:  # nothing is read until a request needs it
             await self.mlx.run(self._swap, lambda: self.flash.hold(held))
         elif self.source is not None:  # no checkpoint here: fetch (and check) these experts first
             js, manifest = self.source
-            dest = await modelstore.fetch(js, manifest, held, home() / "experts")
+            dest = await modelstore.fetch(js, manifest, ids, home() / "experts")
             await self.mlx.run(self._swap, lambda: load_fetched(dest, manifest, held))
         else:  # a repo id's snapshot downloads the shards of these experts here, not on the MLX thread
-            await asyncio.to_thread(fetch_experts, self.cfg.model, held)
+            await asyncio.to_thread(fetch_experts, self.cfg.model, ids)
             await self.mlx.run(self._swap, lambda: load_experts(self.cfg.model, held)[0])
 
     def _swap(self, make: Callable[[], Experts]) -> None:
@@ -197,12 +203,15 @@ class Worker:
         async with self._loading:
             if self.active is not rec or self.draining:
                 return
-            keep = set(rec.held_by(self.me))
-            if self.upcoming is not None and self.upcoming != rec:
-                keep |= set(self.upcoming.held_by(self.me))  # a coming placement: read now, under the lock
-            if set(self.experts.held) > keep:
-                log.info("releasing experts", version=rec.version, experts=sorted(set(self.experts.held) - keep))
-                await self.mlx.run(self.experts.keep, sorted(keep))
+            layers = self.info.moe_layers
+            keep = [set(row) for row in rec.pairs_of(self.me, layers)]
+            if self.upcoming is not None and self.upcoming != rec:  # a coming placement: read now, under the lock
+                keep = [k | set(row) for k, row in zip(keep, self.upcoming.pairs_of(self.me, layers))]
+            gone = [set(h) - k for h, k in zip(self.experts.pairs, keep)]
+            if any(gone):
+                log.info("releasing experts", version=rec.version, pairs=sum(map(len, gone)),
+                         experts=sorted(set(self.experts.held) - set().union(*keep)))
+                await self.mlx.run(self.experts.keep, [sorted(k) for k in keep])
                 self.changed.set()
 
     async def sync(self, kv: cluster.DirectKV) -> None:

@@ -32,7 +32,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from services.defaults import FLASH_MODES, READ_THREADS, WINDOW
-from services.expert_compute import GroupedExperts, NotHeld, StackedExperts, check_request
+from services.expert_compute import GroupedExperts, NotHeld, Pairs, StackedExperts, as_pairs, check_request
 from services.flash_cache.bundle import DATA, MLX_DTYPES, PROJECTIONS, BundleManifest, LayerLayout, read_gates
 from services.flash_cache.policy import SlotPool
 from shared.arrays import to_mlx
@@ -156,7 +156,8 @@ class FlashExperts:
             fcntl.fcntl(self.fd, fcntl.F_NOCACHE, 1)  # macOS has no posix_fadvise; reads bypass its cache
         self.pool = ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="flash-read")
         self.held: list[int] = []
-        self.local = np.zeros(self.num_experts, bool)  # held here
+        self.pairs: Pairs = [[] for _ in range(self.moe_layers)]
+        self.local = np.zeros((self.moe_layers, self.num_experts), bool)  # held here, per layer
         self.trace: list[tuple[int, list[int]]] = []
         self.gates = read_gates(cfg.bundle, manifest) if cfg.prefetch and cfg.mode == "cache" else None
         if cfg.prefetch and self.gates is None:
@@ -167,20 +168,24 @@ class FlashExperts:
         self.counters = dict.fromkeys(("requests", "pairs", "hits", "misses", "records_read", "bytes_read",
                                        "io_us", "compute_us", "prefetched", "prefetch_used"), 0)
 
-    def hold(self, held: list[int]) -> FlashExperts:
-        """Serve `held` from now on (nothing is read until a request needs it)."""
-        self.held = sorted(set(held))
+    def hold(self, held: list[int] | Pairs) -> FlashExperts:
+        """Serve `held` (per MoE layer, or the same in every layer) from now on (nothing is read
+        until a request needs it)."""
+        self.pairs = as_pairs(held, self.moe_layers)
+        self.held = sorted({e for row in self.pairs for e in row})
         self.local[:] = False
-        self.local[self.held] = True
+        for layer, row in enumerate(self.pairs):
+            self.local[layer, row] = True
         return self
 
-    def keep(self, held: list[int]) -> None:
+    def keep(self, held: list[int] | Pairs) -> None:
+        """Serve only `held` of what it serves; the slots of the rest are free for the others."""
         for layer in list(self.ahead):
             self._settle(layer)
-        gone = sorted(set(self.held) - set(held))
-        for layer in range(self.moe_layers):
-            self.pools[self.pool_of[layer]].drop([(layer, e) for e in gone])
-        self.hold(sorted(set(held) & set(self.held)))
+        pairs = [sorted(set(want) & set(have)) for want, have in zip(as_pairs(held, self.moe_layers), self.pairs)]
+        for layer, (want, have) in enumerate(zip(pairs, self.pairs)):
+            self.pools[self.pool_of[layer]].drop([(layer, e) for e in sorted(set(have) - set(want))])
+        self.hold(pairs)
 
     def close(self) -> None:
         for layer in list(self.ahead):
@@ -205,9 +210,10 @@ class FlashExperts:
 
     def check(self, req: ExpertRequest) -> None:
         check_request(req, self.moe_layers, self.num_experts)
-        if len(req.experts) and not self.local[req.experts].all():
-            missing = sorted(set(req.experts[~self.local[req.experts]].tolist()))
-            raise NotHeld(f"experts {missing} are not held by this flash-cache")
+        held = self.local[req.layer, req.experts]
+        if len(req.experts) and not held.all():
+            missing = sorted(set(req.experts[~held].tolist()))
+            raise NotHeld(f"experts {missing} of layer {req.layer} are not held by this flash-cache")
 
     def compute(self, req: ExpertRequest) -> bytes:
         start = time.perf_counter()
@@ -283,7 +289,7 @@ class FlashExperts:
         k = self.m.top_k
         top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
         n = self.pool_of[layer]
-        guess = [e for e in dict.fromkeys(top.ravel().tolist()) if self.local[e]][: self.pools[n].slots]
+        guess = [e for e in dict.fromkeys(top.ravel().tolist()) if self.local[layer, e]][: self.pools[n].slots]
         loads = self.pools[n].prefetch([(layer, e) for e in guess])
         if loads:
             self.ahead[layer] = (loads, [self.pool.submit(self._read, *key, self.slots[n].buffers(s))

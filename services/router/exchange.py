@@ -50,6 +50,7 @@ def plan_trips(layer: int, dtype: int, x: np.ndarray, inds: np.ndarray, table: T
     long prefill would pass the server's maximum message size. An expert with several owners
     has its tokens spread over them."""
     n, dim = x.shape
+    table = table.of(layer)
     if table.owners.shape[1] == 1:  # one owner each (-1: none live)
         holder = table.owners[inds, 0]
     else:  # (N, k) index into subjects; an expert with no live owner has -1 in column 0
@@ -333,7 +334,7 @@ class ExpertClient:
             # back on the same subject after a stall holds the same experts.
             avoid = tuple(a for a in avoid if self.joined.get(a[0], -1.0) < a[2])
             table = self.latest.without((subject, experts) for subject, experts, _ in avoid)
-            missing = sorted({int(e) for e in req.experts if table.count[e] == 0})
+            missing = sorted({int(e) for e in req.experts if table.of(req.layer).count[e] == 0})
             if not missing:
                 break
             why = f" ({cause})" if cause else ""

@@ -125,7 +125,9 @@ class Router:
             placement_version=placer.active.version if placer.active else 0,
             pending_version=placer.next.version if placer.next else None, unowned_experts=placer.unowned(),
             expert_load=stats.expert_tokens.tolist() if stats is not None else [],
-            owners=placer.active.owners if placer.active else [], **self.memory())
+            pair_load=stats.pair_tokens.tolist() if stats is not None else [],
+            owners=placer.active.owners if placer.active else [],
+            layers=placer.active.layers if placer.active else None, **self.memory())
 
     def gauges(self) -> dict[str, float]:
         s = self.status()
@@ -336,7 +338,7 @@ async def serve(cfg: RouterConfig) -> None:
             kv = await cluster.bucket(nc.jetstream())
             router.m = m = await mlx.run(load_router_model, cfg, client, publish)
             router.placer = placer = Placer(kv, m.registry, router.id, cfg.replicas, client.set_table,
-                                            lambda: client.stats.expert_tokens if client.stats else None,
+                                            lambda: client.stats.pair_tokens if client.stats else None,
                                             client.set_unplaceable)
             await placer.start()
             if cfg.share_model:

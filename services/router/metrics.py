@@ -39,7 +39,7 @@ class ExchangeStats:
     def __init__(self, layers: int, experts: int) -> None:
         self.rtt_counts = np.zeros((layers, len(RTT_BUCKETS) + 1), np.int64)
         self.rtt_sum = np.zeros(layers)
-        self.expert_tokens = np.zeros(experts, np.int64)
+        self.pair_tokens = np.zeros((layers, experts), np.int64)  # tokens routed to each (layer, expert)
         self.worker_pairs: Counter[str] = Counter()
         self.payload_bytes = 0
         self.recent = np.zeros(2048)  # the last round trips, for exact quantiles
@@ -59,9 +59,14 @@ class ExchangeStats:
         self.recent[self.calls % len(self.recent)] = seconds
         self.recent_compute[self.calls % len(self.recent)] = compute
         self.calls += 1
-        self.expert_tokens += np.bincount(experts.ravel(), minlength=len(self.expert_tokens))
+        self.pair_tokens[layer] += np.bincount(experts.ravel(), minlength=self.pair_tokens.shape[1])
         self.worker_pairs.update(pairs)
         self.payload_bytes += nbytes
+
+    @property
+    def expert_tokens(self) -> np.ndarray:
+        """Tokens routed to each expert, all layers."""
+        return self.pair_tokens.sum(axis=0)
 
     def record_step(self, seconds: float) -> None:
         self.recent_outside[self.steps % len(self.recent_outside)] = max(0.0, seconds - self._in_step)

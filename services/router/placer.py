@@ -23,7 +23,7 @@ from services.router.registry import Table, WorkerRegistry, table
 from shared import cluster
 from shared.cluster import PlacementRecord
 from shared.logs import get_logger
-from shared.placement import place, place_tiered
+from shared.placement import place, place_tiered_pairs, union
 
 log = get_logger("placer")
 LOAD_CHECK_S = 5.0  # a tiered cluster weighs its load this often
@@ -67,14 +67,14 @@ class Placer:
         self.active, _ = await cluster.read(self.kv, cluster.ACTIVE)
         pending, _ = await cluster.read(self.kv, cluster.NEXT)
         self._written = max([self._written, *(r.version for r in (self.active, pending) if r is not None)])
-        if self.active is not None and len(self.active.owners) != self.registry.num_experts:
+        if self.active is not None and not self.active.fits(self.registry.num_experts, self.registry.moe_layers):
             self.active = None  # another model's
         self.next, self._basis = None, None
 
     def refresh(self) -> None:
         """Route by the active placement over the workers alive now."""
         if self.active is not None:
-            self.set_table(table(self.active.owners, self.registry.live()))
+            self.set_table(table(self.active.owners, self.registry.live(), self.active.layers))
 
     async def advance(self) -> None:
         """One step toward a placement that fits the live workers; cheap when nothing changed."""
@@ -117,16 +117,16 @@ class Placer:
                 return  # same workers, same capacities: load alone moves experts only between tiers
             if weigh:
                 self._load_check_at = now + LOAD_CHECK_S
-            owners = self._plan(basis)
+            owners, layers = self._plan(basis)
             self._basis = basis
             self.unplaceable(frozenset(e for e, row in enumerate(owners) if not row))
-            if self.active is not None and owners == self.active.owners:
+            if self.active is not None and (owners, layers) == (self.active.owners, self.active.layers):
                 return
             if self.active is None and not any(owners):
                 return  # no workers yet
             # Above any version this router wrote or found: workers report the one they loaded.
             version = max(self._written, self.active.version if self.active else 0) + 1
-            coming = PlacementRecord(version=version, owners=owners, replicas=self.replicas,
+            coming = PlacementRecord(version=version, owners=owners, replicas=self.replicas, layers=layers,
                                      subjects={w: live[w] for w in {w for row in owners for w in row}})
             await cluster.write(self.kv, cluster.NEXT, coming)
             self.next, self._written, self._next_since = coming, version, now
@@ -138,18 +138,21 @@ class Placer:
             self.refresh()
             log.info("placement active", version=self.active.version, unowned=self.active.unowned())
 
-    def _plan(self, capacities: dict[str, int]) -> list[list[str]]:
-        load = self._recent_load()
-        current = self.active.owners if self.active else None
+    def _plan(self, capacities: dict[str, int]) -> tuple[list[list[str]], list[list[list[str]]] | None]:
+        """Owners of each expert, and in a tiered cluster each layer's own (else None)."""
+        load = self._recent_load()  # (layers, experts)
         flash = self.registry.flash()
         if flash:
-            return place_tiered(capacities, flash, self.registry.num_experts, current,
-                                None if load is None else load.tolist())
-        return place(capacities, self.registry.num_experts, current, None if load is None else load.tolist(),
-                     self.replicas)
+            a, layers = self.active, self.registry.moe_layers
+            current = None if a is None else a.layers or [a.owners] * layers
+            per_layer = place_tiered_pairs(capacities, flash, self.registry.num_experts, layers, current,
+                                           None if load is None else load.ravel().tolist())
+            return union(per_layer), per_layer
+        return place(capacities, self.registry.num_experts, self.active.owners if self.active else None,
+                     None if load is None else load.sum(axis=0).tolist(), self.replicas), None
 
     def _recent_load(self) -> np.ndarray | None:
-        """Tokens per expert, the older ones decayed: what the experts carry now."""
+        """Tokens per (layer, expert), the older ones decayed: what the experts carry now."""
         total = self.load()
         if total is None:
             return None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -18,6 +18,11 @@ class Table:
     subjects: list[str]
     owners: np.ndarray  # (E, R) int32 index into subjects, -1 past count
     count: np.ndarray  # (E,) int32 live owners of each expert
+    by_layer: tuple[Table, ...] = ()  # each MoE layer's own, where placement differs by layer
+
+    def of(self, layer: int) -> Table:
+        """What `layer`'s experts route by."""
+        return self.by_layer[layer] if self.by_layer else self
 
     @staticmethod
     def empty(num_experts: int = 0) -> Table:
@@ -34,12 +39,15 @@ class Table:
             for e, row in enumerate(rows):
                 if subject in row and (experts is None or e in experts):
                     row.remove(subject)
-        return table(rows, {s: s for s in self.subjects})
+        layers = tuple(t.without(avoid) for t in self.by_layer)
+        return replace(table(rows, {s: s for s in self.subjects}), by_layer=layers)
 
 
-def table(owners: list[list[str]], live: dict[str, str]) -> Table:
+def table(owners: list[list[str]], live: dict[str, str], layers: list[list[list[str]]] | None = None) -> Table:
     """The routing table for a placement's `owners` (expert -> worker ids), keeping only live
-    workers (`live`: id -> subject)."""
+    workers (`live`: id -> subject); with `layers`, each MoE layer's own too."""
+    if layers is not None:
+        return replace(table(owners, live), by_layer=tuple(table(row, live) for row in layers))
     names = sorted({w for row in owners for w in row if w in live})
     index = {w: i for i, w in enumerate(names)}
     rows = [[index[w] for w in row if w in index] for row in owners]

@@ -43,7 +43,7 @@ def test_worker_output_equals_the_models_own_experts(model_dir: Path):
     with pytest.raises(WireError) as e:
         experts.compute(decode_request(encode_request(2, 0, np.array(x), t.astype(np.int32),
                                                       np.zeros(len(t), np.int32))))
-    assert "[0] are not held" in str(e.value)
+    assert "[0] of layer 2 are not held" in str(e.value)
 
 
 _RSS = """
@@ -76,6 +76,44 @@ def test_letting_experts_go_keeps_the_others_exact_and_frees_their_memory(model_
     with pytest.raises(WireError):  # let go of: a 409 on the bus
         experts.compute(decode_request(encode_request(1, 0, np.array(x), np.zeros(1, np.int32),
                                                       np.ones(1, np.int32))))
+
+
+def test_each_layer_holds_its_own_experts_exactly_and_answers_for_no_other(model_dir: Path):
+    """A tiered cluster places (layer, expert) pairs: layer 0 holds 3 and 5, layer 1 nothing,
+    layer 2 only 9, layer 3 all of 3, 5, 9. Each computes as the model's own experts; an expert
+    held in another layer only is refused (the router then asks its owner there), as is every
+    expert of a layer holding none. Letting go per layer frees memory and keeps the rest exact."""
+    from mlx_lm.utils import load_model
+
+    full, _ = load_model(model_dir)
+    pairs = [[3, 5], [], [9], [3, 5, 9]]
+    experts, _ = load_experts(model_dir, pairs)
+    assert experts.held == [3, 5, 9] and experts.pairs == pairs
+    x = mx.random.normal((3, 256))
+
+    def ask(layer: int, ids: list[int]) -> np.ndarray:
+        inds = np.array([ids] * 3, np.int32)
+        t, s = np.nonzero(np.ones(inds.shape, bool))
+        payload = encode_request(layer, 0, np.array(x), t.astype(np.int32), inds[t, s])
+        got = decode_reply(experts.compute(decode_request(payload))).y
+        want = np.array(full.model.layers[layer].block_sparse_moe.switch_mlp(x, mx.array(inds)))[t, s]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        return got
+
+    for layer, ids in enumerate(pairs):
+        if ids:
+            ask(layer, ids)
+    for layer, ids in ((0, [9]), (1, [3]), (2, [5])):
+        with pytest.raises(WireError, match=f"of layer {layer} are not held"):
+            ask(layer, ids)
+    before = mx.get_active_memory()
+    experts.keep([[5], [], [], [3, 9]])
+    assert experts.pairs == [[5], [], [], [3, 9]] and experts.held == [3, 5, 9]
+    assert mx.get_active_memory() < before
+    ask(0, [5])
+    ask(3, [9, 3])
+    with pytest.raises(WireError, match="of layer 2 are not held"):
+        ask(2, [9])
 
 
 def test_capacity_is_counted_in_bytes_of_one_expert_over_every_layer(model_dir: Path):

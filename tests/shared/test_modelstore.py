@@ -13,6 +13,7 @@ import pytest
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from services.expert_compute import as_pairs
 from services.expert_worker.experts import LocalExperts, expert_bytes, load_experts, load_fetched
 from shared.errors import ModelError, WireError
 from shared.messages import decode
@@ -50,28 +51,32 @@ def quantized(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFac
     return out
 
 
-def _outputs(experts: LocalExperts, held: list[int]) -> list[np.ndarray]:
-    """Every MoE layer's reply to one random request over the experts `held`."""
+def _outputs(experts: LocalExperts, held: list[int] | list[list[int]]) -> list[np.ndarray]:
+    """Every MoE layer's reply to one random request over the experts `held` (in that layer)."""
     rng = np.random.default_rng(7)
     out = []
-    for layer in range(experts.moe_layers):
+    for layer, row in enumerate(as_pairs(held, experts.moe_layers)):
         x = rng.standard_normal((6, HIDDEN)).astype(np.float32)
         rows = np.repeat(np.arange(6, dtype=np.int32), 2)
-        ids = rng.choice(held, size=len(rows)).astype(np.int32)
+        ids = rng.choice(row, size=len(rows)).astype(np.int32)
         out.append(decode_reply(experts.compute(decode_request(encode_request(layer, 0, x, rows, ids)))).y)
     return out
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "dbrx", "qwen3_moe-4bit"])
+@pytest.mark.parametrize("per_layer", [False, True], ids=["same-in-every-layer", "per-layer"])
 async def test_fetched_experts_compute_exactly_what_the_checkpoints_do(
-        family, checkpoints, quantized, js, mlx, tmp_path):
+        family, per_layer, checkpoints, quantized, js, mlx, tmp_path):
+    """Per layer: a tiered cluster's DRAM worker holds each layer's own experts (here the last
+    layer only 2, the first 3 and 1)."""
     checkpoint = quantized if family.endswith("-4bit") else checkpoints[family]
-    held = [3, 1]
     manifest = await publish(js, checkpoint, mlx.run)
-    got = await fetch(js, manifest, held, tmp_path)
+    held = [[3, 1]] + [[2]] * (manifest.moe_layers - 1) if per_layer else [3, 1]
+    got = await fetch(js, manifest, [1, 2, 3] if per_layer else held, tmp_path)
     fetched = await mlx.run(load_fetched, got, manifest, held)
     local, info = await mlx.run(load_experts, checkpoint, held)
-    assert fetched.held == local.held == [1, 3]
+    assert fetched.held == local.held == ([1, 2, 3] if per_layer else [1, 3])
+    assert fetched.pairs == local.pairs == as_pairs(held, manifest.moe_layers)
     assert manifest.info() == info
     assert manifest.expert_bytes == (await mlx.run(expert_bytes, checkpoint))[0]
     want = await mlx.run(_outputs, local, held)

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from shared.placement import MOVE_MARGIN, hot_set, place, place_tiered
+from shared.placement import MOVE_MARGIN, hot_set, place, place_tiered, place_tiered_pairs, union
 
 
 def _moved(before: list[list[str]], after: list[list[str]]) -> int:
@@ -99,3 +99,35 @@ def test_a_dram_worker_gone_leaves_every_expert_to_the_flash_cache():
     assert place_tiered({"flash": 4}, FLASH, 4, current, [5, 5, 1, 1]) == [["flash"]] * 4
     # no flash-cache: the plain placement, which cannot hold what capacity does not allow
     assert place_tiered({"w1": 2, "w2": 2}, set(), 4, None, None) == place({"w1": 2, "w2": 2}, 4)
+
+
+def test_dram_holds_each_layers_own_hottest_pairs():
+    """2 layers x 4 experts; a DRAM worker that may hold 1 expert holds 2 pairs: the hottest of
+    all 8, wherever they are (layer 0's expert 1 and layer 1's expert 3 here, though expert 1
+    is hottest summed over layers). Catches placing by expert id for every layer alike."""
+    load = [1, 9, 1, 1,   # layer 0
+            1, 5, 1, 8]   # layer 1
+    layers = place_tiered_pairs({"flash": 4, "w1": 1}, FLASH, 4, 2, None, load)
+    assert layers == [[["flash"], ["w1"], ["flash"], ["flash"]],
+                      [["flash"], ["flash"], ["flash"], ["w1"]]]
+    assert union(layers) == [["flash"], ["flash", "w1"], ["flash"], ["flash", "w1"]]
+    # the margin holds per pair: layer 1's expert 1 warming up a little moves nothing
+    warmer = [1, 9, 1, 1, 1, 8.5, 1, 8]
+    assert place_tiered_pairs({"flash": 4, "w1": 1}, FLASH, 4, 2, layers, warmer) == layers
+    # a second worker takes the next hottest pairs; the first keeps its own
+    more = place_tiered_pairs({"flash": 4, "w1": 1, "w2": 1}, FLASH, 4, 2, layers, warmer)
+    assert [(l, e) for l, row in enumerate(more) for e, o in enumerate(row) if o == ["w1"]] == [(0, 1), (1, 3)]
+    assert {(l, e) for l, row in enumerate(more) for e, o in enumerate(row) if o == ["w2"]} == {(1, 1), (0, 0)}
+    # the DRAM worker gone: every pair back on the flash-cache
+    assert place_tiered_pairs({"flash": 4}, FLASH, 4, 2, more, warmer) == [[["flash"]] * 4] * 2
+
+
+def test_the_placement_record_gives_each_worker_its_pairs():
+    from shared.cluster import PlacementRecord
+
+    same = PlacementRecord(version=1, owners=[["a"], ["b"], ["a", "b"]], subjects={})
+    assert same.pairs_of("a", 2) == [[0, 2], [0, 2]] and same.fits(3, 2)
+    layers = [[["a"], ["b"], ["b"]], [["b"], ["b"], ["a"]]]
+    tiered = PlacementRecord(version=2, owners=union(layers), layers=layers, subjects={})
+    assert tiered.pairs_of("a", 2) == [[0], [2]] and tiered.held_by("a") == [0, 2]
+    assert tiered.fits(3, 2) and not tiered.fits(3, 3) and not tiered.fits(4, 2)
