@@ -165,11 +165,13 @@ class Placer:
         return self._recent
 
     def unowned(self) -> list[int]:
-        """Experts with no live owner in the active placement."""
+        """Experts with no live owner in the active placement (in some layer)."""
         if self.active is None:
             return list(range(self.registry.num_experts))
         live = self.registry.live()
-        return [e for e, row in enumerate(self.active.owners) if not any(w in live for w in row)]
+        layers = self.active.layers or [self.active.owners]
+        return [e for e in range(len(self.active.owners))
+                if any(not any(w in live for w in layer[e]) for layer in layers)]
 
     async def resign(self) -> None:
         """A stopping router gives up the lease, so draining workers need not wait for it."""
