@@ -19,23 +19,12 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU
 from shared.arrays import to_mlx, to_numpy
 from shared.errors import WireError
 from shared.model import ExpertSlot
+from shared.placement import Pairs
 from shared.wire import ExpertRequest
 
 
 class NotHeld(WireError):
     """A request for experts this backend does not hold (any more): the router re-plans it."""
-
-
-Pairs = list[list[int]]  # per MoE layer, the experts held there
-
-
-def as_pairs(held: list[int] | Pairs, moe_layers: int) -> Pairs:
-    """Per MoE layer, the experts of `held`: given per layer, or one list for every layer."""
-    if held and isinstance(held[0], list):
-        if len(held) != moe_layers:
-            raise ValueError(f"experts given for {len(held)} MoE layers, the model has {moe_layers}")
-        return [sorted(set(row)) for row in held]  # type: ignore[arg-type]
-    return [sorted(set(held))] * moe_layers  # type: ignore[arg-type]
 
 
 class Experts(Protocol):

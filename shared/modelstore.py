@@ -38,6 +38,7 @@ from shared import subjects
 from shared.errors import ModelError, WireError
 from shared.messages import Big, Message, decode, encode
 from shared.model import ExpertSlot, ModelInfo, describe, find_experts, load_lazy
+from shared.placement import Pairs, as_pairs
 
 MODEL_BUCKET = subjects.MODEL_BUCKET
 POINTER = "current"
@@ -139,17 +140,21 @@ async def current(js: JetStreamContext) -> ModelManifest | None:
     return manifest
 
 
-async def fetch(js: JetStreamContext, manifest: ModelManifest, held: list[int], dest: Path) -> Path:
-    """Download the small files and experts `held` (every MoE layer) into a directory under
-    `dest`, kept as a cache: a file already there is kept if its sha256 matches. ModelError
-    names an object that is missing, truncated or corrupt; it never lands in the directory."""
-    if bad := sorted(e for e in set(held) if not 0 <= e < manifest.num_experts):
+async def fetch(js: JetStreamContext, manifest: ModelManifest, held: list[int] | Pairs, dest: Path) -> Path:
+    """Download the small files and the experts `held` (per MoE layer, or the same in every
+    layer: see `as_pairs`) into a directory under `dest`, kept as a cache: a file already there
+    is kept if its sha256 matches. ModelError names an object that is missing, truncated or
+    corrupt; it never lands in the directory."""
+    try:
+        pairs = as_pairs(held, manifest.moe_layers)
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+    if bad := sorted({e for row in pairs for e in row if not 0 <= e < manifest.num_experts}):
         raise ModelError(f"experts {bad} out of range (0..{manifest.num_experts - 1})")
     out = dest / manifest.key
     out.mkdir(parents=True, exist_ok=True)
     wanted = [*manifest.files.items(),
-              *((expert_file(layer, e), manifest.experts[layer][e])
-                for layer in range(manifest.moe_layers) for e in sorted(set(held)))]
+              *((expert_file(layer, e), manifest.experts[layer][e]) for layer, row in enumerate(pairs) for e in row)]
     for file, obj in wanted:
         await _fetch_object(js, obj, out / file)
     return out

@@ -5,6 +5,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 Placement = list[list[str]]  # expert -> the workers holding it (all MoE layers alike)
+Pairs = list[list[int]]  # per MoE layer, the experts held there
+
+
+def as_pairs(held: list[int] | Pairs, moe_layers: int) -> Pairs:
+    """Per MoE layer, the experts of `held`: given per layer, or one list for every layer."""
+    if held and isinstance(held[0], list):
+        if len(held) != moe_layers:
+            raise ValueError(f"experts given for {len(held)} MoE layers, the model has {moe_layers}")
+        return [sorted(set(row)) for row in held]  # type: ignore[arg-type]
+    return [sorted(set(held))] * moe_layers  # type: ignore[arg-type]
+
+
 HOT = 2.0  # an expert with this many times the mean load is hot: it gets an extra replica
 
 
@@ -129,11 +141,14 @@ def place_tiered(capacity: Mapping[str, int], flash: set[str], num_experts: int,
     hot_ids = set(hot)
     cold = [e for e in range(num_experts) if e not in hot_ids]
     owners: Placement = [[] for _ in range(num_experts)]
-    for group, workers in ((hot, dram), (cold, {w: len(cold) for w in caches})):
+    for group, workers, weigh in ((hot, dram, True), (cold, {w: len(cold) for w in caches}, False)):
         if not group:
             continue
         mine = [[w for w in current[e] if w in workers] for e in group] if current and len(current) == num_experts else None
-        for e, row in zip(group, place(workers, len(group), mine, None if load is None else [load[e] for e in group])):
+        # Flash-caches each serve every cold expert already: no replicas by load among them
+        # (they would follow the noise of a few tokens, and move nothing between tiers).
+        weights = [load[e] for e in group] if load is not None and weigh else None
+        for e, row in zip(group, place(workers, len(group), mine, weights)):
             owners[e] = row
     return owners
 
@@ -146,11 +161,15 @@ def place_tiered_pairs(capacity: Mapping[str, int], flash: set[str], num_experts
     are (a trained router's popular experts differ from layer to layer, so holding the same ids
     in every layer would leave much of its memory to cold pairs). `load`: tokens per pair,
     layer after layer."""
+    # Units expert after expert (expert e of layer l is e * moe_layers + l): without load, DRAM
+    # takes the lowest expert ids in every layer, so a worker fetching them from the model
+    # store reads whole experts, as by id.
     units = num_experts * moe_layers
     per_pair = {w: c if w in flash else c * moe_layers for w, c in capacity.items()}
-    flat = None if current is None else [row for layer in current for row in layer]
-    owners = place_tiered(per_pair, flash, units, flat, load, margin)
-    return [owners[layer * num_experts:(layer + 1) * num_experts] for layer in range(moe_layers)]
+    flat = None if current is None else [current[u % moe_layers][u // moe_layers] for u in range(units)]
+    by_unit = None if load is None else [load[(u % moe_layers) * num_experts + u // moe_layers] for u in range(units)]
+    owners = place_tiered(per_pair, flash, units, flat, by_unit, margin)
+    return [[owners[e * moe_layers + layer] for e in range(num_experts)] for layer in range(moe_layers)]
 
 
 def union(layers: list[Placement]) -> Placement:

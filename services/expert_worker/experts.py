@@ -14,10 +14,11 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, load_model, maybe_set_recommended_wired_limit
 
-from services.expert_compute import NotHeld, Pairs, as_pairs, check_request, compute_layer, stack_held
+from services.expert_compute import NotHeld, check_request, compute_layer, stack_held
 from shared.errors import ModelError
 from shared.model import ModelInfo, describe, find_experts, load_lazy
 from shared.modelstore import ModelManifest, expert_file
+from shared.placement import Pairs, as_pairs
 from shared.shards import check_fetched, fetch_experts, missing
 from shared.wire import ExpertRequest, encode_reply
 

@@ -24,21 +24,22 @@ from nats.js import JetStreamContext
 from nats.micro import add_service
 from nats.micro.request import Request, ServiceError
 
-from services.expert_compute import Experts, NotHeld, Pairs
+from services.expert_compute import Experts, NotHeld
 from services.expert_worker.experts import LocalExperts, expert_bytes, load_experts, load_fetched
 from services.expert_worker.identity import Holder, claim, claim_of
 from services.flash_cache.bundle import open_bundle
 from services.flash_cache.store import FlashConfig, FlashExperts
 from shared import cluster, modelstore, subjects
 from shared.bus import Throttled, close, connect, inbox_only, stop_event, stop_service, wait
-from shared.config import home
 from shared.cluster import PlacementRecord
+from shared.config import home
 from shared.errors import ConfigError, ModelError, WireError
 from shared.logs import get_logger
 from shared.messages import WorkerAnnounce, encode
 from shared.mlx_thread import LoopThread
 from shared.model import ModelInfo
 from shared.modelstore import ModelManifest
+from shared.placement import Pairs
 from shared.security import Creds
 from shared.shards import fetch_experts
 from shared.wire import DTYPES, decode_request, reply_size
@@ -184,7 +185,7 @@ class Worker:
             await self.mlx.run(self._swap, lambda: self.flash.hold(held))
         elif self.source is not None:  # no checkpoint here: fetch (and check) these experts first
             js, manifest = self.source
-            dest = await modelstore.fetch(js, manifest, ids, home() / "experts")
+            dest = await modelstore.fetch(js, manifest, held, home() / "experts")  # only the pairs held
             await self.mlx.run(self._swap, lambda: load_fetched(dest, manifest, held))
         else:  # a repo id's snapshot downloads the shards of these experts here, not on the MLX thread
             await asyncio.to_thread(fetch_experts, self.cfg.model, ids)
@@ -196,7 +197,7 @@ class Worker:
 
     async def on_active(self, rec: PlacementRecord) -> None:
         """Let go of experts the active placement (and any coming one) no longer gives us."""
-        if rec == self.active:
+        if rec == self.active or not rec.fits(self.info.num_experts, self.info.moe_layers):
             return
         self.active = rec
         await asyncio.sleep(self.cfg.release_after_s)  # calls routed by the old placement still arrive

@@ -32,11 +32,12 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from services.defaults import FLASH_MODES, READ_THREADS, WINDOW
-from services.expert_compute import GroupedExperts, NotHeld, Pairs, StackedExperts, as_pairs, check_request
+from services.expert_compute import GroupedExperts, NotHeld, StackedExperts, check_request
 from services.flash_cache.bundle import DATA, MLX_DTYPES, PROJECTIONS, BundleManifest, LayerLayout, read_gates
 from services.flash_cache.policy import SlotPool
 from shared.arrays import to_mlx
 from shared.errors import ConfigError, ModelError
+from shared.placement import Pairs, as_pairs
 from shared.wire import ExpertRequest, encode_reply
 
 TRACE_MAX = 1 << 20  # requests a --trace keeps: a benchmark's, not a server's lifetime

@@ -333,8 +333,8 @@ class ExpertClient:
             # A worker that rejoined since a call failed on it is asked again: the same worker
             # back on the same subject after a stall holds the same experts.
             avoid = tuple(a for a in avoid if self.joined.get(a[0], -1.0) < a[2])
-            table = self.latest.without((subject, experts) for subject, experts, _ in avoid)
-            missing = sorted({int(e) for e in req.experts if table.of(req.layer).count[e] == 0})
+            table = self.latest.of(req.layer).without((subject, experts) for subject, experts, _ in avoid)
+            missing = sorted({int(e) for e in req.experts if table.count[e] == 0})
             if not missing:
                 break
             why = f" ({cause})" if cause else ""

@@ -119,7 +119,8 @@ class Placer:
                 self._load_check_at = now + LOAD_CHECK_S
             owners, layers = self._plan(basis)
             self._basis = basis
-            self.unplaceable(frozenset(e for e, row in enumerate(owners) if not row))
+            # An expert nobody can hold in some layer: calls needing it fail now, not at their deadline.
+            self.unplaceable(frozenset(e for layer in (layers or [owners]) for e, row in enumerate(layer) if not row))
             if self.active is not None and (owners, layers) == (self.active.owners, self.active.layers):
                 return
             if self.active is None and not any(owners):

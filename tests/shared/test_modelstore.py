@@ -13,12 +13,12 @@ import pytest
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from services.expert_compute import as_pairs
 from services.expert_worker.experts import LocalExperts, expert_bytes, load_experts, load_fetched
 from shared.errors import ModelError, WireError
 from shared.messages import decode
 from shared.mlx_thread import MLXThread
 from shared.modelstore import MODEL_BUCKET, ModelManifest, current, expert_file, fetch, publish
+from shared.placement import as_pairs
 from shared.wire import decode_reply, decode_request, encode_request
 from tests.checkpoints import HIDDEN
 
@@ -72,7 +72,10 @@ async def test_fetched_experts_compute_exactly_what_the_checkpoints_do(
     checkpoint = quantized if family.endswith("-4bit") else checkpoints[family]
     manifest = await publish(js, checkpoint, mlx.run)
     held = [[3, 1]] + [[2]] * (manifest.moe_layers - 1) if per_layer else [3, 1]
-    got = await fetch(js, manifest, [1, 2, 3] if per_layer else held, tmp_path)
+    got = await fetch(js, manifest, held, tmp_path)
+    # only the pairs held are downloaded: per layer, its own experts
+    assert sorted(p.name for p in got.iterdir() if p.name.startswith("layer")) == sorted(
+        expert_file(layer, e) for layer, row in enumerate(as_pairs(held, manifest.moe_layers)) for e in row)
     fetched = await mlx.run(load_fetched, got, manifest, held)
     local, info = await mlx.run(load_experts, checkpoint, held)
     assert fetched.held == local.held == ([1, 2, 3] if per_layer else [1, 3])

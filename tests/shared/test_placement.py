@@ -122,6 +122,13 @@ def test_dram_holds_each_layers_own_hottest_pairs():
     assert place_tiered_pairs({"flash": 4}, FLASH, 4, 2, more, warmer) == [[["flash"]] * 4] * 2
 
 
+def test_without_load_dram_takes_the_lowest_expert_ids_in_every_layer():
+    """No load measured yet: the same experts in every layer (a worker fetching them from the
+    model store then reads whole experts, not a scatter of pairs)."""
+    layers = place_tiered_pairs({"flash": 4, "w1": 2}, FLASH, 4, 3, None, None)
+    assert layers == [[["w1"], ["w1"], ["flash"], ["flash"]]] * 3
+
+
 def test_the_placement_record_gives_each_worker_its_pairs():
     from shared.cluster import PlacementRecord
 
