@@ -17,6 +17,18 @@ def as_pairs(held: list[int] | Pairs, moe_layers: int) -> Pairs:
     return [sorted(set(held))] * moe_layers  # type: ignore[arg-type]
 
 
+def experts_in(held: list[int] | Pairs) -> list[int]:
+    """The experts of `held` (see `as_pairs`) in any layer."""
+    if held and isinstance(held[0], list):
+        return sorted({e for row in held for e in row})  # type: ignore[union-attr]
+    return sorted(set(held))  # type: ignore[arg-type]
+
+
+def narrowed(held: list[int] | Pairs, have: Pairs) -> Pairs:
+    """Per layer, the experts of `held` among those of `have` (what letting go keeps)."""
+    return [sorted(set(want) & set(row)) for want, row in zip(as_pairs(held, len(have)), have)]
+
+
 HOT = 2.0  # an expert with this many times the mean load is hot: it gets an extra replica
 
 

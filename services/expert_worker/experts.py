@@ -18,7 +18,7 @@ from services.expert_compute import NotHeld, check_request, compute_layer, stack
 from shared.errors import ModelError
 from shared.model import ModelInfo, describe, find_experts, load_lazy
 from shared.modelstore import ModelManifest, expert_file
-from shared.placement import Pairs, as_pairs
+from shared.placement import Pairs, as_pairs, experts_in, narrowed
 from shared.shards import check_fetched, fetch_experts, missing
 from shared.wire import ExpertRequest, encode_reply
 
@@ -32,7 +32,7 @@ class LocalExperts:
 
     def _index(self, pairs: Pairs) -> None:
         self.pairs = pairs
-        self.held = sorted({e for row in pairs for e in row})
+        self.held = experts_in(pairs)
         # Per layer, global expert id -> index in this worker's stacked arrays; -1 where not held.
         self.local = np.full((self.moe_layers, self.num_experts), -1, np.int32)
         for layer, row in enumerate(pairs):
@@ -41,7 +41,7 @@ class LocalExperts:
     def keep(self, held: list[int] | Pairs) -> None:
         """Let go of every expert but `held` (a subset of those held), in memory: nothing is
         read again. Runs on the MLX thread, between requests."""
-        pairs = [sorted(set(want) & set(have)) for want, have in zip(as_pairs(held, self.moe_layers), self.pairs)]
+        pairs = narrowed(held, self.pairs)
         if not any(pairs):
             self.layers = []
         else:
@@ -84,8 +84,8 @@ def load_experts(path: Path, held: list[int] | Pairs) -> tuple[LocalExperts, Mod
     """Load only the experts `held` (per MoE layer, or the same in every layer); a worker's
     snapshot of the Hugging Face cache first fetches the shards holding them (nothing when they
     are here)."""
-    ids = sorted({e for row in held for e in row}) if held and isinstance(held[0], list) else sorted(set(held))
-    fetch_experts(path, ids)  # type: ignore[arg-type]
+    ids = experts_in(held)
+    fetch_experts(path, ids)
     model, config = load_lazy(path)
     slots = find_experts(model)
     info = describe(path, config, slots)

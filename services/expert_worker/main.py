@@ -39,7 +39,7 @@ from shared.messages import WorkerAnnounce, encode
 from shared.mlx_thread import LoopThread
 from shared.model import ModelInfo
 from shared.modelstore import ModelManifest
-from shared.placement import Pairs
+from shared.placement import Pairs, experts_in
 from shared.security import Creds
 from shared.shards import fetch_experts
 from shared.wire import DTYPES, decode_request, reply_size
@@ -167,7 +167,7 @@ class Worker:
                 return
             new = [sorted(set(w) - set(h)) for w, h in zip(want, have)]
             if any(new):
-                log.info("loading experts", version=rec.version, experts=sorted({e for row in new for e in row}),
+                log.info("loading experts", version=rec.version, experts=experts_in(new),
                          pairs=sum(map(len, new)))
                 try:
                     await self.load([sorted(set(w) | set(h)) for w, h in zip(want, have)])
@@ -180,7 +180,7 @@ class Worker:
 
     async def load(self, held: Pairs) -> None:
         """Hold `held` (per MoE layer) from now on: read what it does not hold yet."""
-        ids = sorted({e for row in held for e in row})
+        ids = experts_in(held)
         if self.flash is not None:  # nothing is read until a request needs it
             await self.mlx.run(self._swap, lambda: self.flash.hold(held))
         elif self.source is not None:  # no checkpoint here: fetch (and check) these experts first

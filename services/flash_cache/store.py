@@ -37,7 +37,7 @@ from services.flash_cache.bundle import DATA, MLX_DTYPES, PROJECTIONS, BundleMan
 from services.flash_cache.policy import SlotPool
 from shared.arrays import to_mlx
 from shared.errors import ConfigError, ModelError
-from shared.placement import Pairs, as_pairs
+from shared.placement import Pairs, as_pairs, experts_in, narrowed
 from shared.wire import ExpertRequest, encode_reply
 
 TRACE_MAX = 1 << 20  # requests a --trace keeps: a benchmark's, not a server's lifetime
@@ -173,7 +173,7 @@ class FlashExperts:
         """Serve `held` (per MoE layer, or the same in every layer) from now on (nothing is read
         until a request needs it)."""
         self.pairs = as_pairs(held, self.moe_layers)
-        self.held = sorted({e for row in self.pairs for e in row})
+        self.held = experts_in(self.pairs)
         self.local[:] = False
         for layer, row in enumerate(self.pairs):
             self.local[layer, row] = True
@@ -183,7 +183,7 @@ class FlashExperts:
         """Serve only `held` of what it serves; the slots of the rest are free for the others."""
         for layer in list(self.ahead):
             self._settle(layer)
-        pairs = [sorted(set(want) & set(have)) for want, have in zip(as_pairs(held, self.moe_layers), self.pairs)]
+        pairs = narrowed(held, self.pairs)
         for layer, (want, have) in enumerate(zip(pairs, self.pairs)):
             self.pools[self.pool_of[layer]].drop([(layer, e) for e in sorted(set(have) - set(want))])
         self.hold(pairs)
