@@ -162,8 +162,9 @@ class Worker:
             want = rec.pairs_of(self.me, self.info.moe_layers)
             have = self.experts.pairs
             if sum(map(len, want)) > self.capacity * self.info.moe_layers:  # not the router's doing: forged
-                log.warning("placement ignored: over this worker's capacity", version=rec.version,
-                            pairs=sum(map(len, want)))
+                # throttled: a forged record stays in the bucket and is read again every few seconds
+                self._refused.warning("placement ignored: over this worker's capacity", version=rec.version,
+                                      pairs=sum(map(len, want)))
                 return
             new = [sorted(set(w) - set(h)) for w, h in zip(want, have)]
             if any(new):
